@@ -1,0 +1,91 @@
+"""`qst-quantize`: quantize a safetensors file to NF4 and report the cost.
+
+    qst-quantize model.safetensors [--out model-nf4.safetensors]
+    qst-quantize --random 4096x4096
+
+For every 2-D floating-point tensor whose input dimension is a multiple of the
+blocksize it prints the bits per parameter (all scales included) and the error
+of the dequantized weight; with `--out` it writes the quantized tensors in
+bitsandbytes' layout (other tensors copied as they are). Tensors are processed
+one at a time, so memory stays near one tensor's float32 copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import ml_dtypes  # noqa: F401
+import numpy as np
+
+from qst_jax.quant import bits_per_parameter, quantize, save_safetensors
+
+_quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
+
+
+def _error_stats(w: np.ndarray, q) -> tuple[float, float]:
+    ref = w.astype(np.float32)
+    deq = np.asarray(q.dequantize(np.float32))
+    rel = float(np.linalg.norm(deq - ref) / max(np.linalg.norm(ref), 1e-30))
+    return rel, float(np.abs(deq - ref).max())
+
+
+def _tensors(args: argparse.Namespace):
+    if args.random:
+        out_dim, in_dim = (int(s) for s in args.random.lower().split("x"))
+        rng = np.random.default_rng(0)
+        yield "random.weight", (rng.standard_normal((out_dim, in_dim), np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        return
+    from safetensors import safe_open
+
+    if not os.path.isfile(args.path):
+        raise SystemExit(f"qst-quantize: {args.path}: no such file")
+    with safe_open(args.path, framework="numpy") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qst-quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", help="a .safetensors file")
+    parser.add_argument("--random", metavar="OUTxIN", help="quantize a random N(0, 0.02) weight instead")
+    parser.add_argument("--out", help="write the NF4 checkpoint here")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--no-double-quant", action="store_true", help="keep float32 block scales")
+    args = parser.parse_args(argv)
+    if not args.path and not args.random:
+        parser.error("give a .safetensors path or --random OUTxIN")
+
+    rows, out_tensors = [], {}
+    total_bits = total_params = 0.0
+    for key, w in _tensors(args):
+        is_float = np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16
+        eligible = is_float and w.ndim == 2 and w.shape[1] % args.blocksize == 0
+        if not eligible:
+            out_tensors[key] = w
+            continue
+        q = _quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant, name=key)
+        bpp = bits_per_parameter(q)
+        rel, max_abs = _error_stats(w, q)
+        rows.append((key, f"{w.shape[0]}x{w.shape[1]}", bpp, rel, max_abs))
+        total_bits += bpp * w.size
+        total_params += w.size
+        out_tensors[key] = q
+    if not rows:
+        print("no 2-D float tensor with a whole number of blocks per row: nothing quantized")
+        return 1
+    width = max(len(r[0]) for r in rows)
+    print(f"{'tensor':<{width}}  {'shape':>12}  {'bits/param':>10}  {'rel L2 err':>10}  {'max |err|':>10}")
+    for key, shape, bpp, rel, max_abs in rows:
+        print(f"{key:<{width}}  {shape:>12}  {bpp:>10.4f}  {rel:>10.4f}  {max_abs:>10.3g}")
+    print(f"total: {int(total_params)} parameters quantized, {total_bits / total_params:.4f} bits/param")
+    if args.out:
+        save_safetensors(args.out, out_tensors)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
