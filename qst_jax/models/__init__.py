@@ -1,0 +1,26 @@
+"""Frozen LLM backbones (LLaMA family, OPT) as pure functions over pytrees."""
+
+from qst_jax.models.axes import logical_axes
+from qst_jax.models.blocks import BlockContext, block_fn
+from qst_jax.models.checkpoint import CheckpointError
+from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
+from qst_jax.models.decoder import DecoderOutput, forward, lm_head, logits_fn
+from qst_jax.models.loader import Backbone, load_backbone, load_config, load_tokenizer
+
+__all__ = [
+    "Backbone",
+    "BlockContext",
+    "CheckpointError",
+    "ConfigError",
+    "DecoderOutput",
+    "ModelConfig",
+    "block_fn",
+    "forward",
+    "from_hf_config",
+    "lm_head",
+    "load_backbone",
+    "load_config",
+    "load_tokenizer",
+    "logical_axes",
+    "logits_fn",
+]

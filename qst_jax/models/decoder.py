@@ -1,0 +1,153 @@
+"""The functional decoder: embed, scan the stacked layers, norm, LM head.
+
+Params (a plain pytree of dicts):
+  embed:        [vocab, embed_dim]              compute dtype
+  pos_embed:    [max_pos + 2, hidden]           OPT only (learned, offset 2)
+  project_in:   {w: [hidden, embed_dim]}        OPT when embed_dim != hidden
+  layers:       one layer's params (blocks.py), every leaf stacked on a leading
+                `layers` axis of size num_layers; linears dense or NF4
+  final_norm:   {scale[, bias]}                 when cfg.final_norm
+  project_out:  {w: [embed_dim, hidden]}        OPT when embed_dim != hidden
+  lm_head:      {w: [vocab, embed_dim]}         absent when embeddings are tied
+
+The layers run under `jax.lax.scan`, so a model compiles one layer and only
+one layer's dequantized weights are alive at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qst_jax.models.blocks import BlockContext, block_fn
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.layers import Params, attention_mask_4d, norm, positions_from_mask, rope_cos_sin
+from qst_jax.quant.matmul import linear, matmul
+
+OPT_POSITION_OFFSET = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOutput:
+    """Result of `forward`.
+
+    Attributes:
+      hidden: `[B, T, hidden]` the last layer's output after the final norm.
+      last_layer: `[B, T, hidden]` the last layer's output before it (h_L).
+      embeddings: `[B, T, hidden]` the block input of layer 0 (h_0).
+      layers: `[L, B, T, hidden]` every layer's output (h_1..h_L), when asked.
+    """
+
+    hidden: jax.Array
+    last_layer: jax.Array
+    embeddings: jax.Array
+    layers: jax.Array | None
+
+
+jax.tree_util.register_dataclass(
+    DecoderOutput, data_fields=["hidden", "last_layer", "embeddings", "layers"], meta_fields=[]
+)
+
+
+def make_context(
+    cfg: ModelConfig,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    dtype: Any,
+    attention_impl: str | None = None,
+) -> BlockContext:
+    """The mask and RoPE tables every layer of one forward pass shares."""
+    mask = attention_mask_4d(attention_mask, sliding_window=cfg.sliding_window)
+    rope = rope_cos_sin(cfg, positions, dtype) if cfg.family == "llama" else None
+    return BlockContext(mask=mask, rope=rope, attention_impl=attention_impl)
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> jax.Array:
+    """Token (and, for OPT, learned position) embeddings: h_0 `[B, T, hidden]`."""
+    h = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    if cfg.family == "opt":
+        if "project_in" in params:
+            h = linear(h, params["project_in"]["w"])
+        mask = attention_mask.astype(jnp.int32)
+        opt_positions = jnp.cumsum(mask, axis=-1) * mask - 1 + OPT_POSITION_OFFSET
+        h = h + jnp.take(params["pos_embed"], opt_positions, axis=0).astype(dtype)
+    return h
+
+
+def scan_layers(
+    layers: Params,
+    h: jax.Array,
+    cfg: ModelConfig,
+    ctx: BlockContext,
+    *,
+    keep_layers: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Runs the stacked layers; returns (h_L, [L, B, T, D] outputs or None)."""
+    block = block_fn(cfg)
+
+    def body(carry: jax.Array, layer: Params) -> tuple[jax.Array, jax.Array | None]:
+        out = block(layer, carry, cfg, ctx)
+        return out, (out if keep_layers else None)
+
+    return jax.lax.scan(body, h, layers)
+
+
+def final_norm(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    return norm(params["final_norm"], h, cfg.norm_eps) if cfg.final_norm else h
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    dtype: Any = jnp.bfloat16,
+    positions: jax.Array | None = None,
+    keep_layers: bool = False,
+    attention_impl: str | None = None,
+) -> DecoderOutput:
+    """The decoder forward pass over `input_ids` `[B, T]`.
+
+    Args:
+      attention_mask: `[B, T]`, 1 for real tokens (left or right padding);
+        default all ones.
+      dtype: compute dtype (weights are cast or dequantized to it).
+      positions: `[B, T]` RoPE positions; default from the mask, as HF does
+        when generating (left padding does not shift a sequence).
+      keep_layers: also return every layer's output (what QST consumes).
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    ctx = make_context(cfg, attention_mask, positions, dtype, attention_impl)
+    h0 = embed(params, cfg, input_ids, attention_mask, dtype)
+    h_last, layers = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers)
+    return DecoderOutput(
+        hidden=final_norm(params, cfg, h_last), last_layer=h_last, embeddings=h0, layers=layers
+    )
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Logits `[..., vocab]` in the compute dtype from final hidden states."""
+    if "project_out" in params:
+        hidden = linear(hidden, params["project_out"]["w"])
+    w = params["lm_head"]["w"] if "lm_head" in params else params["embed"]
+    return matmul(hidden, w)
+
+
+def logits_fn(
+    cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, attention_impl: str | None = None
+) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """A jittable `(params, input_ids, attention_mask) -> float32 logits`."""
+
+    def fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        out = forward(params, cfg, input_ids, attention_mask, dtype=dtype, attention_impl=attention_impl)
+        return lm_head(params, cfg, out.hidden).astype(jnp.float32)
+
+    return fn

@@ -1,0 +1,152 @@
+"""Building blocks shared by every decoder: norms, RoPE, masks, attention.
+
+Shapes: B batch, T query length, S key length, N query heads, K KV heads,
+H head_dim, D model width. Activations are in the compute dtype; norms and
+softmax accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.models.config import ModelConfig
+from qst_jax.quant.matmul import linear
+
+Params = dict[str, Any]
+
+
+def norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm (`p` has only `scale`) or LayerNorm (`scale` and `bias`).
+
+    RMSNorm follows HF LLaMA exactly: normalise in float32, cast back to the
+    input dtype, then multiply by the scale.
+    """
+    x32 = x.astype(jnp.float32)
+    if "bias" not in p:
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return p["scale"].astype(x.dtype) * y.astype(x.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+        return jax.nn.gelu(x, approximate=name != "gelu")
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """HF-style positions: 0 at each row's first real token, counting real tokens.
+
+    Left padding therefore does not shift a sequence's positions. Padded slots
+    get position 0 (before the first token) or the last position (after it).
+    """
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def attention_mask_4d(
+    attention_mask: jax.Array, *, sliding_window: int | None = None, q_positions: jax.Array | None = None
+) -> jax.Array:
+    """Boolean `[B, 1, T, S]`: key s visible from query t (causal, not padding).
+
+    Args:
+      attention_mask: `[B, S]` with 1 for real tokens.
+      sliding_window: Mistral's window; keys further back are hidden.
+      q_positions: `[T]` absolute slot index of each query among the S keys
+        (default: the last T slots, i.e. `arange(S - T, S)`).
+    """
+    s = attention_mask.shape[-1]
+    if q_positions is None:
+        q_positions = jnp.arange(s)
+    k_positions = jnp.arange(s)
+    visible = k_positions[None, :] <= q_positions[:, None]
+    if sliding_window is not None:
+        visible &= k_positions[None, :] > q_positions[:, None] - sliding_window
+    return visible[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rope: dict[str, Any], max_pos: int) -> np.ndarray:
+    factor = rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_len = rope.get("original_max_position_embeddings", max_pos)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, H]` for HF's rotate-half RoPE at `positions` `[B, T]`.
+
+    Frequencies are computed in float32 as HF does; "dynamic" NTK scaling
+    switches on when the largest position exceeds the original context.
+    """
+    dim = cfg.head_dim
+    rope = cfg.rope
+    rope_type = rope.get("rope_type", "default")
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(rope["factor"])).astype(np.float32)
+    elif rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope, cfg.max_position_embeddings)
+    inv = jnp.asarray(inv_freq)
+    if rope_type == "dynamic":
+        factor = rope["factor"]
+        original = rope.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        seq_len = (jnp.max(positions) + 1).astype(jnp.float32)
+        base = cfg.rope_theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+        dynamic = 1.0 / (base ** jnp.asarray(exponents))
+        inv = jnp.where(seq_len > original, dynamic, inv).astype(jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on `x` `[B, T, heads, H]` with cos/sin `[B, T, H]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention(
+    p: Params,
+    x: jax.Array,
+    cfg: ModelConfig,
+    mask: jax.Array,
+    rope: tuple[jax.Array, jax.Array] | None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Multi-head (grouped-query) self-attention over `x` `[B, T, D]`.
+
+    Args:
+      p: `{"q","k","v","o"}`, each `{"w": [out, in] dense or NF4, "b"?}`.
+      mask: boolean `[B, 1, T, T]` from `attention_mask_4d`.
+      rope: (cos, sin) from `rope_cos_sin`, or None (OPT).
+      implementation: `jax.nn.dot_product_attention`'s (None, "xla", "cudnn").
+    """
+    b, t, _ = x.shape
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = linear(x, p["q"]["w"], p["q"].get("b")).reshape(b, t, n, h)
+    key = linear(x, p["k"]["w"], p["k"].get("b")).reshape(b, t, k, h)
+    value = linear(x, p["v"]["w"], p["v"].get("b")).reshape(b, t, k, h)
+    if rope is not None:
+        q, key = apply_rope(q, *rope), apply_rope(key, *rope)
+    out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=h**-0.5, implementation=implementation)
+    return linear(out.reshape(b, t, n * h), p["o"]["w"], p["o"].get("b"))

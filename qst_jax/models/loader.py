@@ -1,0 +1,311 @@
+"""`load_backbone`: a frozen decoder from local files, quantized while streaming.
+
+Accepted inputs:
+  * an HF directory (`config.json` + safetensors, sharded or not) in
+    bf16/fp16/fp32: each linear is read, quantized to NF4 and dropped before
+    the next is read, so host memory stays near one tensor's float32 copy plus
+    the 4-bit result;
+  * a bitsandbytes NF4 directory (`quantization_config` in config.json): the
+    4-bit tensors are taken as they are, never requantized;
+  * a `.gguf` file of a llama-architecture model.
+Embeddings, norms, biases and the LM head stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401
+import numpy as np
+
+from qst_jax.models.axes import logical_axes
+from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSource
+from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
+from qst_jax.models.decoder import logits_fn
+from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
+from qst_jax.quant.nf4 import NF4Weight, QuantizationError, quantize
+
+_quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
+
+# (param path, HF name suffix, shape function, is a quantizable linear weight)
+Spec = tuple[tuple[str, ...], str, tuple[int, ...], bool]
+
+
+def _linear(path: tuple[str, ...], hf: str, out_dim: int, in_dim: int, bias: bool) -> list[Spec]:
+    specs: list[Spec] = [((*path, "w"), f"{hf}.weight", (out_dim, in_dim), True)]
+    if bias:
+        specs.append(((*path, "b"), f"{hf}.bias", (out_dim,), False))
+    return specs
+
+
+def layer_specs(cfg: ModelConfig) -> list[Spec]:
+    """HF names and shapes of one decoder layer's tensors."""
+    d, n, k, h, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    if cfg.family == "llama":
+        specs = [(("attn_norm", "scale"), "input_layernorm.weight", (d,), False)]
+        specs += _linear(("attn", "q"), "self_attn.q_proj", n * h, d, cfg.qkv_bias)
+        specs += _linear(("attn", "k"), "self_attn.k_proj", k * h, d, cfg.qkv_bias)
+        specs += _linear(("attn", "v"), "self_attn.v_proj", k * h, d, cfg.qkv_bias)
+        specs += _linear(("attn", "o"), "self_attn.o_proj", d, n * h, cfg.o_bias)
+        specs += [(("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), False)]
+        specs += _linear(("mlp", "gate"), "mlp.gate_proj", i, d, cfg.mlp_bias)
+        specs += _linear(("mlp", "up"), "mlp.up_proj", i, d, cfg.mlp_bias)
+        specs += _linear(("mlp", "down"), "mlp.down_proj", d, i, cfg.mlp_bias)
+        return specs
+    specs = [
+        (("attn_norm", "scale"), "self_attn_layer_norm.weight", (d,), False),
+        (("attn_norm", "bias"), "self_attn_layer_norm.bias", (d,), False),
+    ]
+    specs += _linear(("attn", "q"), "self_attn.q_proj", d, d, cfg.qkv_bias)
+    specs += _linear(("attn", "k"), "self_attn.k_proj", d, d, cfg.qkv_bias)
+    specs += _linear(("attn", "v"), "self_attn.v_proj", d, d, cfg.qkv_bias)
+    specs += _linear(("attn", "o"), "self_attn.out_proj", d, d, cfg.o_bias)
+    specs += [
+        (("mlp_norm", "scale"), "final_layer_norm.weight", (d,), False),
+        (("mlp_norm", "bias"), "final_layer_norm.bias", (d,), False),
+    ]
+    specs += _linear(("mlp", "fc1"), "fc1", i, d, cfg.mlp_bias)
+    specs += _linear(("mlp", "fc2"), "fc2", d, i, cfg.mlp_bias)
+    return specs
+
+
+def global_specs(cfg: ModelConfig) -> list[Spec]:
+    """HF names (without the model prefix) and shapes of the non-layer tensors."""
+    d, e, v = cfg.hidden_size, cfg.embed_dim, cfg.vocab_size
+    if cfg.family == "llama":
+        specs: list[Spec] = [(("embed",), "embed_tokens.weight", (v, d), False)]
+        if cfg.final_norm:
+            specs.append((("final_norm", "scale"), "norm.weight", (d,), False))
+    else:
+        specs = [
+            (("embed",), "embed_tokens.weight", (v, e), False),
+            (("pos_embed",), "embed_positions.weight", (cfg.max_position_embeddings + 2, d), False),
+        ]
+        if e != d:
+            specs += [
+                (("project_in", "w"), "project_in.weight", (d, e), False),
+                (("project_out", "w"), "project_out.weight", (e, d), False),
+            ]
+        if cfg.final_norm:
+            specs += [
+                (("final_norm", "scale"), "final_layer_norm.weight", (d,), False),
+                (("final_norm", "bias"), "final_layer_norm.bias", (d,), False),
+            ]
+    return specs
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+class _Reader:
+    """Reads, checks, converts and quantizes tensors from one source."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], dtype: Any, quantize_linears: bool):
+        self.source = source
+        self.dtype = np.dtype(dtype)
+        self.quantize_linears = quantize_linears
+        self.nf4_prefixes = quantized_prefixes(source)
+
+    def _where(self, key: str) -> str:
+        return f"{self.source.file_of(key)}: {key}"
+
+    def fetch(self, key: str, shape: tuple[int, ...], linear: bool) -> Any:
+        prefix = key.removesuffix(".weight")
+        if linear and prefix in self.nf4_prefixes:
+            w = read_nf4(prefix, self.source, source=f"{self.source.file_of(key)}: ")
+            if w.shape != shape:
+                raise CheckpointError(f"{self._where(key)}: NF4 shape {w.shape} does not match config {shape}")
+            return w if self.quantize_linears else np.asarray(w.dequantize(self.dtype))
+        try:
+            array = self.source[key]
+        except KeyError as err:
+            raise CheckpointError(f"{self._where(key)}: tensor missing from checkpoint") from err
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"{self._where(key)}: shape {tuple(array.shape)} does not match config {shape}")
+        if linear and self.quantize_linears:
+            try:
+                q = _quantize_jit(array, name=key)
+            except QuantizationError as err:
+                raise CheckpointError(f"{self.source.file_of(key)}: {err}") from err
+            return jax.tree.map(np.asarray, q)
+        return np.asarray(array).astype(self.dtype)
+
+
+def _find_prefix(source: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
+    first = "embed_tokens.weight"
+    candidates = ["model.", ""] if cfg.family == "llama" else ["model.decoder.", "decoder.", ""]
+    for prefix in candidates:
+        if f"{prefix}{first}" in source:
+            return prefix
+    raise CheckpointError(
+        f"{source.file_of(candidates[0] + first)}: no {first!r} under any of the prefixes {candidates}"
+    )
+
+
+def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: Any, quantize_linears: bool) -> dict:
+    """Builds the decoder params from `source`, one layer at a time.
+
+    Stacked leaves are preallocated after the first layer and filled in place,
+    so the host holds the 4-bit result plus one layer in flight.
+    """
+    reader = _Reader(source, dtype, quantize_linears)
+    prefix = _find_prefix(source, cfg)
+    params: dict[str, Any] = {}
+    for path, name, shape, linear in global_specs(cfg):
+        _set(params, path, reader.fetch(prefix + name, shape, linear))
+    head_key = "lm_head.weight"
+    if not cfg.tie_word_embeddings:
+        _set(params, ("lm_head", "w"), reader.fetch(head_key, (cfg.vocab_size, cfg.embed_dim), False))
+
+    layer_prefix = f"{prefix}layers."
+    stacked_leaves: list[np.ndarray] | None = None
+    treedef = None
+    for index in range(cfg.num_layers):
+        layer: dict[str, Any] = {}
+        for path, name, shape, linear in layer_specs(cfg):
+            _set(layer, path, reader.fetch(f"{layer_prefix}{index}.{name}", shape, linear))
+        leaves, this_def = jax.tree_util.tree_flatten(layer)
+        if stacked_leaves is None:
+            treedef = this_def
+            stacked_leaves = [np.empty((cfg.num_layers, *np.shape(x)), np.asarray(x).dtype) for x in leaves]
+        elif this_def != treedef:
+            raise CheckpointError(f"{source.file_of(layer_prefix)}: layer {index} differs in structure from layer 0")
+        for target, leaf in zip(stacked_leaves, leaves):
+            target[index] = leaf
+        del layer, leaves
+    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked_leaves)
+    return params
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A frozen decoder: config, params (a pytree) and where it came from.
+
+    Attributes:
+      cfg: the ModelConfig.
+      params: the parameter pytree (decoder.py documents its layout); linear
+        weights are NF4Weight when quantized.
+      dtype: compute dtype.
+      source: the path it was loaded from.
+      axes: logical axis names of every parameter (`models.axes`).
+    """
+
+    cfg: ModelConfig
+    params: dict[str, Any]
+    dtype: Any = jnp.bfloat16
+    source: str = ""
+    axes: dict[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.axes:
+            self.axes = logical_axes(self.params)
+        self._logits = jax.jit(logits_fn(self.cfg, dtype=self.dtype))
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> jax.Array:
+        """Float32 logits `[B, T, vocab]` of `input_ids` `[B, T]`."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        return self._logits(self.params, input_ids, jnp.asarray(attention_mask, jnp.int32))
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.params["layers"]["attn"]["q"]["w"], NF4Weight)
+
+
+def _check_quantization_config(hf: Mapping[str, Any], path: str) -> bool:
+    qc = hf.get("quantization_config")
+    if not qc:
+        return False
+    where = f"{path}: quantization_config"
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        raise CheckpointError(f"{where}: only bitsandbytes 4-bit checkpoints are supported, got {qc}")
+    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise CheckpointError(
+            f"{where}: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type', 'fp4')!r} is not supported; "
+            "qst_jax reads NF4 only (FP4 uses another code table)"
+        )
+    return True
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory (qst_jax only reads local checkpoints)")
+    return path
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory or GGUF file."""
+    path = resolve_path(path)
+    if path.endswith(".gguf"):
+        return from_hf_config(GGUFSource(path).hf_config, source=path)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
+    with open(config_path) as f:
+        return from_hf_config(json.load(f), source=config_path)
+
+
+def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16) -> Backbone:
+    """Loads a frozen backbone from a local directory or `.gguf` file.
+
+    Args:
+      path: HF directory (float or bitsandbytes NF4) or a `.gguf` file.
+      quantize: hold linear weights as NF4 (bnb checkpoints are read as they
+        are); False keeps them dense in `dtype` (a bnb checkpoint is then
+        dequantized).
+      dtype: compute dtype of activations, embeddings, norms and LM head.
+
+    Raises:
+      CheckpointError / ConfigError: a missing path, an unsupported
+        `model_type` or quantization, a missing tensor or a shape that does
+        not match the config; the message names the file and key.
+    """
+    path = resolve_path(path)
+    if path.endswith(".gguf"):
+        source: Any = GGUFSource(path)
+        cfg = from_hf_config(source.hf_config, source=path)
+    else:
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
+        with open(config_path) as f:
+            hf = json.load(f)
+        cfg = from_hf_config(hf, source=config_path)
+        _check_quantization_config(hf, config_path)
+        source = SafetensorsSource(path)
+    params = read_params(source, cfg, dtype=dtype, quantize_linears=quantize)
+    params = jax.device_put(params)
+    return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a local HF directory or GGUF file (never a hub)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_path(path)
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+__all__ = [
+    "Backbone",
+    "CheckpointError",
+    "ConfigError",
+    "layer_specs",
+    "load_backbone",
+    "load_config",
+    "load_tokenizer",
+    "read_params",
+]
