@@ -21,6 +21,7 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 
 from qst_jax.quant import bits_per_parameter, quantize, save_safetensors
+from qst_jax.quant.nf4 import check_finite
 
 _quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if not eligible:
             out_tensors[key] = w
             continue
+        check_finite(w, key)
         q = _quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant, name=key)
         bpp = bits_per_parameter(q)
         rel, max_abs = _error_stats(w, q)

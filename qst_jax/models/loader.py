@@ -29,7 +29,7 @@ from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSo
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
 from qst_jax.models.decoder import logits_fn
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
-from qst_jax.quant.nf4 import NF4Weight, QuantizationError, quantize
+from qst_jax.quant.nf4 import NF4Weight, QuantizationError, check_finite, quantize
 
 _quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
 
@@ -133,6 +133,7 @@ class _Reader:
             raise CheckpointError(f"{self._where(key)}: shape {tuple(array.shape)} does not match config {shape}")
         if linear and self.quantize_linears:
             try:
+                check_finite(array, key)
                 q = _quantize_jit(array, name=key)
             except QuantizationError as err:
                 raise CheckpointError(f"{self.source.file_of(key)}: {err}") from err

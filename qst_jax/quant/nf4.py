@@ -221,6 +221,17 @@ def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     return codes, nested_absmax, offset
 
 
+def check_finite(w: Any, name: str = "weight") -> None:
+    """Raises QuantizationError naming `name` if a concrete `w` has NaN or inf."""
+    finite = np.isfinite(np.asarray(w, dtype=np.float32))
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        raise QuantizationError(
+            f"{name}: {int((~finite).sum())} non-finite value(s) (first at index "
+            f"{tuple(int(i) for i in bad)}); refusing to quantize"
+        )
+
+
 def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -254,13 +265,7 @@ def quantize(
     shape = tuple(int(s) for s in np.shape(w))
     _check_shape(shape, blocksize, name)
     if _is_concrete(w):
-        finite = np.isfinite(np.asarray(w, dtype=np.float32))
-        if not finite.all():
-            bad = np.argwhere(~finite)[0]
-            raise QuantizationError(
-                f"{name}: {int((~finite).sum())} non-finite value(s) (first at index "
-                f"{tuple(int(i) for i in bad)}); refusing to quantize"
-            )
+        check_finite(w, name)
     dtype_name = jnp.dtype(getattr(w, "dtype", np.float32)).name
     out_dim, in_dim = shape
     x = jnp.asarray(w).astype(jnp.float32).reshape(out_dim, in_dim // blocksize, blocksize)

@@ -1,0 +1,177 @@
+"""Backbones against bitsandbytes/HF golden logits, loader behaviour, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from qst_jax.models import (
+    CheckpointError,
+    ConfigError,
+    forward,
+    load_backbone,
+    load_config,
+)
+from qst_jax.quant import NF4Weight, QuantizationError
+from qst_jax.quant.bnb_io import SafetensorsView, quantized_prefixes, read_nf4
+
+FAMILIES = ["llama", "opt"]
+
+
+def _rel_err(ours, ref, mask):
+    real = mask.astype(bool)
+    return float(np.linalg.norm(ours[real] - ref[real]) / np.linalg.norm(ref[real]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["nf4", "bf16"])
+def test_matches_golden_logits(testdata, family, kind):
+    io = np.load(testdata / f"tiny-{family}-io.npz")
+    # The -bf16 directory is compared dense (logits_bf16); the -nf4 one as stored.
+    backbone = load_backbone(testdata / f"tiny-{family}-{kind}", quantize=kind == "nf4")
+    assert backbone.quantized == (kind == "nf4")
+    logits = np.asarray(backbone.logits(io["input_ids"], io["attention_mask"]))
+    assert logits.dtype == np.float32 and logits.shape == (3, 48, 1024)
+    assert _rel_err(logits, io[f"logits_{kind}"], io["attention_mask"]) <= 2e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantizing_bf16_dir_reproduces_bnb_bytes(testdata, family):
+    ours = load_backbone(testdata / f"tiny-{family}-bf16").params["layers"]
+    from safetensors import safe_open
+
+    with safe_open(str(testdata / f"tiny-{family}-nf4" / "model.safetensors"), framework="numpy") as f:
+        view = SafetensorsView(f)
+        prefixes = quantized_prefixes(view)
+        name = "self_attn.q_proj" if family == "llama" else "fc1"
+        mine = ours["attn"]["q"]["w"] if family == "llama" else ours["mlp"]["fc1"]["w"]
+        for layer in range(4):
+            prefix = next(p for p in prefixes if p.endswith(f"layers.{layer}.{name}"))
+            theirs = read_nf4(prefix, view)
+            np.testing.assert_array_equal(np.asarray(mine.packed[layer]), np.asarray(theirs.packed))
+            np.testing.assert_array_equal(np.asarray(mine.absmax[layer]), np.asarray(theirs.absmax))
+
+
+def test_nf4_fixture_loaded_as_is(testdata):
+    backbone = load_backbone(testdata / "tiny-llama-nf4")
+    q = backbone.params["layers"]["mlp"]["down"]["w"]
+    assert isinstance(q, NF4Weight) and q.lead_shape == (4,) and q.shape == (256, 704)
+    assert backbone.params["embed"].dtype == jnp.bfloat16
+    assert backbone.params["lm_head"]["w"].dtype == jnp.bfloat16
+
+
+def test_forward_returns_every_layer(testdata):
+    backbone = load_backbone(testdata / "tiny-llama-nf4")
+    ids = jnp.ones((2, 8), jnp.int32)
+    out = jax.jit(lambda p, x: forward(p, backbone.cfg, x, keep_layers=True))(backbone.params, ids)
+    assert out.layers.shape == (4, 2, 8, 256) and out.embeddings.shape == (2, 8, 256)
+    np.testing.assert_array_equal(np.asarray(out.layers[-1]), np.asarray(out.last_layer))
+
+
+def test_logical_axes_cover_every_weight(testdata):
+    backbone = load_backbone(testdata / "tiny-llama-nf4")
+    axes = backbone.axes
+    assert axes["embed"] == ("vocab", "embed")
+    assert axes["layers/attn/q/w"] == ("layers", "heads", "embed")
+    assert axes["layers/attn/k/w"] == ("layers", "kv_heads", "embed")
+    assert axes["layers/mlp/down/w"] == ("layers", "embed", "mlp")
+    assert axes["layers/attn_norm/scale"] == ("layers", "embed")
+    assert axes["lm_head/w"] == ("vocab", "embed")
+    assert all(name is not None for name in axes["layers/mlp/gate/w"])
+    opt = load_backbone(testdata / "tiny-opt-nf4").axes
+    assert opt["pos_embed"] == (None, "embed") and opt["layers/mlp/fc1/b"] == ("layers", "mlp")
+
+
+def test_sharded_index_directory(testdata, tmp_path):
+    from safetensors import safe_open
+
+    src = testdata / "tiny-llama-bf16"
+    with safe_open(str(src / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    weight_map = {}
+    for name, shard_keys in shards.items():
+        save_file({k: tensors[k] for k in shard_keys}, str(tmp_path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard_keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    a = load_backbone(tmp_path)
+    b = load_backbone(src)
+    ids = np.arange(16).reshape(2, 8)
+    np.testing.assert_array_equal(np.asarray(a.logits(ids)), np.asarray(b.logits(ids)))
+
+
+# ---- bad input -------------------------------------------------------------
+
+
+def _copy(testdata, tmp_path, name="tiny-llama-bf16"):
+    dst = tmp_path / name
+    shutil.copytree(testdata / name, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def test_missing_directory():
+    with pytest.raises(CheckpointError, match="does-not-exist: no such file or directory"):
+        load_backbone("/tmp/does-not-exist")
+
+
+def test_unsupported_model_type(testdata, tmp_path):
+    d = _copy(testdata, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'gpt_neox' is not supported"):
+        load_config(d)
+
+
+def test_missing_tensor_names_file_and_key(testdata, tmp_path):
+    d = _copy(testdata, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.2.mlp.up_proj.weight"}
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: model\.layers\.2\.mlp\.up_proj\.weight: tensor missing"):
+        load_backbone(d)
+
+
+def test_shape_mismatch_names_key(testdata, tmp_path):
+    d = _copy(testdata, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 768
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight: shape \(704, 256\) does not match config \(768, 256\)"):
+        load_backbone(d)
+
+
+def test_fp4_checkpoint_rejected(testdata, tmp_path):
+    d = _copy(testdata, tmp_path, "tiny-llama-nf4")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="bnb_4bit_quant_type 'fp4' is not supported"):
+        load_backbone(d)
+
+
+def test_non_finite_weight_names_tensor(testdata, tmp_path):
+    d = _copy(testdata, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    w = tensors["model.layers.1.self_attn.v_proj.weight"].copy()
+    w[3, 4] = np.nan
+    tensors["model.layers.1.self_attn.v_proj.weight"] = w
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises((CheckpointError, QuantizationError), match=r"layers\.1\.self_attn\.v_proj\.weight: 1 non-finite"):
+        load_backbone(d)
