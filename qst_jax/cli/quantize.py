@@ -21,7 +21,7 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 
 from qst_jax.quant import bits_per_parameter, quantize, save_safetensors
-from qst_jax.quant.nf4 import check_finite
+from qst_jax.quant.nf4 import QuantizationError, check_finite
 
 _quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
 
@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path and not args.random:
         parser.error("give a .safetensors path or --random OUTxIN")
 
+    try:
+        return _run(args)
+    except QuantizationError as err:
+        print(f"qst-quantize: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     rows, out_tensors = [], {}
     total_bits = total_params = 0.0
     for key, w in _tensors(args):
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             out_tensors[key] = w
             continue
         check_finite(w, key)
-        q = _quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant, name=key)
+        q = _quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant)
         bpp = bits_per_parameter(q)
         rel, max_abs = _error_stats(w, q)
         rows.append((key, f"{w.shape[0]}x{w.shape[1]}", bpp, rel, max_abs))

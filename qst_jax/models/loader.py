@@ -134,7 +134,7 @@ class _Reader:
         if linear and self.quantize_linears:
             try:
                 check_finite(array, key)
-                q = _quantize_jit(array, name=key)
+                q = _quantize_jit(array)  # `name` is static: passing it would recompile per tensor
             except QuantizationError as err:
                 raise CheckpointError(f"{self.source.file_of(key)}: {err}") from err
             return jax.tree.map(np.asarray, q)
@@ -223,6 +223,19 @@ class Backbone:
         return isinstance(self.params["layers"]["attn"]["q"]["w"], NF4Weight)
 
 
+def _to_device(params: dict[str, Any]) -> dict[str, Any]:
+    """Moves host arrays to the default device one leaf at a time.
+
+    Each host leaf is released as soon as its device copy exists, so the host
+    never holds the whole model twice.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    del params
+    for i in range(len(leaves)):
+        leaves[i] = jax.device_put(leaves[i]).block_until_ready()
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _check_quantization_config(hf: Mapping[str, Any], path: str) -> bool:
     qc = hf.get("quantization_config")
     if not qc:
@@ -285,8 +298,7 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         cfg = from_hf_config(hf, source=config_path)
         _check_quantization_config(hf, config_path)
         source = SafetensorsSource(path)
-    params = read_params(source, cfg, dtype=dtype, quantize_linears=quantize)
-    params = jax.device_put(params)
+    params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize))
     return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)
 
 
