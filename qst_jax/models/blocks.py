@@ -22,6 +22,7 @@ from qst_jax.models.layers import Params, activation, attention, norm
 from qst_jax.quant.matmul import linear
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockContext:
     """What every layer of one forward pass shares.
@@ -34,7 +35,7 @@ class BlockContext:
 
     mask: jax.Array
     rope: tuple[jax.Array, jax.Array] | None
-    attention_impl: str | None = None
+    attention_impl: str | None = dataclasses.field(default=None, metadata={"static": True})
 
 
 def _mlp_llama(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

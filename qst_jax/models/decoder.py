@@ -85,9 +85,16 @@ def scan_layers(
     ctx: BlockContext,
     *,
     keep_layers: bool = False,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Runs the stacked layers; returns (h_L, [L, B, T, D] outputs or None)."""
+    """Runs the stacked layers; returns (h_L, [L, B, T, D] outputs or None).
+
+    `remat` recomputes each layer in the backward pass (only matters when
+    something differentiates through the layers, as QLoRA does).
+    """
     block = block_fn(cfg)
+    if remat:
+        block = jax.checkpoint(block, static_argnums=(2,))
 
     def body(carry: jax.Array, layer: Params) -> tuple[jax.Array, jax.Array | None]:
         out = block(layer, carry, cfg, ctx)
@@ -110,6 +117,7 @@ def forward(
     positions: jax.Array | None = None,
     keep_layers: bool = False,
     attention_impl: str | None = None,
+    remat: bool = False,
 ) -> DecoderOutput:
     """The decoder forward pass over `input_ids` `[B, T]`.
 
@@ -120,6 +128,7 @@ def forward(
       positions: `[B, T]` RoPE positions; default from the mask, as HF does
         when generating (left padding does not shift a sequence).
       keep_layers: also return every layer's output (what QST consumes).
+      remat: recompute layers in the backward pass (see `scan_layers`).
     """
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -127,7 +136,7 @@ def forward(
         positions = positions_from_mask(attention_mask)
     ctx = make_context(cfg, attention_mask, positions, dtype, attention_impl)
     h0 = embed(params, cfg, input_ids, attention_mask, dtype)
-    h_last, layers = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers)
+    h_last, layers = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers, remat=remat)
     return DecoderOutput(
         hidden=final_norm(params, cfg, h_last), last_layer=h_last, embeddings=h0, layers=layers
     )

@@ -1,0 +1,86 @@
+"""Configuration of the QST side network (see docs: qst-method.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qst_jax.models.config import ConfigError, ModelConfig
+
+DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
+TASKS = ("lm", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class SideConfig:
+    """What the side network looks like, independent of the backbone's weights.
+
+    Attributes:
+      reduction_factor: r; the side width is d / r.
+      adapter_rank: k of the `adapter` and `lora` downsamplers.
+      downsampler: one of DOWNSAMPLERS.
+      side_heads: attention heads of the side blocks (None: the backbone's,
+        as the official code; head_dim = d / r / side_heads).
+      gate_init: initial per-layer gate logit z_i (sigmoid taken).
+      output_gate_init: initial output gate logit z_out.
+      task: "lm" (frozen LM head) or "classification" (trainable score).
+      num_labels: classes for classification (1: regression, MSE).
+      init_std: standard deviation of the side linears' normal init.
+    """
+
+    reduction_factor: int = 16
+    adapter_rank: int = 16
+    downsampler: str = "adapter"
+    side_heads: int | None = None
+    gate_init: float = 0.5
+    output_gate_init: float = 1.0
+    task: str = "lm"
+    num_labels: int = 2
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.downsampler not in DOWNSAMPLERS:
+            raise ConfigError(f"side.downsampler {self.downsampler!r} is not one of {DOWNSAMPLERS}")
+        if self.task not in TASKS:
+            raise ConfigError(f"side.task {self.task!r} is not one of {TASKS}")
+        if self.reduction_factor < 1 or self.adapter_rank < 1:
+            raise ConfigError("side.reduction_factor and side.adapter_rank must be positive")
+        if self.task == "classification" and self.num_labels < 1:
+            raise ConfigError("side.num_labels must be >= 1 (1 means regression)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def side_model_config(backbone: ModelConfig, side: SideConfig) -> ModelConfig:
+    """The backbone family's block config at width d / r, MLP width I / r.
+
+    Raises:
+      ConfigError: widths or head counts that do not divide.
+    """
+    r = side.reduction_factor
+    d = backbone.hidden_size
+    if d % r or backbone.intermediate_size % r:
+        raise ConfigError(
+            f"reduction_factor {r} must divide hidden_size {d} and intermediate_size {backbone.intermediate_size}"
+        )
+    width = d // r
+    heads = side.side_heads or backbone.num_heads
+    if width % heads:
+        raise ConfigError(f"side width {width} is not divisible by side_heads {heads}")
+    head_dim = width // heads
+    if backbone.family == "llama" and head_dim % 2:
+        raise ConfigError(f"side head_dim {head_dim} must be even for RoPE (width {width}, {heads} heads)")
+    kv_heads = heads
+    if backbone.num_kv_heads != backbone.num_heads and heads == backbone.num_heads:
+        kv_heads = backbone.num_kv_heads
+    return dataclasses.replace(
+        backbone,
+        hidden_size=width,
+        intermediate_size=backbone.intermediate_size // r,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        word_embed_proj_dim=None,
+        qkv_bias=backbone.qkv_bias,
+    )

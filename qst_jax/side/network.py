@@ -1,0 +1,165 @@
+"""The QST side network: params, downsamplers, and the joint forward pass.
+
+Side params (float32 master copy, cast to the compute dtype inside the step):
+  down:     per-layer downsamplers, stacked on a leading `layers` axis
+            adapter: {wa [L,k,d], wb [L,d/r,k], norm {scale,bias} [L,d/r]}
+            lora:    {wa [L,k,d], wb [L,d/r,k]};  linear: {w [L,d/r,d]}
+            maxpool / avgpool: {} (no params, nothing kept for backward)
+  gates:    [L, d/r] gate logits z_i
+  layers:   the backbone family's block at width d/r, stacked [L, ...]
+  norm:     side final norm (the family's kind) [d/r]
+  up:       {w [d, d/r], b [d]}
+  out_gate: [d] output gate logit z_out
+  score:    {w [num_labels, d]} (classification only)
+
+The forward pass runs backbone layer i and side layer i in one `lax.scan`
+step. The backbone runs under `stop_gradient` and its params are never
+differentiated, so the backward pass keeps only what the side network needs:
+each layer's hidden state h_i (for a trainable downsampler) and the side
+activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qst_jax.models.blocks import block_fn
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.decoder import embed, final_norm, make_context
+from qst_jax.models.layers import Params, norm, positions_from_mask
+from qst_jax.models.loader import layer_specs
+from qst_jax.quant.matmul import linear
+from qst_jax.side.config import SideConfig, side_model_config
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(jnp.float32)
+
+
+def _stacked_block_params(cfg: ModelConfig, num_layers: int, key: jax.Array, std: float) -> Params:
+    params: Params = {}
+    specs = layer_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    for k, (path, _, shape, is_linear) in zip(keys, specs):
+        full = (num_layers, *shape)
+        if is_linear:
+            value = _normal(k, full, std)
+        elif path[-1] == "scale":
+            value = jnp.ones(full, jnp.float32)
+        else:
+            value = jnp.zeros(full, jnp.float32)
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return params
+
+
+def _norm_params(cfg: ModelConfig, width: int, lead: tuple[int, ...] = ()) -> Params:
+    p = {"scale": jnp.ones((*lead, width), jnp.float32)}
+    if cfg.family == "opt":
+        p["bias"] = jnp.zeros((*lead, width), jnp.float32)
+    return p
+
+
+def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) -> Params:
+    """Random side-network params (float32) for `backbone`; see module doc."""
+    scfg = side_model_config(backbone, side)
+    d, w, k, n = backbone.hidden_size, scfg.hidden_size, side.adapter_rank, backbone.num_layers
+    keys = jax.random.split(key, 6)
+    std = side.init_std
+    if side.downsampler in ("adapter", "lora"):
+        down: Params = {"wa": _normal(keys[0], (n, k, d), std), "wb": _normal(keys[1], (n, w, k), std)}
+        if side.downsampler == "adapter":
+            down["norm"] = {"scale": jnp.ones((n, w), jnp.float32), "bias": jnp.zeros((n, w), jnp.float32)}
+    elif side.downsampler == "linear":
+        down = {"w": _normal(keys[0], (n, w, d), std)}
+    else:
+        down = {}
+    params: Params = {
+        "down": down,
+        "gates": jnp.full((n, w), side.gate_init, jnp.float32),
+        "layers": _stacked_block_params(scfg, n, keys[2], std),
+        "norm": _norm_params(scfg, w),
+        "up": {"w": _normal(keys[3], (d, w), std), "b": jnp.zeros((d,), jnp.float32)},
+        "out_gate": jnp.full((d,), side.output_gate_init, jnp.float32),
+    }
+    if side.task == "classification":
+        params["score"] = {"w": _normal(keys[4], (side.num_labels, d), std)}
+    return params
+
+
+def downsample(p: Params, h: jax.Array, side: SideConfig, width: int) -> jax.Array:
+    """D_i: `[B, T, d]` backbone state to `[B, T, d / r]` side input."""
+    kind = side.downsampler
+    if kind == "adapter":
+        z = linear(jax.nn.silu(linear(h, p["wa"])), p["wb"])
+        return norm(p["norm"], z, 1e-5)
+    if kind == "lora":
+        return linear(linear(h, p["wa"]), p["wb"])
+    if kind == "linear":
+        return linear(h, p["w"])
+    groups = h.reshape(*h.shape[:-1], width, h.shape[-1] // width)
+    if kind == "maxpool":
+        return jnp.max(groups, axis=-1)
+    return jnp.mean(groups.astype(jnp.float32), axis=-1).astype(h.dtype)
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """Float leaves cast to the compute dtype (the float32 master stays outside)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def qst_hidden(
+    side_params: Params,
+    backbone_params: Params,
+    backbone_cfg: ModelConfig,
+    side: SideConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    dtype: Any = jnp.bfloat16,
+    attention_impl: str | None = None,
+    remat_side: bool = False,
+) -> jax.Array:
+    """The mixed final state `o` `[B, T, d]` that the frozen LM head (or score) reads.
+
+    o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out).
+    """
+    scfg = side_model_config(backbone_cfg, side)
+    width = scfg.hidden_size
+    bp = jax.lax.stop_gradient(backbone_params)
+    sp = cast_params(side_params, dtype)
+    positions = positions_from_mask(attention_mask)
+    bctx = make_context(backbone_cfg, attention_mask, positions, dtype, attention_impl)
+    sctx = make_context(scfg, attention_mask, positions, dtype, attention_impl)
+    backbone_block, side_block = block_fn(backbone_cfg), block_fn(scfg)
+
+    h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, attention_mask, dtype))
+    first_down = jax.tree.map(lambda x: x[0], sp["down"])
+    s0 = downsample(first_down, h0, side, width)
+
+    def side_step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array) -> jax.Array:
+        b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
+        return side_block(layer, (1 - b) * downsample(down, h, side, width) + b * s, scfg, sctx)
+
+    if remat_side:
+        side_step = jax.checkpoint(side_step)
+
+    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Params, ...]) -> tuple[tuple[jax.Array, jax.Array], None]:
+        h, s = carry
+        b_layer, down, gate, s_layer = xs
+        h = jax.lax.stop_gradient(backbone_block(b_layer, h, backbone_cfg, bctx))
+        return (h, side_step(s_layer, down, gate, h, s)), None
+
+    (h_last, s_last), _ = jax.lax.scan(body, (h0, s0), (bp["layers"], sp["down"], sp["gates"], sp["layers"]))
+    a = jax.nn.sigmoid(side_params["out_gate"].astype(jnp.float32)).astype(dtype)
+    side_out = linear(norm(sp["norm"], s_last, scfg.norm_eps), sp["up"]["w"], sp["up"]["b"])
+    return a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
+
+
+def count_params(params: Params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
