@@ -1,0 +1,163 @@
+"""Turning records into token examples for each task.
+
+* Causal LM on raw text: documents tokenized, joined with EOS and packed into
+  windows of exactly `seq_len` tokens. Attention may cross a document
+  boundary, but the loss never does: the first token of a document is not a
+  target (its context is another document).
+* Instruction/chat: records rendered with the tokenizer's chat template; only
+  the assistant's tokens are targets.
+* Classification: text or text pair and a label (class id, or a float for a
+  single regression output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qst_jax.data.sources import DataError, require_columns
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclasses.dataclass
+class Examples:
+    """Variable-length token examples.
+
+    Attributes:
+      tokens: one int32 `[len]` array per example.
+      loss_masks: per example, 1 where the token is a target (LM tasks).
+      labels: `[N]` int class ids or float regression targets (classification).
+    """
+
+    tokens: list[np.ndarray]
+    loss_masks: list[np.ndarray] | None = None
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _eos(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token, needed to separate packed documents")
+    return int(eos)
+
+
+def lm_windows(ds, tokenizer: Any, seq_len: int, text_column: str = "text", where: str = "data") -> Examples:
+    """Packs every document of `ds` into `[seq_len]` windows (the tail is dropped)."""
+    require_columns(ds, [text_column], where)
+    eos = _eos(tokenizer)
+    ids: list[int] = []
+    starts: list[int] = []
+    for text in ds[text_column]:
+        if not text:
+            continue
+        starts.append(len(ids))
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        ids.append(eos)
+    if len(ids) < seq_len:
+        raise DataError(f"{where}: {len(ids)} tokens in all, fewer than one window of {seq_len}")
+    stream = np.asarray(ids, np.int32)
+    targets = np.ones(len(stream), np.int32)
+    targets[np.asarray(starts[1:], np.int64)] = 0  # a document's first token is predicted from another document
+    count = len(stream) // seq_len
+    windows = stream[: count * seq_len].reshape(count, seq_len)
+    masks = targets[: count * seq_len].reshape(count, seq_len)
+    return Examples(tokens=list(windows), loss_masks=list(masks))
+
+
+def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "messages" in record and record["messages"] is not None:
+        messages = record["messages"]
+    elif "instruction" in record and "output" in record:
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    elif "prompt" in record and ("response" in record or "completion" in record):
+        answer = record.get("response", record.get("completion"))
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": answer}]
+    else:
+        raise DataError(
+            f"{where}: a chat record needs 'messages', or 'instruction' and 'output', or 'prompt' and "
+            f"'response'; it has {sorted(record)}"
+        )
+    for m in messages:
+        if m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: unknown chat role {m.get('role')!r} (known: {CHAT_ROLES})")
+    return messages
+
+
+def chat_example(tokenizer: Any, messages: Sequence[dict[str, str]], max_len: int, where: str = "data"):
+    """Token ids and loss mask of one conversation (targets: assistant turns)."""
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64)
+    mask = np.zeros(len(ids), np.int32)
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(list(messages[:j]), tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(list(messages[: j + 1]), tokenize=False)
+        if not (full.startswith(prefix) and full.startswith(through)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
+        mask[(starts >= len(prefix)) & (starts < len(through))] = 1
+    return ids[:max_len], mask[:max_len]
+
+
+def chat_examples(ds, tokenizer: Any, max_len: int, where: str = "data") -> Examples:
+    tokens, masks = [], []
+    for row, record in enumerate(ds):
+        ids, mask = chat_example(tokenizer, _messages(record, f"{where} row {row}"), max_len, f"{where} row {row}")
+        if mask.sum() == 0:
+            continue  # truncated before any response token
+        tokens.append(ids)
+        masks.append(mask)
+    if not tokens:
+        raise DataError(f"{where}: no example has a response token within {max_len} tokens")
+    return Examples(tokens=tokens, loss_masks=masks)
+
+
+def classification_examples(
+    ds,
+    tokenizer: Any,
+    max_len: int,
+    *,
+    num_labels: int,
+    text_column: str = "sentence",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    where: str = "data",
+) -> Examples:
+    """Tokenized texts (pairs) and labels; labels checked against `num_labels`."""
+    require_columns(ds, [text_column, text_pair_column, label_column], where)
+    texts = [str(t) for t in ds[text_column]]
+    pairs = [str(t) for t in ds[text_pair_column]] if text_pair_column else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_len)
+    raw = ds[label_column]
+    if num_labels == 1:
+        try:
+            labels = np.asarray([float(x) for x in raw], np.float32)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{where}: regression labels in {label_column!r} must be numbers ({err})") from err
+    else:
+        try:
+            labels = np.asarray([int(x) for x in raw], np.int32)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{where}: labels in {label_column!r} must be integer class ids ({err})") from err
+        bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+        if bad.size:
+            raise DataError(
+                f"{where}: label {labels[bad[0]]} in row {bad[0]} is out of range for {num_labels} classes "
+                f"({bad.size} such rows)"
+            )
+    tokens = [np.asarray(x, np.int32) for x in enc["input_ids"]]
+    if any(len(t) == 0 for t in tokens):
+        raise DataError(f"{where}: an example tokenizes to nothing")
+    return Examples(tokens=tokens, labels=labels)
