@@ -80,7 +80,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, donate: boo
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
-        metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "weight": weight, **aux}
+        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads), "weight": weight, **aux}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
