@@ -73,19 +73,27 @@ def load_records(paths: str | Sequence[str], *, format: str | None = None):
     if None in kinds or len(kinds) != 1:
         raise DataError(f"{files}: cannot tell one format from the extensions ({sorted(map(str, kinds))}); set data.format")
     kind = kinds.pop()
-    if kind == "tsv":
-        ds = datasets.load_dataset(
-            "csv", data_files=files, split="train", delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
-        )
-    elif kind == "csv":
-        ds = datasets.load_dataset("csv", data_files=files, split="train", keep_default_na=False)
-    elif kind == "text":
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-    else:
-        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise DataError(f"{', '.join(files)}: the dataset is empty")
+    try:
+        ds = _load(datasets, kind, files)
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
+        raise DataError(f"{', '.join(files)}: cannot read as {kind}: {err}") from err
     if len(ds) == 0:
         raise DataError(f"{', '.join(files)}: the dataset is empty")
     return ds
+
+
+def _load(datasets, kind: str, files: list[str]):
+    if kind == "tsv":
+        return datasets.load_dataset(
+            "csv", data_files=files, split="train", delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
+        )
+    if kind == "csv":
+        return datasets.load_dataset("csv", data_files=files, split="train", keep_default_na=False)
+    if kind == "text":
+        return datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+    return datasets.load_dataset(kind, data_files=files, split="train")
 
 
 def require_columns(ds, columns: Sequence[str], where: str) -> None:

@@ -1,0 +1,208 @@
+"""qst-train end to end on the tiny fixture: outputs, exact resume, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from qst_jax.data.sources import DataError
+from qst_jax.models import CheckpointError, load_config
+from qst_jax.train.checkpoint import ExportError, load_side
+from qst_jax.train.trainer import Trainer, TrainingError
+from tests.helpers import tiny_config, tiny_model_dir
+
+REPO = pathlib.Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(testdata, tmp_path_factory):
+    return tiny_model_dir(testdata, tmp_path_factory.mktemp("model"))
+
+
+def quiet(*_args):
+    pass
+
+
+def test_run_writes_every_output(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.eval_every": 3})
+    summary = Trainer(config, log=quiet).run()
+    out = tmp_path / "run"
+    assert summary["steps"] == 6
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    for name in ("side.safetensors", "qst_config.json", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train[0])
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 3, 6]
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    params, info = load_side(str(out), load_config(model_dir))
+    assert info["method"] == "qst" and info["step"] == 6
+    assert params["gates"].shape == (4, 32)
+
+
+def test_export_refuses_another_backbone(model_dir, tmp_path, testdata):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 1, "data.eval": ""})
+    Trainer(config, log=quiet).run()
+    with pytest.raises(ExportError, match="trained for another backbone"):
+        load_side(str(tmp_path / "run"), load_config(testdata / "tiny-opt-nf4"))
+
+
+def _config_file(tmp_path, model_dir, **overrides) -> pathlib.Path:
+    path = tmp_path / "cfg.py"
+    path.write_text(
+        "import pathlib\nfrom tests.helpers import tiny_config\n\n"
+        f"def get_config():\n    return tiny_config(pathlib.Path({str(model_dir)!r}), pathlib.Path({str(tmp_path)!r}), "
+        f"**{overrides!r})\n"
+    )
+    return path
+
+
+def _cli(config: pathlib.Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "qst_jax.cli.train", f"--config={config}", *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_checkpoint(run_dir: pathlib.Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    target = run_dir / "checkpoints" / str(step)
+    deadline = time.time() + timeout
+    while not target.is_dir():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before checkpoint {step}: {proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for a checkpoint")
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_exact(model_dir, tmp_path):
+    steps = {"train.steps": 40, "train.checkpoint_every": 3, "data.eval": ""}
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    ref = Trainer(tiny_config(model_dir, reference_dir, **steps), log=quiet)
+    ref.run()
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    cfg = _config_file(run_dir, model_dir, **steps)
+    proc = _cli(cfg)
+    _wait_for_checkpoint(run_dir / "run", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "run" / "side.safetensors").exists()
+
+    resumed = _cli(cfg, "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resumed from step" in output
+    a = load_file(str(reference_dir / "run" / "side.safetensors"))
+    b = load_file(str(run_dir / "run" / "side.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint(model_dir, tmp_path):
+    cfg = _config_file(tmp_path, model_dir, **{"train.steps": 400, "train.checkpoint_every": 3, "data.eval": ""})
+    proc = _cli(cfg)
+    _wait_for_checkpoint(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by signal" in output and "resume with --resume" in output
+    stopped = int(output.split("at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"optim.lr": 1e12, "train.checkpoint_every": 1, "data.eval": "",
+                                                  "optim.clip_norm": 0.0, "train.steps": 20})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step \d+"):
+        Trainer(config, log=quiet).run()
+    assert not (tmp_path / "run" / "side.safetensors").exists()
+
+
+def test_empty_dataset(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config.data.train = str(empty)
+    with pytest.raises(DataError, match="empty"):
+        Trainer(config, log=quiet)
+
+
+def test_missing_column_and_label_out_of_range(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"data.eval": ""})
+    config.task = "classification"
+    data = tmp_path / "cls.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"good film {i}\t{i % 2}\n" for i in range(12)) + "bad\t7\n")
+    config.data.train = str(data)
+    config.data.text_column = "text"
+    with pytest.raises(DataError, match=r"missing column\(s\) \['text'\]; the data has \['sentence', 'label'\]"):
+        Trainer(config, log=quiet)
+    config.data.text_column = "sentence"
+    with pytest.raises(DataError, match="label 7 in row 12 is out of range for 2 classes"):
+        Trainer(config, log=quiet)
+
+
+def test_classification_run(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path)
+    config.task = "classification"
+    rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} {i}\t{i % 2}\n" for i in range(32))
+    (tmp_path / "cls.tsv").write_text("sentence\tlabel\n" + rows)
+    config.data.train = config.data.eval = str(tmp_path / "cls.tsv")
+    config.data.text_column = "sentence"
+    summary = Trainer(config, log=quiet).run()
+    assert 0.0 <= summary["eval_after"]["accuracy"] <= 1.0
+    params, info = load_side(str(tmp_path / "run"))
+    assert params["score"]["w"].shape == (2, 256) and info["task"] == "classification"
+
+
+def test_missing_model_path(tmp_path, model_dir):
+    config = tiny_config(model_dir, tmp_path)
+    config.model.path = str(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        Trainer(config, log=quiet)
+
+
+def test_cli_unknown_config_key(model_dir, tmp_path):
+    proc = _cli(_config_file(tmp_path, model_dir), "--config.train.learning_rate=0.1")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "learning_rate" in output
+
+
+def test_custom_optax_transformation(model_dir, tmp_path):
+    import optax
+
+    config = tiny_config(model_dir, tmp_path, **{"data.eval": "", "train.steps": 2})
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 1e-3
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
+    trainer = Trainer(config, tx=tx, schedule=schedule, log=quiet)
+    summary = trainer.run()
+    assert summary["steps"] == 2 and seen  # the user's schedule was used
+    assert jax.tree_util.tree_structure(trainer.tx) is not None
