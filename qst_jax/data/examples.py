@@ -72,7 +72,9 @@ def lm_windows(ds, tokenizer: Any, seq_len: int, text_column: str = "text", wher
 
 
 def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
-    if "messages" in record and record["messages"] is not None:
+    # datasets unifies columns across rows: absent fields read as None.
+    record = {k: v for k, v in record.items() if v is not None}
+    if "messages" in record:
         messages = record["messages"]
     elif "instruction" in record and "output" in record:
         prompt = record["instruction"]

@@ -1,0 +1,131 @@
+"""Data paths: LM packing masks, chat-template masks, classification, batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qst_jax.data.batches import Batcher, bucket_lengths
+from qst_jax.data.examples import Examples, chat_example, chat_examples, classification_examples, lm_windows
+from qst_jax.data.sources import DataError, load_records
+from tests.helpers import save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_lm_packing_never_counts_loss_across_documents(tokenizer, tmp_path):
+    docs = ["to be or not to be", "the slings and arrows", "a sea of troubles"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ex = lm_windows(load_records(str(path)), tokenizer, seq_len=8)
+    stream = np.concatenate(ex.tokens)
+    mask = np.concatenate(ex.loss_masks)
+    eos = tokenizer.eos_token_id
+    lengths = [len(tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in docs]
+    assert all(len(t) == 8 for t in ex.tokens)
+    # Documents are separated by EOS, and each document's first token is not a target.
+    starts = np.cumsum([0] + lengths[:-1])
+    for s in starts[1:]:
+        if s < len(stream):
+            assert stream[s - 1] == eos and mask[s] == 0
+    assert mask.sum() == len(stream) - sum(1 for s in starts[1:] if s < len(stream))
+
+
+def test_chat_mask_covers_assistant_replies_only(tokenizer):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "who?"},
+        {"role": "assistant", "content": "Hamlet"},
+        {"role": "user", "content": "where?"},
+        {"role": "assistant", "content": "Elsinore"},
+    ]
+    ids, mask = chat_example(tokenizer, messages, max_len=512)
+    targets = tokenizer.decode(ids[mask == 1])
+    assert targets == "Hamlet<|im_end|>\nElsinore<|im_end|>\n"
+    assert "who?" in tokenizer.decode(ids[mask == 0])
+
+
+def test_chat_records_in_three_layouts(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"instruction": "add", "input": "2 and 2", "output": "4"},
+        {"prompt": "say yes", "response": "yes"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = chat_examples(load_records(str(path)), tokenizer, max_len=64)
+    replies = [tokenizer.decode(t[m == 1]) for t, m in zip(ex.tokens, ex.loss_masks)]
+    assert replies == ["hello<|im_end|>\n", "4<|im_end|>\n", "yes<|im_end|>\n"]
+
+
+def test_unknown_chat_role(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match="unknown chat role 'narrator'"):
+        chat_examples(load_records(str(path)), tokenizer, max_len=64)
+
+
+def test_classification_pairs_and_labels(tokenizer, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("a,b,y\nthe sea,of troubles,1\nto be,or not,0\n")
+    ds = load_records(str(path))
+    ex = classification_examples(ds, tokenizer, 32, num_labels=2, text_column="a", text_pair_column="b", label_column="y")
+    assert ex.labels.tolist() == [1, 0]
+    assert tokenizer.decode(ex.tokens[0]) == "the seaof troubles"
+    reg = classification_examples(ds, tokenizer, 32, num_labels=1, text_column="a", label_column="y")
+    assert reg.labels.dtype == np.float32
+
+
+def test_sst2_tsv_reads(testdata):
+    import pathlib
+
+    sst2 = pathlib.Path(__file__).parents[3] / "shared" / "data" / "sst2" / "dev.tsv"
+    if not sst2.exists():
+        pytest.skip("shared/data not beside the checkout")
+    ds = load_records(str(sst2))
+    assert ds.column_names == ["sentence", "label"] and len(ds) == 872
+
+
+def _examples(n: int = 30) -> Examples:
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(1, 100, rng.integers(3, 70)).astype(np.int32) for _ in range(n)]
+    return Examples(tokens=tokens, loss_masks=[np.ones_like(t) for t in tokens])
+
+
+def test_batches_bucketed_static_shapes():
+    batcher = Batcher(_examples(), batch_size=2, micro_batches=2, buckets=bucket_lengths(128), seed=1)
+    shapes = set()
+    it = iter(batcher)
+    for _ in range(batcher.steps_per_epoch):
+        batch = next(it)
+        shapes.add(batch["input_ids"].shape)
+        lengths = batch["attention_mask"].sum(-1)
+        assert batch["input_ids"].shape[:2] == (2, 2) and lengths.max() <= batch["input_ids"].shape[-1]
+        assert np.all(batch["input_ids"][batch["attention_mask"] == 0] == 0)
+    assert shapes <= {(2, 2, 32), (2, 2, 64), (2, 2, 128)}
+
+
+def test_batcher_resumes_the_exact_sequence():
+    a = Batcher(_examples(), batch_size=2, micro_batches=1, seed=3)
+    it = iter(a)
+    for _ in range(7):
+        next(it)
+    saved = a.state()
+    expected = [next(it)["input_ids"] for _ in range(25)]  # crosses into the next epochs
+    b = Batcher(_examples(), batch_size=2, micro_batches=1, seed=3)
+    b.restore(saved)
+    got = [batch["input_ids"] for batch, _ in zip(iter(b), range(25))]
+    for x, y in zip(expected, got):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_eval_pass_keeps_every_example_once():
+    ex = _examples(7)
+    batcher = Batcher(ex, batch_size=3, shuffle=False, drop_remainder=False)
+    rows = sum(int((b["attention_mask"].sum(-1) > 0).sum()) for b in batcher.one_pass())
+    assert rows == 7
