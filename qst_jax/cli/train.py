@@ -40,9 +40,12 @@ def main(argv: list[str]) -> int:
         return 1
     if "signal" in summary:
         return 128 + int(summary["signal"])
-    before, after = summary.get("eval_before"), summary.get("eval_after")
-    if before and after and "perplexity" in before:
-        print(f"held-out perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+    frozen, after = summary.get("eval_frozen"), summary.get("eval_after")
+    if frozen and after:
+        print(
+            f"held-out perplexity: frozen backbone {frozen['perplexity']:.2f} -> "
+            f"{summary['method']} {after['perplexity']:.2f} after {summary['steps']} steps"
+        )
     return 0
 
 

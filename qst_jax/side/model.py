@@ -101,6 +101,33 @@ class QSTModel:
         return _score(hidden, params, mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+    """The backbone alone (LM tasks): the reference every method must beat."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.bfloat16
+    ce_chunk: int = 1024
+    attention_impl: str | None = None
+    task: str = "lm"
+
+    def init(self, key: jax.Array) -> Params:
+        return {}
+
+    def hidden(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        out = forward(backbone_params, self.cfg, input_ids, mask, dtype=self.dtype, attention_impl=self.attention_impl)
+        return out.hidden
+
+    def loss(self, params: Params, backbone_params: Params, batch: Batch):
+        hidden = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
+        return _task_loss(hidden, params, backbone_params, self.cfg, batch, "lm", self.ce_chunk)
+
+    def logits(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return lm_head(backbone_params, self.cfg, self.hidden(params, backbone_params, input_ids, mask)).astype(
+            jnp.float32
+        )
+
+
 LORA_TARGETS = {
     "llama": (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"), ("mlp", "up"), ("mlp", "down")),
     "opt": (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "fc1"), ("mlp", "fc2")),
@@ -179,4 +206,4 @@ def _layer_linear_shapes(cfg: ModelConfig) -> dict[tuple[str, str], tuple[int, i
     return shapes
 
 
-__all__ = ["LORA_TARGETS", "QLoRAModel", "QSTModel"]
+__all__ = ["LORA_TARGETS", "FrozenModel", "QLoRAModel", "QSTModel"]

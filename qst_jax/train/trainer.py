@@ -32,7 +32,7 @@ from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
 from qst_jax.data.sources import DataError, load_records
 from qst_jax.models import Backbone, load_backbone, load_tokenizer
 from qst_jax.side.config import SideConfig
-from qst_jax.side.model import QLoRAModel, QSTModel
+from qst_jax.side.model import FrozenModel, QLoRAModel, QSTModel
 from qst_jax.side.network import count_params
 from qst_jax.train.checkpoint import Checkpointer, backbone_fingerprint, export_side
 from qst_jax.train.metrics import MetricsWriter, plot_loss_curve
@@ -160,16 +160,21 @@ class Trainer:
         self.tx, self.schedule = tx, schedule
         self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
+        self.frozen_eval_step = None
+        if config.task != "classification":
+            frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, t.ce_chunk, config.model.attention or None)
+            self.frozen_eval_step = make_eval_step(frozen)
         self.output_dir = t.output_dir
         os.makedirs(self.output_dir, exist_ok=True)
 
     # -- evaluation ------------------------------------------------------------------
-    def evaluate(self, params: Any) -> dict[str, float]:
+    def evaluate(self, params: Any, eval_step=None) -> dict[str, float]:
         """Held-out loss and perplexity (LM) or accuracy (classification)."""
+        eval_step = eval_step or self.eval_step
         total = weight = correct = 0.0
         for batch in self.eval_data.one_pass():
             micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-            loss_sum, w, aux = self.eval_step(params, self.backbone.params, micro)
+            loss_sum, w, aux = eval_step(params, self.backbone.params, micro)
             total, weight = total + float(loss_sum), weight + float(w)
             correct += float(aux.get("correct", 0.0))
         loss = total / max(weight, 1.0)
@@ -205,11 +210,15 @@ class Trainer:
         )
         writer = MetricsWriter(self.output_dir)
         summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
+        if self.eval_data is not None and self.frozen_eval_step is not None:
+            frozen = self.evaluate({}, self.frozen_eval_step)
+            summary["eval_frozen"] = frozen
+            self.log(self._eval_line("held-out, frozen backbone alone", frozen))
         if self.eval_data is not None:
             before = self.evaluate(state.params)
             summary["eval_before"] = before
             writer.write(int(state.step), "eval", before)
-            self.log(self._eval_line("held-out before training", before))
+            self.log(self._eval_line(f"held-out, {config.method} at step {int(state.step)}", before))
 
         stop = _Stop()
         handlers = {}
@@ -282,7 +291,7 @@ class Trainer:
             after = self.evaluate(state.params)
             summary["eval_after"] = after
             self._append_eval(int(state.step), after)
-            self.log(self._eval_line("held-out after training", after))
+            self.log(self._eval_line(f"held-out, {config.method} after training", after))
         self.export(state)
         plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
         with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
