@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200
+    c.train.epochs = 0  # > 0: train this many passes over the data instead of `steps`
     c.train.batch_size = 4  # per micro-batch
     c.train.micro_batches = 1  # gradient accumulation
     c.train.seed = 0
@@ -60,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3
+    c.optim.lr = 3e-3
     c.optim.schedule = "cosine"  # constant | linear | cosine (all with linear warmup)
     c.optim.warmup_steps = 0
     c.optim.warmup_ratio = 0.03

@@ -137,6 +137,10 @@ class Trainer:
                  backbone: Backbone | None = None, tokenizer: Any = None, log=print):
         self.config, self.log = config, log
         dtype = jnp.dtype(config.model.dtype)
+        for key in ("model.path", "data.train"):
+            section, name = key.split(".")
+            if not config[section][name]:
+                raise ValueError(f"config: {key} is required (--config.{key}=...)")
         path = resolve_model_path(config.model.path)
         self.backbone = backbone or load_backbone(path, quantize=config.model.quantize, dtype=dtype)
         self.tokenizer = tokenizer or load_tokenizer(path)
@@ -155,8 +159,9 @@ class Trainer:
                 t.eval_batch_size, 1, buckets=buckets, pad_id=pad, shuffle=False, drop_remainder=False,
             )
         self.model = build_model(config, self.backbone)
+        self.total_steps = t.epochs * self.train_data.steps_per_epoch if t.epochs > 0 else t.steps
         if tx is None:
-            tx, schedule = make_optimizer(config.optim, t.steps, schedule)
+            tx, schedule = make_optimizer(config.optim, self.total_steps, schedule)
         self.tx, self.schedule = tx, schedule
         self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
@@ -238,12 +243,12 @@ class Trainer:
 
         start_step = int(state.step)
         batches = iter(self.train_data)
-        bar = tqdm(total=t.steps, initial=start_step, desc=config.method, dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=config.method, dynamic_ncols=True,
                    disable=os.environ.get("QST_NO_PROGRESS") == "1")
         tokens_seen, started = 0.0, time.perf_counter()
         last_good = checkpointer.latest_step()
         try:
-            while int(state.step) < t.steps:
+            while int(state.step) < self.total_steps:
                 batch = next(batches)
                 state, metrics = self.train_step(state, self.backbone.params, batch)
                 step = int(state.step)
@@ -260,11 +265,11 @@ class Trainer:
                 lr = float(self.schedule(step - 1)) if self.schedule is not None else float("nan")
                 record = {k: float(v) for k, v in metrics.items()}
                 record.update(lr=lr, tokens_per_s=tokens_seen / max(elapsed, 1e-9))
-                if step % t.log_every == 0 or step == t.steps:
+                if step % t.log_every == 0 or step == self.total_steps:
                     writer.write(step, "train", record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
-                if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
                     result = self.evaluate(state.params)
                     writer.write(step, "eval", result)
                     bar.write(self._eval_line(f"held-out at step {step}", result))

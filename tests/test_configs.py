@@ -1,0 +1,40 @@
+"""Every recipe in configs/ loads, and builds valid model/side settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from qst_jax.side.config import SideConfig
+from qst_jax.train.config import base_config
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_recipe_is_valid(path):
+    c = _load(path)
+    assert set(c.keys()) == set(base_config().keys())
+    assert c.method in ("qst", "qlora") and c.task in ("lm", "chat", "classification")
+    SideConfig(
+        reduction_factor=c.side.reduction_factor, adapter_rank=c.side.adapter_rank, downsampler=c.side.downsampler,
+        task="classification" if c.task == "classification" else "lm", num_labels=c.data.num_labels,
+    )
+    with pytest.raises(AttributeError):
+        c.train.no_such_key = 1  # locked: unknown keys are errors
+
+
+def test_70b_recipe_matches_the_paper():
+    c = _load(next(p for p in CONFIGS if p.stem == "chat_70b"))
+    assert (c.train.batch_size, c.train.micro_batches, c.train.steps) == (1, 16, 1875)
+    assert (c.optim.lr, c.optim.schedule, c.optim.warmup_ratio, c.optim.clip_norm) == (1e-4, "constant", 0.03, 0.3)
+    assert c.data.seq_len == 512
