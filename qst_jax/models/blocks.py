@@ -1,7 +1,7 @@
 """One decoder block per family, for the backbone and the side network alike.
 
-A block is a pure function `block(p, x, cfg, ctx) -> x` over one layer's
-params. Its linears are `{"w": Weight, "b"?: Array}` where `Weight` is a dense
+A block is a pure function `block(p, x, cfg, ctx, kv=None) -> (x, kv)` over
+one layer's params (`kv`: that layer's KV cache when decoding). Its linears are `{"w": Weight, "b"?: Array}` where `Weight` is a dense
 array (side network, bf16) or an NF4Weight (frozen backbone): the matmul entry
 point dispatches, so there is exactly one attention and one MLP per family.
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax
 
 from qst_jax.models.config import ModelConfig
-from qst_jax.models.layers import Params, activation, attention, norm
+from qst_jax.models.layers import KVCache, Params, activation, attention, norm
 from qst_jax.quant.matmul import linear
 
 
@@ -30,11 +30,13 @@ class BlockContext:
     Attributes:
       mask: boolean `[B, 1, T, S]` attention mask.
       rope: (cos, sin) `[B, T, head_dim]` or None (OPT).
+      cache_index: where this pass's T tokens go in the KV caches (decoding).
       attention_impl: `jax.nn.dot_product_attention` implementation.
     """
 
     mask: jax.Array
     rope: tuple[jax.Array, jax.Array] | None
+    cache_index: jax.Array | None = None
     attention_impl: str | None = dataclasses.field(default=None, metadata={"static": True})
 
 
@@ -49,26 +51,42 @@ def _mlp_opt(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return linear(hidden, p["fc2"]["w"], p["fc2"].get("b"))
 
 
-def llama_block(p: Params, x: jax.Array, cfg: ModelConfig, ctx: BlockContext) -> jax.Array:
+def _attend(p: Params, x: jax.Array, cfg: ModelConfig, ctx: BlockContext, kv: KVCache | None, rope: bool):
+    return attention(
+        p["attn"], x, cfg, ctx.mask, ctx.rope if rope else None, ctx.attention_impl, kv, ctx.cache_index
+    )
+
+
+def llama_block(
+    p: Params, x: jax.Array, cfg: ModelConfig, ctx: BlockContext, kv: KVCache | None = None
+) -> tuple[jax.Array, KVCache | None]:
     """Pre-norm residual block: RMSNorm, RoPE GQA attention, SwiGLU MLP."""
-    h = x + attention(p["attn"], norm(p["attn_norm"], x, cfg.norm_eps), cfg, ctx.mask, ctx.rope, ctx.attention_impl)
-    return h + _mlp_llama(p["mlp"], norm(p["mlp_norm"], h, cfg.norm_eps), cfg)
+    attn, kv = _attend(p, norm(p["attn_norm"], x, cfg.norm_eps), cfg, ctx, kv, rope=True)
+    h = x + attn
+    return h + _mlp_llama(p["mlp"], norm(p["mlp_norm"], h, cfg.norm_eps), cfg), kv
 
 
-def opt_block(p: Params, x: jax.Array, cfg: ModelConfig, ctx: BlockContext) -> jax.Array:
+def opt_block(
+    p: Params, x: jax.Array, cfg: ModelConfig, ctx: BlockContext, kv: KVCache | None = None
+) -> tuple[jax.Array, KVCache | None]:
     """OPT block: LayerNorm before (pre-LN) or after (post-LN) each residual."""
     if cfg.do_layer_norm_before:
-        h = x + attention(p["attn"], norm(p["attn_norm"], x, cfg.norm_eps), cfg, ctx.mask, None, ctx.attention_impl)
-        return h + _mlp_opt(p["mlp"], norm(p["mlp_norm"], h, cfg.norm_eps), cfg)
-    h = norm(p["attn_norm"], x + attention(p["attn"], x, cfg, ctx.mask, None, ctx.attention_impl), cfg.norm_eps)
-    return norm(p["mlp_norm"], h + _mlp_opt(p["mlp"], h, cfg), cfg.norm_eps)
+        attn, kv = _attend(p, norm(p["attn_norm"], x, cfg.norm_eps), cfg, ctx, kv, rope=False)
+        h = x + attn
+        return h + _mlp_opt(p["mlp"], norm(p["mlp_norm"], h, cfg.norm_eps), cfg), kv
+    attn, kv = _attend(p, x, cfg, ctx, kv, rope=False)
+    h = norm(p["attn_norm"], x + attn, cfg.norm_eps)
+    return norm(p["mlp_norm"], h + _mlp_opt(p["mlp"], h, cfg), cfg.norm_eps), kv
 
 
-BLOCKS: dict[str, Callable[[Params, jax.Array, ModelConfig, BlockContext], jax.Array]] = {
+Block = Callable[..., tuple[jax.Array, KVCache | None]]
+
+
+BLOCKS: dict[str, Block] = {
     "llama": llama_block,
     "opt": opt_block,
 }
 
 
-def block_fn(cfg: ModelConfig) -> Callable[[Params, jax.Array, ModelConfig, BlockContext], jax.Array]:
+def block_fn(cfg: ModelConfig) -> Block:
     return BLOCKS[cfg.family]

@@ -59,21 +59,37 @@ def make_context(
     positions: jax.Array,
     dtype: Any,
     attention_impl: str | None = None,
+    cache_index: jax.Array | None = None,
 ) -> BlockContext:
-    """The mask and RoPE tables every layer of one forward pass shares."""
-    mask = attention_mask_4d(attention_mask, sliding_window=cfg.sliding_window)
+    """The mask and RoPE tables every layer of one forward pass shares.
+
+    Args:
+      attention_mask: `[B, S]` over every key slot (S = T without a cache,
+        S = the cache length when decoding).
+      positions: `[B, T]` RoPE positions of this pass's tokens.
+      cache_index: slot of this pass's first token in the caches (decoding).
+    """
+    q_slots = None
+    if cache_index is not None:
+        q_slots = cache_index + jnp.arange(positions.shape[-1])
+    mask = attention_mask_4d(attention_mask, sliding_window=cfg.sliding_window, q_positions=q_slots)
     rope = rope_cos_sin(cfg, positions, dtype) if cfg.family == "llama" else None
-    return BlockContext(mask=mask, rope=rope, attention_impl=attention_impl)
+    return BlockContext(mask=mask, rope=rope, cache_index=cache_index, attention_impl=attention_impl)
 
 
-def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> jax.Array:
-    """Token (and, for OPT, learned position) embeddings: h_0 `[B, T, hidden]`."""
+def embed(
+    params: Params, cfg: ModelConfig, input_ids: jax.Array, positions: jax.Array, token_mask: jax.Array, dtype: Any
+) -> jax.Array:
+    """Token (and, for OPT, learned position) embeddings: h_0 `[B, T, hidden]`.
+
+    OPT's position ids are HF's `cumsum(mask) * mask - 1 + 2`: the real-token
+    position plus 2, and 1 for padding.
+    """
     h = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
     if cfg.family == "opt":
         if "project_in" in params:
             h = linear(h, params["project_in"]["w"])
-        mask = attention_mask.astype(jnp.int32)
-        opt_positions = jnp.cumsum(mask, axis=-1) * mask - 1 + OPT_POSITION_OFFSET
+        opt_positions = jnp.where(token_mask.astype(bool), positions + OPT_POSITION_OFFSET, OPT_POSITION_OFFSET - 1)
         h = h + jnp.take(params["pos_embed"], opt_positions, axis=0).astype(dtype)
     return h
 
@@ -86,21 +102,30 @@ def scan_layers(
     *,
     keep_layers: bool = False,
     remat: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Runs the stacked layers; returns (h_L, [L, B, T, D] outputs or None).
+    caches: Params | None = None,
+) -> tuple[jax.Array, jax.Array | None, Params | None]:
+    """Runs the stacked layers.
 
-    `remat` recomputes each layer in the backward pass (only matters when
-    something differentiates through the layers, as QLoRA does).
+    Args:
+      keep_layers: also return every layer's output `[L, B, T, D]`.
+      remat: recompute each layer in the backward pass (only matters when
+        something differentiates through the layers, as QLoRA does).
+      caches: stacked KV caches `{"k","v"}` `[L, B, S, K, H]` (decoding).
+
+    Returns:
+      (h_L, layer outputs or None, updated caches or None).
     """
     block = block_fn(cfg)
     if remat:
         block = jax.checkpoint(block, static_argnums=(2,))
 
-    def body(carry: jax.Array, layer: Params) -> tuple[jax.Array, jax.Array | None]:
-        out = block(layer, carry, cfg, ctx)
-        return out, (out if keep_layers else None)
+    def body(carry: jax.Array, xs: tuple[Params, Params | None]):
+        layer, kv = xs
+        out, kv = block(layer, carry, cfg, ctx, kv)
+        return out, ((out if keep_layers else None), kv)
 
-    return jax.lax.scan(body, h, layers)
+    h, (outs, caches) = jax.lax.scan(body, h, (layers, caches))
+    return h, outs, caches
 
 
 def final_norm(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -135,8 +160,8 @@ def forward(
     if positions is None:
         positions = positions_from_mask(attention_mask)
     ctx = make_context(cfg, attention_mask, positions, dtype, attention_impl)
-    h0 = embed(params, cfg, input_ids, attention_mask, dtype)
-    h_last, layers = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers, remat=remat)
+    h0 = embed(params, cfg, input_ids, positions, attention_mask, dtype)
+    h_last, layers, _ = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers, remat=remat)
     return DecoderOutput(
         hidden=final_norm(params, cfg, h_last), last_layer=h_last, embeddings=h0, layers=layers
     )

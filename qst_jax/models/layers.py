@@ -125,6 +125,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+KVCache = dict[str, jax.Array]
+"""One layer's cache: `{"k", "v"}` `[B, S_max, kv_heads, head_dim]`."""
+
+
 def attention(
     p: Params,
     x: jax.Array,
@@ -132,14 +136,22 @@ def attention(
     mask: jax.Array,
     rope: tuple[jax.Array, jax.Array] | None,
     implementation: str | None = None,
-) -> jax.Array:
+    kv: KVCache | None = None,
+    cache_index: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
     """Multi-head (grouped-query) self-attention over `x` `[B, T, D]`.
 
     Args:
       p: `{"q","k","v","o"}`, each `{"w": [out, in] dense or NF4, "b"?}`.
-      mask: boolean `[B, 1, T, T]` from `attention_mask_4d`.
+      mask: boolean `[B, 1, T, S]` from `attention_mask_4d` (S = T without a
+        cache, S = S_max with one).
       rope: (cos, sin) from `rope_cos_sin`, or None (OPT).
       implementation: `jax.nn.dot_product_attention`'s (None, "xla", "cudnn").
+      kv: this layer's cache; the new keys and values are written at
+        `cache_index` and attention runs over the whole cache.
+
+    Returns:
+      (`[B, T, D]`, the updated cache or None).
     """
     b, t, _ = x.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -148,5 +160,10 @@ def attention(
     value = linear(x, p["v"]["w"], p["v"].get("b")).reshape(b, t, k, h)
     if rope is not None:
         q, key = apply_rope(q, *rope), apply_rope(key, *rope)
+    if kv is not None:
+        start = (0, cache_index, 0, 0)
+        key = jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start)
+        value = jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start)
+        kv = {"k": key, "v": value}
     out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=h**-0.5, implementation=implementation)
-    return linear(out.reshape(b, t, n * h), p["o"]["w"], p["o"].get("b"))
+    return linear(out.reshape(b, t, n * h), p["o"]["w"], p["o"].get("b")), kv

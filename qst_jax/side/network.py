@@ -129,36 +129,78 @@ def qst_hidden(
 
     o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out).
     """
+    positions = positions_from_mask(attention_mask)
+    o, _ = qst_pass(
+        side_params, backbone_params, backbone_cfg, side, input_ids, attention_mask, positions, attention_mask,
+        dtype=dtype, attention_impl=attention_impl, remat_side=remat_side,
+    )
+    return o
+
+
+def qst_pass(
+    side_params: Params,
+    backbone_params: Params,
+    backbone_cfg: ModelConfig,
+    side: SideConfig,
+    input_ids: jax.Array,
+    token_mask: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    *,
+    dtype: Any = jnp.bfloat16,
+    attention_impl: str | None = None,
+    remat_side: bool = False,
+    caches: Params | None = None,
+    cache_index: jax.Array | None = None,
+) -> tuple[jax.Array, Params | None]:
+    """One joint pass of backbone and side network over `input_ids` `[B, T]`.
+
+    Args:
+      token_mask: `[B, T]` which of this pass's tokens are real.
+      positions: `[B, T]` their positions.
+      key_mask: `[B, S]` real key slots (S = T, or the cache length).
+      caches: `{"backbone": kv, "side": kv}` stacked KV caches (decoding),
+        written at `cache_index`.
+
+    Returns:
+      (o `[B, T, d]`, updated caches or None).
+    """
     scfg = side_model_config(backbone_cfg, side)
     width = scfg.hidden_size
     bp = jax.lax.stop_gradient(backbone_params)
     sp = cast_params(side_params, dtype)
-    positions = positions_from_mask(attention_mask)
-    bctx = make_context(backbone_cfg, attention_mask, positions, dtype, attention_impl)
-    sctx = make_context(scfg, attention_mask, positions, dtype, attention_impl)
+    bctx = make_context(backbone_cfg, key_mask, positions, dtype, attention_impl, cache_index)
+    sctx = make_context(scfg, key_mask, positions, dtype, attention_impl, cache_index)
     backbone_block, side_block = block_fn(backbone_cfg), block_fn(scfg)
 
-    h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, attention_mask, dtype))
+    h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
     first_down = jax.tree.map(lambda x: x[0], sp["down"])
     s0 = downsample(first_down, h0, side, width)
 
-    def side_step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array) -> jax.Array:
+    def side_step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array, kv: Params | None):
         b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
-        return side_block(layer, (1 - b) * downsample(down, h, side, width) + b * s, scfg, sctx)
+        return side_block(layer, (1 - b) * downsample(down, h, side, width) + b * s, scfg, sctx, kv)
 
     if remat_side:
         side_step = jax.checkpoint(side_step)
 
-    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Params, ...]) -> tuple[tuple[jax.Array, jax.Array], None]:
+    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Any, ...]):
         h, s = carry
-        b_layer, down, gate, s_layer = xs
-        h = jax.lax.stop_gradient(backbone_block(b_layer, h, backbone_cfg, bctx))
-        return (h, side_step(s_layer, down, gate, h, s)), None
+        b_layer, down, gate, s_layer, b_kv, s_kv = xs
+        h, b_kv = backbone_block(b_layer, h, backbone_cfg, bctx, b_kv)
+        h = jax.lax.stop_gradient(h)
+        s, s_kv = side_step(s_layer, down, gate, h, s, s_kv)
+        return (h, s), (b_kv, s_kv)
 
-    (h_last, s_last), _ = jax.lax.scan(body, (h0, s0), (bp["layers"], sp["down"], sp["gates"], sp["layers"]))
+    b_caches = None if caches is None else caches["backbone"]
+    s_caches = None if caches is None else caches["side"]
+    xs = (bp["layers"], sp["down"], sp["gates"], sp["layers"], b_caches, s_caches)
+    (h_last, s_last), (b_caches, s_caches) = jax.lax.scan(body, (h0, s0), xs)
     a = jax.nn.sigmoid(side_params["out_gate"].astype(jnp.float32)).astype(dtype)
     side_out = linear(norm(sp["norm"], s_last, scfg.norm_eps), sp["up"]["w"], sp["up"]["b"])
-    return a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
+    o = a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
+    new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
+    return o, new_caches
 
 
 def count_params(params: Params) -> int:

@@ -277,7 +277,8 @@ class Trainer:
                     save(step)
                     last_good = step
                 if stop.signal is not None:
-                    save(step)
+                    if last_good != step:
+                        save(step)
                     bar.close()
                     self.log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with --resume")
                     summary.update(stopped_at=step, signal=stop.signal)
