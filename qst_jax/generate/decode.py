@@ -1,0 +1,202 @@
+"""KV-cached decoding through the backbone and, optionally, a tuned model.
+
+A prompt batch is left-padded to one length P. Prefill runs the whole prompt
+once and fills preallocated caches of length P + max_new_tokens (the
+backbone's, and the side network's next to it: they share positions and the
+mask); each decode step then runs one token through every layer. Both passes
+are jitted; the decode step has one static shape for the whole generation.
+
+    gen = Generator(backbone, tokenizer)                     # the base model
+    gen = Generator(backbone, tokenizer, tuned=(model, params))  # QST or QLoRA
+    texts = gen.generate(["The capital of France is"], max_new_tokens=8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.data.examples import CHAT_ROLES
+from qst_jax.generate.sampling import SamplingConfig, sample
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.decoder import embed, final_norm, lm_head, make_context, scan_layers
+from qst_jax.models.layers import Params
+from qst_jax.models.loader import Backbone
+from qst_jax.side.config import side_model_config
+from qst_jax.side.model import QLoRAModel, QSTModel
+from qst_jax.side.network import qst_pass
+
+
+class GenerationError(ValueError):
+    """Bad generation input (prompt too long, unknown chat role, ...)."""
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Params:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _backbone_pass(params, cfg, ids, token_mask, positions, key_mask, caches, cache_index, dtype):
+    ctx = make_context(cfg, key_mask, positions, dtype, None, cache_index)
+    h0 = embed(params, cfg, ids, positions, token_mask, dtype)
+    h, _, caches = scan_layers(params["layers"], h0, cfg, ctx, caches=caches)
+    return final_norm(params, cfg, h), caches
+
+
+@dataclasses.dataclass
+class _Run:
+    ids: np.ndarray
+    done: np.ndarray
+    texts: list[str]
+
+
+class Generator:
+    """Batched, cached generation for a backbone with an optional tuned model.
+
+    Args:
+      backbone: the frozen Backbone.
+      tokenizer: its tokenizer (HF).
+      tuned: (QSTModel or QLoRAModel, its params), or None for the base model.
+    """
+
+    def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None):
+        self.backbone, self.tokenizer = backbone, tokenizer
+        self.cfg, self.dtype = backbone.cfg, backbone.dtype
+        self.model, self.params = tuned if tuned is not None else (None, None)
+        if self.model is not None and self.model.task != "lm":
+            raise GenerationError("a classification model cannot generate text")
+        self._step = jax.jit(self._pass, static_argnames=("last_only",))
+
+    # -- the model pass ----------------------------------------------------------
+    def _pass(self, backbone_params, params, ids, token_mask, positions, key_mask, caches, cache_index, last_only=True):
+        if isinstance(self.model, QSTModel):
+            hidden, caches = qst_pass(
+                params, backbone_params, self.cfg, self.model.side, ids, token_mask, positions, key_mask,
+                dtype=self.dtype, caches=caches, cache_index=cache_index,
+            )
+        else:
+            weights = self.model.merged(params, backbone_params) if isinstance(self.model, QLoRAModel) else backbone_params
+            hidden, caches = _backbone_pass(
+                weights, self.cfg, ids, token_mask, positions, key_mask, caches, cache_index, self.dtype
+            )
+        if last_only:
+            hidden = hidden[:, -1:]
+        return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32), caches
+
+    def _caches(self, batch: int, length: int) -> Params:
+        caches = init_cache(self.cfg, batch, length, self.dtype)
+        if isinstance(self.model, QSTModel):
+            side_cfg = side_model_config(self.cfg, self.model.side)
+            return {"backbone": caches, "side": init_cache(side_cfg, batch, length, self.dtype)}
+        return caches
+
+    def full_logits(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+        """Uncached float32 logits `[B, T, V]` of the same model (the test oracle)."""
+        ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+        positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+        logits, _ = jax.jit(self._pass, static_argnames=("last_only",))(
+            self.backbone.params, self.params, ids, mask, positions, mask, None, None, last_only=False
+        )
+        return logits
+
+    # -- prompts -----------------------------------------------------------------
+    def encode(self, prompts: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and mask `[B, P]`."""
+        rows = [
+            list(self.tokenizer(p).input_ids) if isinstance(p, str) else [int(t) for t in p] for p in prompts
+        ]
+        if any(len(r) == 0 for r in rows):
+            raise GenerationError("empty prompt")
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = np.full((len(rows), length), pad, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r) :] = r
+            mask[i, length - len(r) :] = 1
+        return ids, mask
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        for m in messages:
+            if m.get("role") not in CHAT_ROLES:
+                raise GenerationError(f"unknown chat role {m.get('role')!r} (known: {CHAT_ROLES})")
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # -- generation --------------------------------------------------------------
+    def generate_ids(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        stop_strings: Sequence[str] = (),
+        eos_ids: Sequence[int] | None = None,
+        on_token: Callable[[int, list[str]], None] | None = None,
+    ) -> list[list[int]]:
+        """New token ids per prompt (EOS and what follows a stop string removed)."""
+        ids, mask = self.encode(prompts)
+        batch, p = ids.shape
+        context = self.cfg.max_position_embeddings
+        if p >= context:
+            raise GenerationError(f"prompt of {p} tokens does not fit the model's context of {context}")
+        max_new = min(max_new_tokens, context - p)
+        if max_new <= 0:
+            raise GenerationError("max_new_tokens must be positive")
+        length = p + max_new
+        if eos_ids is None:
+            eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else self.tokenizer.eos_token_id
+            eos_ids = list(eos) if isinstance(eos, tuple | list) else ([eos] if eos is not None else [])
+        key_mask = np.zeros((batch, length), np.int32)
+        key_mask[:, :p] = mask
+        caches = self._caches(batch, length)
+        positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+        logits, caches = self._step(
+            self.backbone.params, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
+            jnp.asarray(key_mask), caches, jnp.int32(0),
+        )
+        key = jax.random.PRNGKey(seed)
+        lengths = mask.sum(-1)
+        out = [[] for _ in range(batch)]
+        done = np.zeros(batch, bool)
+        for i in range(max_new):
+            key, sub = jax.random.split(key)
+            token = np.asarray(sample(logits[:, -1], sub, sampling))
+            for b in range(batch):
+                if not done[b]:
+                    if token[b] in eos_ids:
+                        done[b] = True
+                    else:
+                        out[b].append(int(token[b]))
+            if stop_strings:
+                for b in range(batch):
+                    if not done[b] and any(s in self.tokenizer.decode(out[b]) for s in stop_strings):
+                        done[b] = True
+            if on_token is not None:
+                on_token(i, [self.tokenizer.decode(o) for o in out])
+            if done.all() or i == max_new - 1:
+                break
+            key_mask[:, p + i] = 1
+            logits, caches = self._step(
+                self.backbone.params, self.params, jnp.asarray(token[:, None]), jnp.ones((batch, 1), jnp.int32),
+                jnp.asarray((lengths + i)[:, None].astype(np.int32)), jnp.asarray(key_mask), caches,
+                jnp.int32(p + i),
+            )
+        return out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], *, stop_strings: Sequence[str] = (), **kwargs) -> list[str]:
+        """Generated text per prompt; a stop string and what follows it are cut."""
+        texts = []
+        for ids in self.generate_ids(prompts, stop_strings=stop_strings, **kwargs):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for s in stop_strings:
+                if s in text:
+                    text = text[: text.index(s)]
+            texts.append(text)
+        return texts

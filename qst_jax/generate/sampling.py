@@ -1,0 +1,46 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn.
+
+    Attributes:
+      temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+      top_k: keep the k most likely tokens (0: all).
+      top_p: keep the smallest set whose probability reaches p (1.0: all).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next tokens `[B]` from float32 logits `[B, V]`."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
+        inverse = jnp.argsort(order, axis=-1)
+        logits = jnp.take_along_axis(sorted_logits, inverse, axis=-1)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
