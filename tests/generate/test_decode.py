@@ -1,0 +1,110 @@
+"""Cached decoding equals uncached: greedy tokens vs argmax of full forwards."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qst_jax.data.offline import MissingPackageError
+from qst_jax.generate.decode import GenerationError, Generator
+from qst_jax.generate.sampling import SamplingConfig, sample
+from qst_jax.models import load_backbone
+from qst_jax.side.config import SideConfig
+from qst_jax.side.model import QSTModel
+
+
+class _IdTokenizer:
+    """Token ids in, ids out: enough for generating from id prompts."""
+
+    pad_token_id = 0
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+def _randomized_side(cfg, key=1):
+    model = QSTModel(cfg, SideConfig(reduction_factor=8), dtype=jnp.float32)
+    params = model.init(jax.random.PRNGKey(key))
+    # Non-trivial gates and a visible side contribution.
+    params["out_gate"] = jnp.full_like(params["out_gate"], -0.5)
+    params["up"]["w"] = params["up"]["w"] * 20
+    return model, params
+
+
+def check_cached_equals_uncached(gen: Generator, prompts: list[list[int]], steps: int) -> int:
+    outs = gen.generate_ids(prompts, max_new_tokens=steps, eos_ids=[])
+    checked = 0
+    for i in range(steps):
+        seqs = [p + o[:i] for p, o in zip(prompts, outs)]
+        ids, mask = gen.encode(seqs)
+        logits = np.asarray(gen.full_logits(ids, mask))[:, -1]
+        for b, o in enumerate(outs):
+            assert int(np.argmax(logits[b])) == o[i], f"row {b}, step {i}"
+            checked += 1
+    return checked
+
+
+PROMPTS = [[5, 17, 99, 300, 42, 7, 8], [11, 12, 13], [900, 1, 2, 3, 4]]  # left-padded to 7
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("with_side", [False, True], ids=["base", "qst"])
+def test_tiny_models_cached_equals_uncached(testdata, family, with_side):
+    backbone = load_backbone(testdata / f"tiny-{family}-nf4", dtype=jnp.float32)
+    tuned = _randomized_side(backbone.cfg) if with_side else None
+    gen = Generator(backbone, _IdTokenizer(), tuned)
+    assert check_cached_equals_uncached(gen, PROMPTS, steps=6) == 18
+
+
+def test_side_network_changes_generation(testdata):
+    backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
+    base = Generator(backbone, _IdTokenizer()).generate_ids(PROMPTS, max_new_tokens=6, eos_ids=[])
+    tuned = Generator(backbone, _IdTokenizer(), _randomized_side(backbone.cfg)).generate_ids(
+        PROMPTS, max_new_tokens=6, eos_ids=[]
+    )
+    assert base != tuned
+
+
+def test_prompt_longer_than_context(testdata):
+    backbone = load_backbone(testdata / "tiny-llama-nf4")
+    gen = Generator(backbone, _IdTokenizer())
+    with pytest.raises(GenerationError, match="prompt of 600 tokens does not fit the model's context of 512"):
+        gen.generate_ids([[1] * 600], max_new_tokens=4)
+
+
+def test_sampling_modes():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    key = jax.random.PRNGKey(0)
+    assert int(sample(logits, key, SamplingConfig())[0]) == 0
+    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0, top_k=2))[0]) for k in jax.random.split(key, 200)]
+    assert set(draws) == {0, 1}
+    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0, top_p=0.6))[0]) for k in jax.random.split(key, 200)]
+    assert set(draws) == {0, 1}  # 0.5 < 0.6: the second token is needed, the third is not
+    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0))[0]) for k in jax.random.split(key, 400)]
+    assert set(draws) == {0, 1, 2, 3}
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+@pytest.mark.slow
+def test_smollm2_cached_equals_uncached_and_knows_paris():
+    from qst_jax.data.offline import smollm2_gguf
+    from qst_jax.models import load_tokenizer
+
+    try:
+        path = smollm2_gguf()
+    except MissingPackageError as err:
+        pytest.skip(str(err))
+    backbone = load_backbone(path)
+    tokenizer = load_tokenizer(path)
+    gen = Generator(backbone, tokenizer)
+    prompts = [tokenizer("The capital of France is").input_ids, tokenizer("To be, or not to be:").input_ids]
+    assert check_cached_equals_uncached(gen, prompts, steps=5) == 10
+    tuned = Generator(backbone, tokenizer, _randomized_side(backbone.cfg))
+    check_cached_equals_uncached(tuned, prompts, steps=3)
+    assert "Paris" in gen.generate(["The capital of France is"], max_new_tokens=6)[0]
+    with pytest.raises(GenerationError, match="unknown chat role 'wizard'"):
+        gen.render_chat([{"role": "wizard", "content": "hi"}])
