@@ -30,6 +30,7 @@ from qst_jax.data.batches import Batcher, bucket_lengths
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
 from qst_jax.data.sources import DataError, load_records
+from qst_jax.eval.tasks import evaluate_batches, lm_result
 from qst_jax.models import Backbone, load_backbone, load_tokenizer
 from qst_jax.side.config import SideConfig
 from qst_jax.side.model import FrozenModel, QLoRAModel, QSTModel
@@ -175,19 +176,14 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, params: Any, eval_step=None) -> dict[str, float]:
         """Held-out loss and perplexity (LM) or accuracy (classification)."""
-        eval_step = eval_step or self.eval_step
-        total = weight = correct = 0.0
-        for batch in self.eval_data.one_pass():
-            micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-            loss_sum, w, aux = eval_step(params, self.backbone.params, micro)
-            total, weight = total + float(loss_sum), weight + float(w)
-            correct += float(aux.get("correct", 0.0))
-        loss = total / max(weight, 1.0)
-        result = {"loss": loss}
+        sums = evaluate_batches(eval_step or self.eval_step, params, self.backbone.params, self.eval_data.one_pass())
         if self.config.task != "classification":
-            result["perplexity"] = math.exp(min(loss, 50.0))
-        elif self.config.data.num_labels > 1:
-            result["accuracy"] = correct / max(weight, 1.0)
+            result = lm_result(sums)
+            result.pop("tokens")
+            return result
+        result = {"loss": sums["loss_sum"] / max(sums["weight"], 1.0)}
+        if self.config.data.num_labels > 1:
+            result["accuracy"] = sums["correct"] / max(sums["weight"], 1.0)
         return result
 
     def _eval_line(self, name: str, result: dict[str, float]) -> str:

@@ -1,0 +1,36 @@
+"""What the command-line tools share: loading a backbone with an optional tuned model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def add_model_args(parser: Any) -> None:
+    parser.add_argument("--model", required=True, help="HF dir, bnb NF4 dir, .gguf file, or 'smollm2'")
+    parser.add_argument("--side", help="a qst-train output dir (side.safetensors + qst_config.json)")
+    parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
+    parser.add_argument("--dtype", default="bfloat16")
+
+
+def load_model(args: Any):
+    """(backbone, tokenizer, model, params): model is FrozenModel without --side."""
+    import jax.numpy as jnp
+
+    from qst_jax.models import load_backbone, load_tokenizer
+    from qst_jax.side.model import FrozenModel
+    from qst_jax.side.restore import load_tuned
+    from qst_jax.train.trainer import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
+    tokenizer = load_tokenizer(path)
+    if args.side:
+        model, params, _ = load_tuned(args.side, backbone)
+    else:
+        model, params = FrozenModel(backbone.cfg, backbone.dtype), {}
+    return backbone, tokenizer, model, params

@@ -1,0 +1,113 @@
+"""`qst-eval`: perplexity, GLUE-style classification, MMLU-style multiple choice.
+
+    qst-eval perplexity --model smollm2 [--side runs/default] --data hamlet.txt [--seq-len 128]
+    qst-eval classify   --model M --side D --task sst2 --data dev.tsv
+    qst-eval mmlu       --model M [--side D] --data /path/to/mmlu [--shots 5]
+
+Prints a table and writes the results as JSON (`--out`, default stdout only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qst_jax.cli.common import add_model_args, load_model
+
+
+def _perplexity(args, backbone, tokenizer, model, params) -> dict:
+    from qst_jax.data.examples import lm_windows
+    from qst_jax.data.sources import load_records
+    from qst_jax.eval.tasks import perplexity
+    from qst_jax.train.step import make_eval_step
+    from qst_jax.train.trainer import resolve_data
+
+    examples = lm_windows(load_records(resolve_data(args.data, args.holdout)), tokenizer, args.seq_len,
+                          args.text_column, "--data")
+    if args.max_windows:
+        examples.tokens, examples.loss_masks = examples.tokens[: args.max_windows], examples.loss_masks[: args.max_windows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size, pad_id=pad)
+
+
+def _classify(args, backbone, tokenizer, model, params) -> dict:
+    import jax
+
+    from qst_jax.eval.glue import GLUE_TASKS, GlueTask
+    from qst_jax.eval.tasks import classify
+
+    if model.task != "classification":
+        raise ValueError("classify needs a side network trained with task=classification (--side)")
+    task = GLUE_TASKS.get(args.task)
+    if task is None:
+        labels = tuple(str(i) for i in range(model.side.num_labels if hasattr(model, "side") else model.num_labels))
+        task = GlueTask(args.task, args.text_column, args.text_pair_column, args.label_column, labels, ("accuracy",))
+    fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask))
+    return classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
+
+
+def _mmlu(args, backbone, tokenizer, model, params) -> dict:
+    import jax
+
+    from qst_jax.eval.tasks import mmlu
+
+    fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask)[:, -1])
+    subjects = args.subjects.split(",") if args.subjects else None
+    return mmlu(fn, tokenizer, args.data, shots=args.shots, max_len=args.seq_len, subjects=subjects,
+                batch_size=args.batch_size)
+
+
+def _print(kind: str, result: dict) -> None:
+    if kind == "mmlu":
+        width = max(len(s) for s in result["subjects"])
+        for subject, acc in sorted(result["subjects"].items()):
+            print(f"{subject:<{width}}  {acc:.4f}")
+        print(f"{'average':<{width}}  {result['average']:.4f}  ({result['questions']} questions, {result['shots']}-shot)")
+        return
+    for key, value in result.items():
+        print(f"{key:<12} {value:.4f}" if isinstance(value, float) else f"{key:<12} {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qst-eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    for kind in ("perplexity", "classify", "mmlu"):
+        p = sub.add_parser(kind)
+        add_model_args(p)
+        p.add_argument("--data", required=True)
+        p.add_argument("--out", help="write the results as JSON here")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default={"perplexity": 128, "classify": 128, "mmlu": 2048}[kind])
+        if kind == "perplexity":
+            p.add_argument("--text-column", default="text")
+            p.add_argument("--max-windows", type=int, default=0)
+            p.add_argument("--holdout", default="hamlet", help="for shakespeare:heldout")
+        if kind == "classify":
+            p.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or a name")
+            p.add_argument("--text-column", default="sentence")
+            p.add_argument("--text-pair-column", default=None)
+            p.add_argument("--label-column", default="label")
+        if kind == "mmlu":
+            p.add_argument("--shots", type=int, default=5)
+            p.add_argument("--subjects", default="")
+    args = parser.parse_args(argv)
+    from qst_jax.data.sources import DataError
+    from qst_jax.models import CheckpointError, ConfigError
+    from qst_jax.train.checkpoint import ExportError
+
+    try:
+        loaded = load_model(args)
+        result = {"perplexity": _perplexity, "classify": _classify, "mmlu": _mmlu}[args.kind](args, *loaded)
+    except (CheckpointError, ConfigError, DataError, ExportError, ValueError, FileNotFoundError) as err:
+        print(f"qst-eval: error: {err}", file=sys.stderr)
+        return 1
+    _print(args.kind, result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

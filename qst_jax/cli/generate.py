@@ -1,0 +1,97 @@
+"""`qst-generate`: text from a backbone, with or without a tuned side network.
+
+    qst-generate --model smollm2 --prompt "The capital of France is"
+    qst-generate --model smollm2 --side runs/default --chat
+    qst-generate --model M --side D --file prompts.jsonl > completions.jsonl
+
+`--prompt` streams the continuation; `--chat` keeps the conversation (type
+/exit or end input to stop); `--file` reads jsonl records with `prompt` or
+`messages` and writes each with a `completion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qst_jax.cli.common import add_model_args, load_model
+
+
+def _stream(gen, prompt_ids, args, sampling) -> str:
+    printed = [0]
+
+    def on_token(_step: int, texts: list[str]) -> None:
+        text = texts[0]
+        sys.stdout.write(text[printed[0] :])
+        sys.stdout.flush()
+        printed[0] = len(text)
+
+    ids = gen.generate_ids([prompt_ids], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                           stop_strings=args.stop, on_token=on_token)[0]
+    sys.stdout.write("\n")
+    return gen.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qst-generate", description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt")
+    mode.add_argument("--chat", action="store_true")
+    mode.add_argument("--file")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--system", help="system message for --chat")
+    args = parser.parse_args(argv)
+
+    from qst_jax.generate.decode import GenerationError, Generator
+    from qst_jax.generate.sampling import SamplingConfig
+    from qst_jax.models import CheckpointError, ConfigError
+    from qst_jax.train.checkpoint import ExportError
+
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        backbone, tokenizer, model, params = load_model(args)
+        tuned = (model, params) if args.side else None
+        gen = Generator(backbone, tokenizer, tuned)
+        if args.prompt is not None:
+            _stream(gen, tokenizer(args.prompt).input_ids, args, sampling)
+        elif args.chat:
+            history = [{"role": "system", "content": args.system}] if args.system else []
+            while True:
+                try:
+                    line = input("you> ")
+                except EOFError:
+                    break
+                if line.strip() in ("/exit", "/quit"):
+                    break
+                history.append({"role": "user", "content": line})
+                sys.stdout.write("model> ")
+                reply = _stream(gen, gen.render_chat(history), args, sampling)
+                history.append({"role": "assistant", "content": reply})
+        else:
+            with open(args.file) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            for i, record in enumerate(records):
+                if "messages" in record:
+                    prompt = gen.render_chat(record["messages"])
+                elif "prompt" in record:
+                    prompt = tokenizer(record["prompt"]).input_ids
+                else:
+                    raise GenerationError(f"{args.file}: record {i} has neither 'prompt' nor 'messages'")
+                text = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    seed=args.seed, stop_strings=args.stop)[0]
+                print(json.dumps({**record, "completion": text}), flush=True)
+    except (CheckpointError, ConfigError, ExportError, GenerationError, FileNotFoundError, ValueError) as err:
+        print(f"qst-generate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

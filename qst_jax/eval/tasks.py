@@ -1,0 +1,143 @@
+"""Evaluations behind `qst-eval` (and the periodic evaluation in `qst-train`).
+
+Every function takes a `model` with the tuning interface (QSTModel, QLoRAModel
+or FrozenModel for the base model), its params and the backbone params.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.data.batches import Batcher, bucket_lengths
+from qst_jax.data.examples import Examples
+from qst_jax.data.sources import DataError
+from qst_jax.eval.glue import GlueTask, read_glue, score
+
+
+def evaluate_batches(eval_step: Callable, params: Any, backbone_params: Any, batches: Iterable[dict]) -> dict:
+    """Summed loss, weight and aux over batches (their micro-batch 0)."""
+    total = weight = correct = 0.0
+    for batch in batches:
+        micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+        loss_sum, w, aux = eval_step(params, backbone_params, micro)
+        total, weight = total + float(loss_sum), weight + float(w)
+        correct += float(aux.get("correct", 0.0))
+    return {"loss_sum": total, "weight": weight, "correct": correct}
+
+
+def lm_result(sums: dict) -> dict[str, float]:
+    loss = sums["loss_sum"] / max(sums["weight"], 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums["weight"]}
+
+
+def perplexity(eval_step: Callable, params: Any, backbone_params: Any, examples: Examples, *, batch_size: int = 8,
+               pad_id: int = 0) -> dict[str, float]:
+    """Held-out loss and perplexity over packed LM windows (as `qst-train` computes them)."""
+    batcher = Batcher(examples, batch_size, buckets=[len(examples.tokens[0])], pad_id=pad_id, shuffle=False,
+                      drop_remainder=False)
+    return lm_result(evaluate_batches(eval_step, params, backbone_params, batcher.one_pass()))
+
+
+def classify(logits_fn: Callable, tokenizer: Any, task: GlueTask, path: str, *, seq_len: int = 128,
+             batch_size: int = 16) -> dict[str, Any]:
+    """GLUE-style classification: predictions of `logits_fn(ids, mask) -> [B, C]` scored by the task's metrics."""
+    texts, pairs, gold = read_glue(path, task)
+    enc = tokenizer(texts, pairs, truncation=True, max_length=seq_len)
+    examples = Examples(tokens=[np.asarray(t, np.int32) for t in enc["input_ids"]], labels=gold)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batcher = Batcher(examples, batch_size, buckets=bucket_lengths(seq_len), pad_id=pad, shuffle=False,
+                      drop_remainder=False)
+    predictions = np.zeros(len(examples), np.float32 if not task.labels else np.int32)
+    batches = batcher._epoch_batches(0)
+    for members in batches:
+        batch = batcher.make_batch(members)
+        logits = np.asarray(logits_fn(jnp.asarray(batch["input_ids"][0]), jnp.asarray(batch["attention_mask"][0])))
+        logits = logits[: len(members)]
+        predictions[members] = logits[:, 0] if not task.labels else np.argmax(logits, -1)
+    result: dict[str, Any] = {"task": task.name, "examples": len(gold), **score(task, predictions, gold)}
+    return result
+
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def _read_mmlu_csv(path: str) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    for i, r in enumerate(rows):
+        if len(r) != 6 or r[5].strip() not in MMLU_LETTERS:
+            raise DataError(f"{path}: row {i} is not question, A, B, C, D, answer letter: {r[:2]}...")
+    return rows
+
+
+def _format_question(row: list[str], with_answer: bool) -> str:
+    text = row[0] + "".join(f"\n{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, row[1:5]))
+    return text + "\nAnswer:" + (f" {row[5].strip()}\n\n" if with_answer else "")
+
+
+def mmlu(last_logits_fn: Callable, tokenizer: Any, directory: str, *, shots: int = 5, max_len: int = 2048,
+         subjects: Iterable[str] | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """k-shot multiple choice in the MMLU layout (`dev/X_dev.csv`, `test/X_test.csv`).
+
+    The answer is the letter whose token (" A" ... " D") the model finds most
+    likely after "Answer:". `last_logits_fn(ids, mask) -> [B, V]` scores the
+    last position of left-padded prompts.
+    """
+    test_files = sorted(glob.glob(os.path.join(directory, "test", "*_test.csv")))
+    if not test_files:
+        raise DataError(f"{directory}: no test/*_test.csv files (the MMLU release layout)")
+    letter_ids = []
+    for letter in MMLU_LETTERS:
+        ids = tokenizer(f" {letter}", add_special_tokens=False).input_ids
+        letter_ids.append(ids[-1])
+    wanted = set(subjects) if subjects else None
+    per_subject: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for test_file in test_files:
+        subject = os.path.basename(test_file)[: -len("_test.csv")]
+        if wanted is not None and subject not in wanted:
+            continue
+        dev_file = os.path.join(directory, "dev", f"{subject}_dev.csv")
+        dev = _read_mmlu_csv(dev_file)[:shots] if shots and os.path.isfile(dev_file) else []
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        prompts, gold = [], []
+        for row in _read_mmlu_csv(test_file):
+            k = len(dev)
+            while True:
+                text = header + "".join(_format_question(r, True) for r in dev[:k]) + _format_question(row, False)
+                ids = tokenizer(text).input_ids
+                if len(ids) <= max_len or k == 0:
+                    break
+                k -= 1
+            prompts.append(ids[-max_len:])
+            gold.append(MMLU_LETTERS.index(row[5].strip()))
+        correct = 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            length = max(len(p) for p in chunk)
+            ids = np.zeros((len(chunk), length), np.int32)
+            mask = np.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, length - len(p) :], mask[i, length - len(p) :] = p, 1
+            logits = np.asarray(last_logits_fn(jnp.asarray(ids), jnp.asarray(mask)))
+            choice = np.argmax(logits[:, letter_ids], axis=-1)
+            correct += int(np.sum(choice == np.asarray(gold[start : start + batch_size])))
+        per_subject[subject] = correct / len(prompts)
+        counts[subject] = len(prompts)
+    if not per_subject:
+        raise DataError(f"{directory}: none of the subjects {sorted(wanted or [])} found")
+    return {
+        "subjects": per_subject,
+        "average": float(np.mean(list(per_subject.values()))),
+        "questions": int(sum(counts.values())),
+        "shots": shots,
+    }
