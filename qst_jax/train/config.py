@@ -60,6 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ce_chunk = 1024  # tokens per cross-entropy chunk
     c.train.log_every = 10
 
+    # Task evaluation inside qst-train, with every held-out evaluation and at the end
+    # (as the official code's MMLU hook): "" (off), "mmlu" or "classify".
+    c.evaluation = ml_collections.ConfigDict()
+    c.evaluation.kind = ""
+    c.evaluation.data = ""  # the MMLU folder (dev/, test/) or a GLUE file
+    c.evaluation.task = ""  # classify: a GLUE task name (sst2, mnli, ...)
+    c.evaluation.shots = 5
+    c.evaluation.subjects = ""  # mmlu: comma-separated subset
+    c.evaluation.max_len = 1024
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
     c.optim.schedule = "cosine"  # constant | linear | cosine (all with linear warmup)

@@ -30,7 +30,8 @@ from qst_jax.data.batches import Batcher, bucket_lengths
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
 from qst_jax.data.sources import DataError, load_records
-from qst_jax.eval.tasks import evaluate_batches, lm_result
+from qst_jax.eval.glue import GLUE_TASKS
+from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, mmlu
 from qst_jax.models import Backbone, load_backbone, load_tokenizer
 from qst_jax.side.config import SideConfig
 from qst_jax.side.model import FrozenModel, QLoRAModel, QSTModel
@@ -166,6 +167,8 @@ class Trainer:
         self.tx, self.schedule = tx, schedule
         self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
+        model = self.model
+        self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, self.backbone.params, ids, mask))
         self.frozen_eval_step = None
         if config.task != "classification":
             frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, t.ce_chunk, config.model.attention or None)
@@ -185,6 +188,24 @@ class Trainer:
         if self.config.data.num_labels > 1:
             result["accuracy"] = sums["correct"] / max(sums["weight"], 1.0)
         return result
+
+    def task_evaluation(self, params: Any) -> dict[str, float] | None:
+        """The configured `evaluation.kind` (MMLU or GLUE classification), or None."""
+        e = self.config.evaluation
+        if not e.kind:
+            return None
+        if e.kind not in ("mmlu", "classify"):
+            raise ValueError(f"evaluation.kind {e.kind!r} is not one of '', 'mmlu', 'classify'")
+        fn = self._task_logits
+        if e.kind == "mmlu":
+            subjects = [s for s in e.subjects.split(",") if s] or None
+            result = mmlu(lambda ids, mask: fn(params, ids, mask)[:, -1], self.tokenizer, e.data, shots=e.shots,
+                          max_len=e.max_len, subjects=subjects)
+            return {"mmlu_average": result["average"], **{f"mmlu_{k}": v for k, v in result["subjects"].items()}}
+        task = GLUE_TASKS[e.task]
+        result = classify(lambda ids, mask: fn(params, ids, mask), self.tokenizer, task, e.data,
+                          seq_len=self.config.data.seq_len)
+        return {f"{task.name}_{k}": v for k, v in result.items() if isinstance(v, float)}
 
     def _eval_line(self, name: str, result: dict[str, float]) -> str:
         parts = [f"{k} {v:.4f}" for k, v in result.items()]
@@ -265,10 +286,15 @@ class Trainer:
                     writer.write(step, "train", record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
-                if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
-                    result = self.evaluate(state.params)
-                    writer.write(step, "eval", result)
-                    bar.write(self._eval_line(f"held-out at step {step}", result))
+                if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
+                    if self.eval_data is not None:
+                        result = self.evaluate(state.params)
+                        writer.write(step, "eval", result)
+                        bar.write(self._eval_line(f"held-out at step {step}", result))
+                    task_result = self.task_evaluation(state.params)
+                    if task_result:
+                        writer.write(step, "task", task_result)
+                        bar.write(self._eval_line(f"{config.evaluation.kind} at step {step}", task_result))
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     save(step)
                     last_good = step
@@ -294,6 +320,13 @@ class Trainer:
             summary["eval_after"] = after
             self._append_eval(int(state.step), after)
             self.log(self._eval_line(f"held-out, {config.method} after training", after))
+        task_result = self.task_evaluation(state.params)
+        if task_result:
+            summary["task_eval"] = task_result
+            writer = MetricsWriter(self.output_dir)
+            writer.write(int(state.step), "task", task_result)
+            writer.close()
+            self.log(self._eval_line(f"{config.evaluation.kind} after training", task_result))
         self.export(state)
         plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
         with open(os.path.join(self.output_dir, "summary.json"), "w") as f:

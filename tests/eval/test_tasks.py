@@ -118,3 +118,35 @@ def test_eval_missing_column(trained, tmp_path, capsys):
     data.write_text(json.dumps({"body": "words"}) + "\n")
     assert eval_cli.main(["perplexity", "--model", str(model_dir), "--data", str(data)]) == 1
     assert "missing column(s) ['text']" in capsys.readouterr().err
+
+
+def test_periodic_mmlu_inside_training(testdata, tmp_path):
+    model_dir = tiny_model_dir(testdata, tmp_path)
+    _write_mmlu(tmp_path / "mmlu")
+    config = tiny_config(model_dir, tmp_path, **{"train.eval_every": 3, "data.eval": ""})
+    config.evaluation.kind = "mmlu"
+    config.evaluation.data = str(tmp_path / "mmlu")
+    config.evaluation.shots = 1
+    summary = Trainer(config, log=lambda *a: None).run()
+    assert 0.0 <= summary["task_eval"]["mmlu_average"] <= 1.0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "task"] == [3, 6]
+
+
+def test_qst_eval_classify(testdata, tmp_path, capsys):
+    model_dir = tiny_model_dir(testdata, tmp_path)
+    rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} {i}\t{i % 2}\n" for i in range(24))
+    data = tmp_path / "sst2.tsv"
+    data.write_text("sentence\tlabel\n" + rows)
+    config = tiny_config(model_dir, tmp_path)
+    config.task = "classification"
+    config.data.train = config.data.eval = str(data)
+    config.data.text_column = "sentence"
+    summary = Trainer(config, log=lambda *a: None).run()
+    out = tmp_path / "cls.json"
+    code = eval_cli.main(["classify", "--model", str(model_dir), "--side", str(tmp_path / "run"), "--task", "sst2",
+                          "--data", str(data), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["examples"] == 24
+    assert result["accuracy"] == pytest.approx(summary["eval_after"]["accuracy"], abs=1e-6)
