@@ -1,0 +1,44 @@
+"""scripts/benchmark.py runs at the tiny shape (the GPU figures come from the same script)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from qst_jax.models.random_init import llama2_config, random_nf4, random_params
+from qst_jax.quant import NF4Weight
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def test_random_nf4_is_valid():
+    w = random_nf4(jax.random.PRNGKey(0), (2,), (64, 128))
+    assert isinstance(w, NF4Weight) and w.packed.shape == (2, 64, 64) and w.absmax.shape == (2, 64, 2)
+    deq = np.asarray(w.dequantize(np.float32))
+    assert np.isfinite(deq).all() and 0.005 < np.abs(deq).max() < 0.2
+
+
+def test_benchmark_tiny(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench.jsonl"
+    records = module.main(["--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                           "--methods", "forward,qst:adapter,qst:maxpool,qlora", "--out", str(out)])
+    assert [r["method"] for r in records] == ["forward", "qst:adapter", "qst:maxpool", "qlora"]
+    for r in records:
+        assert "error" not in r, r
+        assert r["loss_finite"] and r["grad_norm_nonzero"] and r["step_s"] > 0 and r["compile_s"] > 0
+    assert records[1]["trainable_params"] > records[2]["trainable_params"] > 0  # pooling has no downsampler params
+    assert len(out.read_text().splitlines()) == 4 and json.loads(out.read_text().splitlines()[0])["shape"] == "tiny"
+    assert "tok/s" in capsys.readouterr().out
+
+
+def test_random_backbone_layout_matches_loader():
+    params = random_params(llama2_config("tiny"), jax.random.PRNGKey(0))
+    assert params["layers"]["attn"]["q"]["w"].lead_shape == (4,)
+    assert params["embed"].shape == (1024, 256) and params["lm_head"]["w"].shape == (1024, 256)
