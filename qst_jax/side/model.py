@@ -50,8 +50,22 @@ def _score(hidden: jax.Array, params: Params, attention_mask: jax.Array) -> jax.
     return linear(pooled, params["score"]["w"].astype(hidden.dtype)).astype(jnp.float32)
 
 
+class _Heads:
+    """Loss and logits from a method's `hidden` (the final states `o`)."""
+
+    def loss(self, params: Params, backbone_params: Params, batch: Batch):
+        hidden = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
+        return _task_loss(hidden, params, backbone_params, self.cfg, batch, self.task, self.ce_chunk)
+
+    def logits(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        hidden = self.hidden(params, backbone_params, input_ids, mask)
+        if self.task == "lm":
+            return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32)
+        return _score(hidden, params, mask)
+
+
 @dataclasses.dataclass(frozen=True)
-class QSTModel:
+class QSTModel(_Heads):
     """Quantized Side Tuning over a frozen backbone.
 
     Attributes:
@@ -90,19 +104,10 @@ class QSTModel:
             remat_side=self.remat_side,
         )
 
-    def loss(self, params: Params, backbone_params: Params, batch: Batch):
-        hidden = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
-        return _task_loss(hidden, params, backbone_params, self.cfg, batch, self.task, self.ce_chunk)
-
-    def logits(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
-        hidden = self.hidden(params, backbone_params, input_ids, mask)
-        if self.task == "lm":
-            return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32)
-        return _score(hidden, params, mask)
 
 
 @dataclasses.dataclass(frozen=True)
-class FrozenModel:
+class FrozenModel(_Heads):
     """The backbone alone (LM tasks): the reference every method must beat."""
 
     cfg: ModelConfig
@@ -118,14 +123,6 @@ class FrozenModel:
         out = forward(backbone_params, self.cfg, input_ids, mask, dtype=self.dtype, attention_impl=self.attention_impl)
         return out.hidden
 
-    def loss(self, params: Params, backbone_params: Params, batch: Batch):
-        hidden = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
-        return _task_loss(hidden, params, backbone_params, self.cfg, batch, "lm", self.ce_chunk)
-
-    def logits(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
-        return lm_head(backbone_params, self.cfg, self.hidden(params, backbone_params, input_ids, mask)).astype(
-            jnp.float32
-        )
 
 
 LORA_TARGETS = {
@@ -135,7 +132,7 @@ LORA_TARGETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class QLoRAModel:
+class QLoRAModel(_Heads):
     """The QLoRA baseline: LoRA on every linear of the NF4 backbone.
 
     Gradients flow through the frozen backbone (that is QLoRA's cost);
@@ -152,7 +149,7 @@ class QLoRAModel:
     remat: bool = True
     attention_impl: str | None = None
 
-    def init(self, key: jax.Array, backbone_params: Params | None = None) -> Params:
+    def init(self, key: jax.Array) -> Params:
         shapes = _layer_linear_shapes(self.cfg)
         keys = jax.random.split(key, len(shapes) + 1)
         lora: Params = {}
@@ -185,15 +182,6 @@ class QLoRAModel:
         )
         return out.hidden
 
-    def loss(self, params: Params, backbone_params: Params, batch: Batch):
-        hidden = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
-        return _task_loss(hidden, params, backbone_params, self.cfg, batch, self.task, self.ce_chunk)
-
-    def logits(self, params: Params, backbone_params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
-        hidden = self.hidden(params, backbone_params, input_ids, mask)
-        if self.task == "lm":
-            return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32)
-        return _score(hidden, params, mask)
 
 
 def _layer_linear_shapes(cfg: ModelConfig) -> dict[tuple[str, str], tuple[int, int]]:
