@@ -69,7 +69,7 @@ def _print(kind: str, result: dict) -> None:
         print(f"{key:<12} {value:.4f}" if isinstance(value, float) else f"{key:<12} {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-eval", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     for kind in ("perplexity", "classify", "mmlu"):
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "mmlu":
             p.add_argument("--shots", type=int, default=5)
             p.add_argument("--subjects", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from qst_jax.data.sources import DataError
     from qst_jax.models import CheckpointError, ConfigError

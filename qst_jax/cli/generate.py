@@ -33,7 +33,7 @@ def _stream(gen, prompt_ids, args, sampling) -> str:
     return gen.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-generate", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--system", help="system message for --chat")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from qst_jax.generate.decode import GenerationError, Generator

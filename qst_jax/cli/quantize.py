@@ -48,13 +48,18 @@ def _tensors(args: argparse.Namespace):
             yield key, f.get_tensor(key)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", help="a .safetensors file")
     parser.add_argument("--random", metavar="OUTxIN", help="quantize a random N(0, 0.02) weight instead")
     parser.add_argument("--out", help="write the NF4 checkpoint here")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true", help="keep float32 block scales")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.path and not args.random:
         parser.error("give a .safetensors path or --random OUTxIN")

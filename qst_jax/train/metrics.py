@@ -32,10 +32,10 @@ class MetricsWriter:
 
 def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
     """Train loss (and eval loss, if any) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API: no pyplot state, and the caller's backend (a
+    # notebook's inline one, say) is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     series: dict[str, tuple[list[int], list[float]]] = {}
     with open(jsonl_path) as f:
@@ -45,7 +45,9 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
                 steps, losses = series.setdefault(record["split"], ([], []))
                 steps.append(record["step"])
                 losses.append(record["loss"])
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for split, (steps, losses) in sorted(series.items()):
         ax.plot(steps, losses, marker="o" if split != "train" else None, label=split)
     ax.set_xlabel("step")
@@ -55,4 +57,3 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path)
-    plt.close(fig)

@@ -54,22 +54,31 @@ def resolve_model_path(path: str) -> str:
 
 
 def resolve_data(spec: str, holdout: str) -> list[str]:
-    """Files of a data spec; `shakespeare:train` / `shakespeare:heldout` are the packaged plays."""
-    if spec.startswith("shakespeare:"):
-        plays = shakespeare_plays()
-        held = [h for h in holdout.split(",") if h]
-        unknown = [h for h in held if h not in plays]
-        if unknown:
-            raise DataError(f"data.holdout: unknown play(s) {unknown}; known: {sorted(plays)}")
-        part = spec.split(":", 1)[1]
-        if part == "train":
-            return [p for name, p in plays.items() if name not in held]
-        if part == "heldout":
-            return [plays[h] for h in held]
-        if part in plays:
-            return [plays[part]]
-        raise DataError(f"{spec}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
-    return [s for s in spec.split(",") if s]
+    """Files of a comma-separated data spec.
+
+    `shakespeare:train` (every packaged play but the held-out ones),
+    `shakespeare:heldout` and `shakespeare:<play>` name the packaged plays;
+    anything else is a local file, folder or glob.
+    """
+    files: list[str] = []
+    for part in (p for p in spec.split(",") if p):
+        files += _shakespeare(part.split(":", 1)[1], holdout) if part.startswith("shakespeare:") else [part]
+    return files
+
+
+def _shakespeare(part: str, holdout: str) -> list[str]:
+    plays = shakespeare_plays()
+    held = [h for h in holdout.split(",") if h]
+    unknown = [h for h in held if h not in plays]
+    if unknown:
+        raise DataError(f"data.holdout: unknown play(s) {unknown}; known: {sorted(plays)}")
+    if part == "train":
+        return [p for name, p in plays.items() if name not in held]
+    if part == "heldout":
+        return [plays[h] for h in held]
+    if part in plays:
+        return [plays[part]]
+    raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
 
 
 def build_model(config: Any, backbone: Backbone) -> QSTModel | QLoRAModel:
@@ -213,7 +222,7 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         config, t = self.config, self.config.train
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), t.keep_checkpoints)
