@@ -308,7 +308,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     path = resolve_path(path)
     if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        from qst_jax.models.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)  # transformers' own GGUF path needs torch
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
