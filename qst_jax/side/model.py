@@ -75,6 +75,7 @@ class QSTModel(_Heads):
       ce_chunk: tokens per chunk of the LM cross-entropy.
       remat_side: recompute side blocks in the backward pass.
       attention_impl: passed to `jax.nn.dot_product_attention`.
+      hidden_store: how the backward keeps backbone states ("compute", "fp8").
     """
 
     cfg: ModelConfig
@@ -83,6 +84,7 @@ class QSTModel(_Heads):
     ce_chunk: int = 1024
     remat_side: bool = False
     attention_impl: str | None = None
+    hidden_store: str = "compute"
 
     @property
     def task(self) -> str:
@@ -102,6 +104,7 @@ class QSTModel(_Heads):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             remat_side=self.remat_side,
+            hidden_store=self.hidden_store,
         )
 
 

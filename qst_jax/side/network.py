@@ -108,6 +108,53 @@ def downsample(p: Params, h: jax.Array, side: SideConfig, width: int) -> jax.Arr
     return jnp.mean(groups.astype(jnp.float32), axis=-1).astype(h.dtype)
 
 
+HIDDEN_STORES = ("compute", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_store(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`h` `[..., d]` as float8_e4m3fn with one float32 scale per token."""
+    h32 = h.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(h32), axis=-1, keepdims=True) / FP8_MAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return (h32 / scale).astype(jnp.float8_e4m3fn), scale
+
+
+def fp8_load(q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def make_downsampler(side: SideConfig, width: int, hidden_store: str = "compute"):
+    """`D(p, h)`, keeping `h` for the backward pass as `hidden_store` says.
+
+    "compute": h as it is (the compute dtype, bf16 by default). "fp8": h is
+    kept as float8 with a per-token scale (half of bf16's bytes) and the
+    downsampler is re-run on the restored h in the backward pass. The
+    backbone state gets no gradient either way. Pooling keeps nothing.
+    """
+    if hidden_store not in HIDDEN_STORES:
+        raise ValueError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES}")
+    plain = lambda p, h: downsample(p, h, side, width)  # noqa: E731
+    if hidden_store == "compute" or side.downsampler in ("maxpool", "avgpool"):
+        return plain
+
+    @jax.custom_vjp
+    def stored(p: Params, h: jax.Array) -> jax.Array:
+        return plain(p, h)
+
+    def forward(p: Params, h: jax.Array):
+        return plain(p, h), (p, *fp8_store(h))
+
+    def backward(residuals, g: jax.Array):
+        p, q, scale = residuals
+        restored = fp8_load(q, scale, g.dtype)
+        _, vjp = jax.vjp(lambda params: plain(params, restored), p)
+        return vjp(g)[0], jnp.zeros(q.shape, g.dtype)
+
+    stored.defvjp(forward, backward)
+    return stored
+
+
 def cast_params(params: Params, dtype: Any) -> Params:
     """Float leaves cast to the compute dtype (the float32 master stays outside)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -124,6 +171,7 @@ def qst_hidden(
     dtype: Any = jnp.bfloat16,
     attention_impl: str | None = None,
     remat_side: bool = False,
+    hidden_store: str = "compute",
 ) -> jax.Array:
     """The mixed final state `o` `[B, T, d]` that the frozen LM head (or score) reads.
 
@@ -132,7 +180,7 @@ def qst_hidden(
     positions = positions_from_mask(attention_mask)
     o, _ = qst_pass(
         side_params, backbone_params, backbone_cfg, side, input_ids, attention_mask, positions, attention_mask,
-        dtype=dtype, attention_impl=attention_impl, remat_side=remat_side,
+        dtype=dtype, attention_impl=attention_impl, remat_side=remat_side, hidden_store=hidden_store,
     )
     return o
 
@@ -152,6 +200,7 @@ def qst_pass(
     remat_side: bool = False,
     caches: Params | None = None,
     cache_index: jax.Array | None = None,
+    hidden_store: str = "compute",
 ) -> tuple[jax.Array, Params | None]:
     """One joint pass of backbone and side network over `input_ids` `[B, T]`.
 
@@ -161,6 +210,7 @@ def qst_pass(
       key_mask: `[B, S]` real key slots (S = T, or the cache length).
       caches: `{"backbone": kv, "side": kv}` stacked KV caches (decoding),
         written at `cache_index`.
+      hidden_store: how the backward pass keeps each h_i (`make_downsampler`).
 
     Returns:
       (o `[B, T, d]`, updated caches or None).
@@ -174,12 +224,13 @@ def qst_pass(
     backbone_block, side_block = block_fn(backbone_cfg), block_fn(scfg)
 
     h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
+    down_fn = make_downsampler(side, width, hidden_store)
     first_down = jax.tree.map(lambda x: x[0], sp["down"])
-    s0 = downsample(first_down, h0, side, width)
+    s0 = down_fn(first_down, h0)
 
     def side_step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array, kv: Params | None):
         b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
-        return side_block(layer, (1 - b) * downsample(down, h, side, width) + b * s, scfg, sctx, kv)
+        return side_block(layer, (1 - b) * down_fn(down, h) + b * s, scfg, sctx, kv)
 
     if remat_side:
         side_step = jax.checkpoint(side_step)

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.output_gate_init = 1.0
     c.side.init_std = 0.02
     c.side.remat = False  # recompute side blocks in the backward pass
+    c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
 
     c.qlora = ml_collections.ConfigDict()
     c.qlora.rank = 16

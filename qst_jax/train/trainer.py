@@ -102,7 +102,7 @@ def build_model(config: Any, backbone: Backbone) -> QSTModel | QLoRAModel:
     )
     return QSTModel(
         backbone.cfg, side, dtype=backbone.dtype, ce_chunk=config.train.ce_chunk, remat_side=s.remat,
-        attention_impl=attention,
+        attention_impl=attention, hidden_store=s.hidden_store,
     )
 
 
