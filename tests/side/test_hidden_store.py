@@ -33,7 +33,7 @@ def test_fp8_round_trip_per_token():
     assert np.all(np.abs(back - ref) <= np.abs(ref) / 16 + 1e-2 * np.abs(ref).max(axis=-1, keepdims=True))
 
 
-@pytest.mark.parametrize("downsampler", ["adapter", "linear"])
+@pytest.mark.parametrize("downsampler", ["adapter"])
 def test_fp8_gradients_within_tolerance_of_bf16(backbone, downsampler):
     batch = jax.tree.map(lambda x: x[0], lm_batch())
     grads = {}
