@@ -135,9 +135,14 @@ def classification_examples(
     text_column: str = "sentence",
     text_pair_column: str | None = None,
     label_column: str = "label",
+    label_names: Sequence[str] = (),
     where: str = "data",
 ) -> Examples:
-    """Tokenized texts (pairs) and labels; labels checked against `num_labels`."""
+    """Tokenized texts (pairs) and labels; labels checked against `num_labels`.
+
+    With `label_names` (e.g. MNLI's contradiction, entailment, neutral) the
+    label column holds names, mapped to their index in that list.
+    """
     require_columns(ds, [text_column, text_pair_column, label_column], where)
     texts = [str(t) for t in ds[text_column]]
     pairs = [str(t) for t in ds[text_pair_column]] if text_pair_column else None
@@ -148,11 +153,20 @@ def classification_examples(
             labels = np.asarray([float(x) for x in raw], np.float32)
         except (TypeError, ValueError) as err:
             raise DataError(f"{where}: regression labels in {label_column!r} must be numbers ({err})") from err
+    elif label_names:
+        names = [str(n) for n in label_names]
+        unknown = [(i, x) for i, x in enumerate(raw) if str(x).strip() not in names]
+        if unknown:
+            row, value = unknown[0]
+            raise DataError(f"{where}: label {value!r} in row {row} is not one of {names} ({len(unknown)} such rows)")
+        labels = np.asarray([names.index(str(x).strip()) for x in raw], np.int32)
     else:
         try:
             labels = np.asarray([int(x) for x in raw], np.int32)
         except (TypeError, ValueError) as err:
-            raise DataError(f"{where}: labels in {label_column!r} must be integer class ids ({err})") from err
+            raise DataError(
+                f"{where}: labels in {label_column!r} must be integer class ids, or set data.label_names ({err})"
+            ) from err
         bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
         if bad.size:
             raise DataError(

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_pair_column = ""
     c.data.label_column = "label"
     c.data.num_labels = 2  # classification classes (1: regression)
+    c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)
     c.data.eval_examples = 64  # cap on held-out examples/windows (0: all)
 
     c.train = ml_collections.ConfigDict()

@@ -116,7 +116,8 @@ def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: in
     else:
         examples = classification_examples(
             ds, tokenizer, d.seq_len, num_labels=d.num_labels, text_column=d.text_column,
-            text_pair_column=d.text_pair_column or None, label_column=d.label_column, where=where,
+            text_pair_column=d.text_pair_column or None, label_column=d.label_column,
+            label_names=[n for n in d.label_names.split(",") if n], where=where,
         )
     if limit and len(examples) > limit:
         keep = slice(0, limit)

@@ -81,6 +81,19 @@ def test_classification_pairs_and_labels(tokenizer, tmp_path):
     assert reg.labels.dtype == np.float32
 
 
+def test_label_names(tokenizer, tmp_path):
+    path = tmp_path / "mnli.tsv"
+    path.write_text("sentence1\tsentence2\tgold_label\na\tb\tneutral\nc\td\tcontradiction\n")
+    ds = load_records(str(path))
+    names = ("contradiction", "entailment", "neutral")
+    ex = classification_examples(ds, tokenizer, 16, num_labels=3, text_column="sentence1",
+                                 text_pair_column="sentence2", label_column="gold_label", label_names=names)
+    assert ex.labels.tolist() == [2, 0]
+    with pytest.raises(DataError, match="label 'neutral' in row 0 is not one of"):
+        classification_examples(ds, tokenizer, 16, num_labels=2, text_column="sentence1",
+                                label_column="gold_label", label_names=("yes", "no"))
+
+
 def test_sst2_tsv_reads(testdata):
     import pathlib
 
