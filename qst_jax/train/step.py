@@ -66,11 +66,21 @@ def accumulate_gradients(model: Any, params: Any, backbone_params: Any, batch: d
     return grads, total, weight, aux
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, *, donate: bool = True):
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    donate: bool = True,
+    shardings: tuple[Any, Any, Any] | None = None,
+):
     """A jitted `(state, backbone_params, batch) -> (state, metrics)`.
 
     Metrics (float32 scalars): loss (weighted mean), grad_norm (before
     clipping), weight (tokens or examples), and the model's aux sums.
+
+    Args:
+      shardings: (state, backbone params, batch) shardings for a device mesh
+        (`qst_jax.parallel`); the new state keeps the state's sharding.
     """
 
     def step(state: TrainState, backbone_params: Any, batch: dict[str, jax.Array]):
@@ -84,7 +94,14 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, donate: boo
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    state_sh, backbone_sh, batch_sh = shardings
+    return jax.jit(
+        step, in_shardings=(state_sh, backbone_sh, batch_sh), out_shardings=(state_sh, None),
+        donate_argnums=donate_argnums,
+    )
 
 
 def make_eval_step(model: Any):

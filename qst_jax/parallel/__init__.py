@@ -1,0 +1,12 @@
+"""Device meshes and partition rules (see sharding.py)."""
+
+from qst_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    backbone_shardings,
+    batch_sharding,
+    make_mesh,
+    replicated,
+)
+
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "backbone_shardings", "batch_sharding", "make_mesh", "replicated"]

@@ -1,0 +1,105 @@
+"""Meshes and partition rules: the same train step on one device or many.
+
+Every weight carries logical axis names (`models.logical_axes`); a rule table
+maps them to mesh axes (`data`, `fsdp`, `tensor`), so sharding a model is a
+table, not a rewrite:
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    backbone_sh = backbone_shardings(backbone.params, mesh)
+    params = jax.device_put(backbone.params, backbone_sh)
+    step = make_train_step(model, tx, shardings=step_shardings(mesh, backbone_sh, state))
+
+NF4 weights shard their packed codes and first-level scales together along
+`out` (rows), as `nf4-format.md` says; the in-axis's mesh axes move onto `out`
+too, so every device holds 1/N of the 4-bit bytes. The nested (second-level)
+scales are tiny and replicated, which is always correct whatever row
+boundaries the shards have. Side params and optimizer state are replicated;
+batches shard their batch axis over (`data`, `fsdp`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qst_jax.models.axes import _path_names, axes_for
+from qst_jax.quant.nf4 import NF4Weight
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "embed": ("fsdp",),
+    "layers": (),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default: all of them)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {data * fsdp * tensor} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def _mesh_axes(names: tuple[str | None, ...], rules: Mapping[str, tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return [tuple(rules.get(n, ())) if n else () for n in names]
+
+
+def _fit(spec_axes: list[tuple[str, ...]], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """A PartitionSpec using each dimension's mesh axes only where they divide it."""
+    used: set[str] = set()
+    parts = []
+    for dim, axes in zip(shape, spec_axes):
+        keep = []
+        size = 1
+        for axis in axes:
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or dim % (size * n):
+                continue
+            keep.append(axis)
+            size *= n
+        used.update(keep)
+        parts.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+    return PartitionSpec(*parts)
+
+
+def backbone_shardings(params: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a backbone param tree (NF4Weight leaves included)."""
+
+    def one(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = _path_names(path)
+        if isinstance(leaf, NF4Weight):
+            lead = len(leaf.lead_shape)
+            axes = _mesh_axes(axes_for(names, lead + 2), rules)
+            rows = axes[lead] + axes[lead + 1]  # the in-axis's mesh axes move onto `out`
+            row_spec = [()] * lead + [rows, ()]
+            packed = NamedSharding(mesh, _fit(row_spec, leaf.packed.shape, mesh))
+            absmax = NamedSharding(mesh, _fit(row_spec, leaf.absmax.shape, mesh))
+            replicated = NamedSharding(mesh, PartitionSpec())
+            nested = None if leaf.nested_absmax is None else replicated
+            offset = None if leaf.offset is None else replicated
+            return NF4Weight(packed, absmax, nested, offset, shape=leaf.shape, blocksize=leaf.blocksize,
+                             dtype=leaf.dtype)
+        axes = _mesh_axes(axes_for(names, len(leaf.shape)), rules)
+        return NamedSharding(mesh, _fit(axes, leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, NF4Weight))
+
+
+def replicated(tree: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> NamedSharding:
+    """Batches `[A, B, ...]`: the micro-batch axis whole, B over the batch rule's axes."""
+    axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(None, axes if axes else None))

@@ -1,0 +1,97 @@
+"""Run in a fresh process with 8 simulated CPU devices (see test_sharding.py).
+
+Prints one JSON object: per mesh, the largest relative difference of loss and
+side params from the single-device run, how the backbone's bytes spread, and a
+cross-mesh checkpoint round trip.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+REPO = pathlib.Path(__file__).parents[2]
+sys.path.insert(0, str(REPO))
+
+from qst_jax.models import load_backbone  # noqa: E402
+from qst_jax.parallel import backbone_shardings, batch_sharding, make_mesh, replicated  # noqa: E402
+from qst_jax.side.config import SideConfig  # noqa: E402
+from qst_jax.side.model import QSTModel  # noqa: E402
+from qst_jax.train.checkpoint import Checkpointer  # noqa: E402
+from qst_jax.train.step import init_train_state, make_train_step  # noqa: E402
+from tests.helpers import lm_batch  # noqa: E402
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def main() -> None:
+    assert len(jax.devices()) == 8, jax.devices()
+    backbone = load_backbone(REPO / "tests" / "testdata" / "tiny-llama-nf4", dtype=jnp.float32)
+    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8), dtype=jnp.float32)
+    tx = optax.adamw(1e-3)
+    batch = lm_batch(micro=1, batch=8, length=16)
+
+    def train(mesh_shape):
+        state = init_train_state(model, tx, jax.random.PRNGKey(0))
+        if mesh_shape is None:
+            step, params = make_train_step(model, tx), backbone.params
+        else:
+            mesh = make_mesh(*mesh_shape)
+            backbone_sh = backbone_shardings(backbone.params, mesh)
+            params = jax.device_put(backbone.params, backbone_sh)
+            state_sh = replicated(state, mesh)
+            state = jax.device_put(state, state_sh)
+            step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sharding(mesh)))
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, params, batch)
+            losses.append(float(metrics["loss"]))
+        return losses, state, params
+
+    ref_losses, ref_state, _ = train(None)
+    ref_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(ref_state.params)]
+    result = {"meshes": {}}
+    states = {}
+    for shape in MESHES:
+        losses, state, params = train(shape)
+        states[shape] = state
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
+        param_diff = max(
+            float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)) for a, b in zip(leaves, ref_leaves)
+        )
+        packed = params["layers"]["mlp"]["gate"]["w"].packed
+        result["meshes"]["x".join(map(str, shape))] = {
+            "loss_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+            "param_diff": param_diff,
+            "packed_total": int(packed.size),
+            "packed_shard_sizes": sorted({int(s.data.size) for s in packed.addressable_shards}),
+            "devices_holding": len({s.device for s in packed.addressable_shards}),
+        }
+
+    # Saved on the (2, 2, 2) mesh, restored onto the (8, 1, 1) mesh.
+    with tempfile.TemporaryDirectory() as tmp:
+        saver = Checkpointer(tmp)
+        saver.save(2, states[(2, 2, 2)], {"note": "cross-mesh"})
+        target = states[(8, 1, 1)]
+        restored, meta = Checkpointer(tmp).restore(target)
+        same = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(states[(2, 2, 2)]))
+        )
+        target_mesh = jax.tree_util.tree_leaves(target.params)[0].sharding.mesh
+        on_target = all(x.sharding.mesh == target_mesh for x in jax.tree_util.tree_leaves(restored.params))
+        result["checkpoint"] = {"values_equal": same, "on_target_mesh": on_target, "meta": meta["note"]}
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
