@@ -48,6 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)
     c.data.eval_examples = 64  # cap on held-out examples/windows (0: all)
 
+    # Device mesh (qst_jax.parallel): data x fsdp x tensor must equal the device
+    # count; 1 x 1 x 1 is one device, no mesh. batch_size must divide by data x fsdp.
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.data = 1
+    c.parallel.fsdp = 1
+    c.parallel.tensor = 1
+
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200
     c.train.epochs = 0  # > 0: train this many passes over the data instead of `steps`

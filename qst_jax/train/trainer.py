@@ -175,7 +175,13 @@ class Trainer:
         if tx is None:
             tx, schedule = make_optimizer(config.optim, self.total_steps, schedule)
         self.tx, self.schedule = tx, schedule
-        self.train_step = make_train_step(self.model, self.tx)
+        self.mesh = None
+        self.state_shardings = None
+        p = config.parallel
+        if p.data * p.fsdp * p.tensor > 1:
+            self._shard(p)
+        else:
+            self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
         model = self.model
         self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, self.backbone.params, ids, mask))
@@ -185,6 +191,21 @@ class Trainer:
             self.frozen_eval_step = make_eval_step(frozen)
         self.output_dir = t.output_dir
         os.makedirs(self.output_dir, exist_ok=True)
+
+    def _shard(self, p: Any) -> None:
+        """Places the backbone on a `parallel.*` mesh and builds the sharded step."""
+        from qst_jax.parallel import backbone_shardings, batch_sharding, make_mesh, replicated
+
+        if self.config.train.batch_size % (p.data * p.fsdp):
+            raise ValueError(f"train.batch_size {self.config.train.batch_size} must divide by data x fsdp = {p.data * p.fsdp}")
+        self.mesh = make_mesh(p.data, p.fsdp, p.tensor)
+        backbone_sh = backbone_shardings(self.backbone.params, self.mesh)
+        self.backbone.params = jax.device_put(self.backbone.params, backbone_sh)
+        abstract = jax.eval_shape(lambda k: init_train_state(self.model, self.tx, k), jax.random.PRNGKey(0))
+        self.state_shardings = replicated(abstract, self.mesh)
+        self.train_step = make_train_step(
+            self.model, self.tx, shardings=(self.state_shardings, backbone_sh, batch_sharding(self.mesh))
+        )
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, params: Any, eval_step=None) -> dict[str, float]:
@@ -228,6 +249,8 @@ class Trainer:
         config, t = self.config, self.config.train
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), t.keep_checkpoints)
         state = init_train_state(self.model, self.tx, jax.random.PRNGKey(t.seed))
+        if self.state_shardings is not None:
+            state = jax.device_put(state, self.state_shardings)
         if resume and checkpointer.latest_step() is not None:
             state, meta = checkpointer.restore(state)
             self.train_data.restore(meta["data"])

@@ -90,6 +90,30 @@ def main() -> None:
         target_mesh = jax.tree_util.tree_leaves(target.params)[0].sharding.mesh
         on_target = all(x.sharding.mesh == target_mesh for x in jax.tree_util.tree_leaves(restored.params))
         result["checkpoint"] = {"values_equal": same, "on_target_mesh": on_target, "meta": meta["note"]}
+    # qst-train's Trainer on a 1 x 8 x 1 mesh against one device (float32 compute).
+    from safetensors.numpy import load_file
+
+    from qst_jax.train.trainer import Trainer
+    from tests.helpers import tiny_config, tiny_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        model_dir = tiny_model_dir(REPO / "tests" / "testdata", tmp)
+        summaries = {}
+        for name, fsdp in (("single", 1), ("fsdp8", 8)):
+            out = tmp / name
+            out.mkdir()
+            config = tiny_config(model_dir, out, **{"train.steps": 3, "train.batch_size": 8, "data.eval": ""})
+            config.model.dtype = "float32"
+            config.parallel.fsdp = fsdp
+            trainer = Trainer(config, log=lambda *a: None)
+            trainer.run()
+            summaries[name] = load_file(str(out / "run" / "side.safetensors"))
+        diffs = [
+            float(np.linalg.norm(summaries["fsdp8"][k] - v) / max(np.linalg.norm(v), 1e-12))
+            for k, v in summaries["single"].items()
+        ]
+        result["trainer_param_diff"] = max(diffs)
     print("RESULT " + json.dumps(result))
 
 

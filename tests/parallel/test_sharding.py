@@ -41,3 +41,8 @@ def test_backbone_bytes_are_distributed(result, mesh, parts):
 
 def test_checkpoint_restores_onto_another_mesh(result):
     assert result["checkpoint"] == {"values_equal": True, "on_target_mesh": True, "meta": "cross-mesh"}
+
+
+def test_trainer_on_a_mesh_equals_one_device(result):
+    """qst-train with parallel.fsdp=8 gives the single-device side params (float32 compute)."""
+    assert result["trainer_param_diff"] < 1e-4
