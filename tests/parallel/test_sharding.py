@@ -46,3 +46,20 @@ def test_checkpoint_restores_onto_another_mesh(result):
 def test_trainer_on_a_mesh_equals_one_device(result):
     """qst-train with parallel.fsdp=8 gives the single-device side params (float32 compute)."""
     assert result["trainer_param_diff"] < 1e-4
+
+
+def test_memory_plan_splits_the_backbone():
+    import importlib.util
+
+    import jax
+
+    spec = importlib.util.spec_from_file_location("memory_plan", HERE.parents[1] / "scripts" / "memory_plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    from qst_jax.models.random_init import llama2_config, random_params
+
+    params = jax.eval_shape(lambda k: random_params(llama2_config("70b"), k), jax.random.PRNGKey(0))
+    one = plan.backbone_bytes_per_device(params, plan._Sizes(1, 1, 1))
+    eight = plan.backbone_bytes_per_device(params, plan._Sizes(1, 8, 1))
+    assert 33e9 < one < 40e9  # 70B at 4.127 bits plus bf16 embeddings and head
+    assert one / 8 <= eight < one / 8 * 1.01

@@ -1,0 +1,99 @@
+"""Bytes per device of a sharded QST setup, from shapes alone (`jax.eval_shape`).
+
+    python scripts/memory_plan.py --shape 70b --fsdp 2      # 2 x 40 GB
+    python scripts/memory_plan.py --shape 70b --fsdp 8      # 8 x 24 GB
+
+Counts the NF4 backbone as the partition rules shard it (qst_jax.parallel),
+the side params and AdamW state (replicated), and the backbone hidden states
+the backward pass keeps (L x B_local x T x d in bf16, or fp8). It allocates
+nothing; activations of one layer and XLA's workspace are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import numpy as np
+
+from qst_jax.models.random_init import llama2_config, random_params
+from qst_jax.parallel.sharding import DEFAULT_RULES, _fit, _mesh_axes
+from qst_jax.models.axes import _path_names, axes_for
+from qst_jax.quant.nf4 import NF4Weight
+from qst_jax.side.config import SideConfig
+from qst_jax.side.network import init_side_params
+
+
+class _Sizes:
+    """Stands in for a Mesh where only axis sizes matter."""
+
+    def __init__(self, data: int, fsdp: int, tensor: int):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def backbone_bytes_per_device(params, sizes: _Sizes) -> int:
+    total = 0
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, NF4Weight))
+    for path, leaf in flat:
+        names = _path_names(path)
+        if isinstance(leaf, NF4Weight):
+            lead = len(leaf.lead_shape)
+            axes = _mesh_axes(axes_for(names, lead + 2), DEFAULT_RULES)
+            spec_axes = [()] * lead + [axes[lead] + axes[lead + 1], ()]
+            for array in (leaf.packed, leaf.absmax):
+                total += _sharded_bytes(array, _fit(spec_axes, array.shape, sizes), sizes)
+            for array in (leaf.nested_absmax, leaf.offset):
+                if array is not None:
+                    total += int(np.prod(array.shape)) * array.dtype.itemsize
+        else:
+            spec = _fit(_mesh_axes(axes_for(names, len(leaf.shape)), DEFAULT_RULES), leaf.shape, sizes)
+            total += _sharded_bytes(leaf, spec, sizes)
+    return total
+
+
+def _sharded_bytes(array, spec, sizes: _Sizes) -> int:
+    parts = 1
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis:
+                parts *= sizes.shape[axis]
+    return int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize // parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="70b", choices=["7b", "13b", "70b"])
+    parser.add_argument("--data", type=int, default=1)
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16, help="global sequences per micro-batch")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--hidden-store", default="compute", choices=["compute", "fp8"])
+    args = parser.parse_args()
+
+    cfg = llama2_config(args.shape)
+    sizes = _Sizes(args.data, args.fsdp, args.tensor)
+    devices = args.data * args.fsdp * args.tensor
+    params = jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0))
+    side = jax.eval_shape(lambda k: init_side_params(cfg, SideConfig(), k), jax.random.PRNGKey(0))
+    side_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(side))
+    backbone = backbone_bytes_per_device(params, sizes)
+    local_batch = math.ceil(args.batch / (args.data * args.fsdp))
+    hidden = cfg.num_layers * local_batch * args.seq * cfg.hidden_size * (1 if args.hidden_store == "fp8" else 2)
+    rows = [
+        ("NF4 backbone (sharded)", backbone),
+        ("side params, float32", side_bytes),
+        ("AdamW state (2 x side params)", 2 * side_bytes),
+        ("gradients (float32)", side_bytes),
+        (f"kept backbone states ({args.hidden_store}, {local_batch} x {args.seq} per device)", hidden),
+    ]
+    gib = 1024**3
+    print(f"LLaMA-2-{args.shape} shape on {devices} device(s), mesh data={args.data} fsdp={args.fsdp} tensor={args.tensor}")
+    for name, value in rows:
+        print(f"  {name:<58} {value / gib:8.2f} GiB")
+    print(f"  {'total per device (without one layer of activations)':<58} {sum(v for _, v in rows) / gib:8.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
