@@ -23,6 +23,9 @@ _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoin
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qst_jax.parallel.distributed import initialize_from_env
+
+    initialize_from_env()  # several processes: QST_COORDINATOR, QST_NUM_PROCESSES, QST_PROCESS_ID
     from qst_jax.data.offline import MissingPackageError
     from qst_jax.data.sources import DataError
     from qst_jax.models import CheckpointError, ConfigError

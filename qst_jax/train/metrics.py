@@ -8,11 +8,16 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends each record to `metrics.jsonl` and to TensorBoard under `tb/`."""
+    """Appends each record to `metrics.jsonl` and to TensorBoard under `tb/` (process 0 only)."""
 
     def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
+        import jax
+
+        self.enabled = jax.process_index() == 0  # one writer per job
         self.directory = directory
+        if not self.enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
         self.jsonl_path = os.path.join(directory, "metrics.jsonl")
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         from tensorboardX import SummaryWriter
@@ -20,12 +25,16 @@ class MetricsWriter:
         self._tb = SummaryWriter(os.path.join(directory, "tb"))
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in values.items():
             self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         self._tb.close()
 

@@ -207,6 +207,21 @@ class Trainer:
             self.model, self.tx, shardings=(self.state_shardings, backbone_sh, batch_sharding(self.mesh))
         )
 
+    def _place(self, batch: dict[str, np.ndarray]) -> Any:
+        """On several processes: this process's rows of the global batch, as global arrays."""
+        if self.mesh is None or jax.process_count() == 1:
+            return batch
+        from qst_jax.parallel import batch_sharding
+
+        sharding = batch_sharding(self.mesh)
+        count, index = jax.process_count(), jax.process_index()
+
+        def local(x: np.ndarray) -> jax.Array:
+            rows = x.shape[1] // count
+            return jax.make_array_from_process_local_data(sharding, x[:, index * rows : (index + 1) * rows])
+
+        return jax.tree.map(local, batch)
+
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, params: Any, eval_step=None) -> dict[str, float]:
         """Held-out loss and perplexity (LM) or accuracy (classification)."""
@@ -300,7 +315,7 @@ class Trainer:
         try:
             while int(state.step) < self.total_steps:
                 batch = next(batches)
-                state, metrics = self.train_step(state, self.backbone.params, batch)
+                state, metrics = self.train_step(state, self.backbone.params, self._place(batch))
                 step = int(state.step)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
@@ -360,11 +375,12 @@ class Trainer:
             writer.write(int(state.step), "task", task_result)
             writer.close()
             self.log(self._eval_line(f"{config.evaluation.kind} after training", task_result))
-        self.export(state)
-        plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
-        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
+        if jax.process_index() == 0:
+            self.export(state)
+            plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
+            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
         return summary
 
     def _append_eval(self, step: int, result: dict[str, float]) -> None:

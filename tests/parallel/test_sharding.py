@@ -63,3 +63,26 @@ def test_memory_plan_splits_the_backbone():
     eight = plan.backbone_bytes_per_device(params, plan._Sizes(1, 8, 1))
     assert 33e9 < one < 40e9  # 70B at 4.127 bits plus bf16 embeddings and head
     assert one / 8 <= eight < one / 8 * 1.01
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint(testdata, tmp_path):
+    """Two jax.distributed processes on localhost (CPU, gloo) train a few steps and checkpoint."""
+    import importlib.util
+
+    from tests.helpers import TEXT, tiny_model_dir
+
+    model_dir = tiny_model_dir(testdata, tmp_path)
+    (tmp_path / "train.txt").write_text(TEXT * 30)
+    spec = importlib.util.spec_from_file_location("two_process", HERE.parents[1] / "scripts" / "two_process_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    code = module.main(["--model", str(model_dir), "--data", str(tmp_path / "train.txt"), "--seq-len", "32",
+                        "--out", str(out)])
+    assert code == 0
+    run = out / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]  # one writer: process 0
+    assert (run / "side.safetensors").is_file()
