@@ -94,10 +94,10 @@ def sample():
 
 cfg = from_hf_config(CONFIG)
 # Warm up: compile the quantizer for every linear shape first (not the loader's cost).
-from qst_jax.models.loader import _quantize_jit
+from qst_jax.quant.nf4 import quantize_jit
 for _, _, shape, linear in layer_specs(cfg):
     if linear:
-        _quantize_jit(np.zeros(shape, np.float32)).packed.block_until_ready()
+        quantize_jit(np.zeros(shape, np.float32)).packed.block_until_ready()
 base = rss()
 sampler = threading.Thread(target=sample)
 sampler.start()

@@ -16,14 +16,12 @@ import argparse
 import os
 import sys
 
-import jax
 import ml_dtypes  # noqa: F401
 import numpy as np
 
-from qst_jax.quant import bits_per_parameter, quantize, save_safetensors
-from qst_jax.quant.nf4 import QuantizationError, check_finite
+from qst_jax.quant import bits_per_parameter, save_safetensors
+from qst_jax.quant.nf4 import QuantizationError, check_finite, quantize_jit
 
-_quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
 
 
 def _error_stats(w: np.ndarray, q) -> tuple[float, float]:
@@ -81,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
             out_tensors[key] = w
             continue
         check_finite(w, key)
-        q = _quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+        q = quantize_jit(w, blocksize=args.blocksize, double_quant=not args.no_double_quant)
         bpp = bits_per_parameter(q)
         rel, max_abs = _error_stats(w, q)
         rows.append((key, f"{w.shape[0]}x{w.shape[1]}", bpp, rel, max_abs))

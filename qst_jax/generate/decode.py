@@ -13,7 +13,6 @@ are jitted; the decode step has one static shape for the whole generation.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,13 +45,6 @@ def _backbone_pass(params, cfg, ids, token_mask, positions, key_mask, caches, ca
     h0 = embed(params, cfg, ids, positions, token_mask, dtype)
     h, _, caches = scan_layers(params["layers"], h0, cfg, ctx, caches=caches)
     return final_norm(params, cfg, h), caches
-
-
-@dataclasses.dataclass
-class _Run:
-    ids: np.ndarray
-    done: np.ndarray
-    texts: list[str]
 
 
 class Generator:

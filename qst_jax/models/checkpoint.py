@@ -94,12 +94,13 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
+def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    """A GGUF metadata value, or `default` when the key is absent."""
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
+
+
+_field = gguf_field
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

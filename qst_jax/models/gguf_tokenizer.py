@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from qst_jax.models.checkpoint import gguf_field as _field
+
 CONTROL = 3  # llama.cpp token type of control (special) tokens
 USER_DEFINED = 4
 
 
 class GGUFTokenizerError(ValueError):
     pass
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def tokenizer_from_gguf(path: str) -> Any:

@@ -29,9 +29,8 @@ from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSo
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
 from qst_jax.models.decoder import logits_fn
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
-from qst_jax.quant.nf4 import NF4Weight, QuantizationError, check_finite, quantize
+from qst_jax.quant.nf4 import NF4Weight, QuantizationError, check_finite, quantize_jit
 
-_quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
 
 # (param path, HF name suffix, shape function, is a quantizable linear weight)
 Spec = tuple[tuple[str, ...], str, tuple[int, ...], bool]
@@ -134,7 +133,7 @@ class _Reader:
         if linear and self.quantize_linears:
             try:
                 check_finite(array, key)
-                q = _quantize_jit(array)  # `name` is static: passing it would recompile per tensor
+                q = quantize_jit(array)  # `name` is static: passing it would recompile per tensor
             except QuantizationError as err:
                 raise CheckpointError(f"{self.source.file_of(key)}: {err}") from err
             return jax.tree.map(np.asarray, q)
@@ -258,16 +257,22 @@ def resolve_path(path: str | os.PathLike) -> str:
     return path
 
 
+def _read_hf_config(path: str) -> tuple[dict[str, Any], str]:
+    """(config.json as a dict, its path) of a resolved HF directory."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
+    with open(config_path) as f:
+        return json.load(f), config_path
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory or GGUF file."""
     path = resolve_path(path)
     if path.endswith(".gguf"):
         return from_hf_config(GGUFSource(path).hf_config, source=path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
-    with open(config_path) as f:
-        return from_hf_config(json.load(f), source=config_path)
+    hf, config_path = _read_hf_config(path)
+    return from_hf_config(hf, source=config_path)
 
 
 def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16) -> Backbone:
@@ -290,11 +295,7 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         source: Any = GGUFSource(path)
         cfg = from_hf_config(source.hf_config, source=path)
     else:
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
-        with open(config_path) as f:
-            hf = json.load(f)
+        hf, config_path = _read_hf_config(path)
         cfg = from_hf_config(hf, source=config_path)
         _check_quantization_config(hf, config_path)
         source = SafetensorsSource(path)

@@ -288,6 +288,12 @@ def quantize(
     )
 
 
+quantize_jit = jax.jit(quantize, static_argnames=("blocksize", "double_quant", "name"))
+"""`quantize`, compiled once per shape. Leave `name` at its default: it is
+static, so a name per tensor would recompile per tensor (check values first
+with `check_finite`)."""
+
+
 def bits_per_parameter(w: NF4Weight) -> float:
     """Storage bits per weight element, all scales included."""
     lead = int(np.prod(w.lead_shape)) if w.lead_shape else 1
