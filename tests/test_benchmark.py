@@ -42,3 +42,17 @@ def test_random_backbone_layout_matches_loader():
     params = random_params(llama2_config("tiny"), jax.random.PRNGKey(0))
     assert params["layers"]["attn"]["q"]["w"].lead_shape == (4,)
     assert params["embed"].shape == (1024, 256) and params["lm_head"]["w"].shape == (1024, 256)
+
+
+def test_kernel_benchmark_tiny_interpret(capsys):
+    """The fused-kernel benchmark runs (interpret mode on CPU) and its two paths agree."""
+    spec = importlib.util.spec_from_file_location("kernel_benchmark", REPO / "scripts" / "kernel_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    records = module.main(["--shape", "tiny", "--interpret", "--tokens", "4", "--steps", "1", "--skip-forward"])
+    assert [(r["layer"], r["path"]) for r in records] == [
+        (layer, path) for layer in ("q", "gate", "down") for path in ("reference", "fused")
+    ]
+    assert all(r["step_s"] > 0 for r in records)
+    assert all(r["rel_diff_vs_reference"] < 2e-2 for r in records if "rel_diff_vs_reference" in r)
+    assert "speedup" in capsys.readouterr().out

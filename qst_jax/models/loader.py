@@ -151,12 +151,38 @@ def _find_prefix(source: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
     )
 
 
-def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: Any, quantize_linears: bool) -> dict:
+class _HostStack:
+    """Stacks layers on the host: leaves preallocated after layer 0, filled in place."""
+
+    def __init__(self) -> None:
+        self._leaves: list[np.ndarray] | None = None
+        self._treedef: Any = None
+
+    def place(self, tree: dict[str, Any]) -> dict[str, Any]:
+        return tree
+
+    def add_layer(self, index: int, num_layers: int, layer: Any) -> None:
+        leaves, self._treedef = jax.tree_util.tree_flatten(layer)
+        if self._leaves is None:
+            self._leaves = [np.empty((num_layers, *np.shape(x)), np.asarray(x).dtype) for x in leaves]
+        for target, leaf in zip(self._leaves, leaves):
+            target[index] = leaf
+
+    def finish(self) -> Any:
+        return jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+
+
+def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: Any, quantize_linears: bool,
+                placement: Any = None) -> dict:
     """Builds the decoder params from `source`, one layer at a time.
 
-    Stacked leaves are preallocated after the first layer and filled in place,
-    so the host holds the 4-bit result plus one layer in flight.
+    Args:
+      placement: where the pieces go as they are read; default: stacked on the
+        host, so the host holds the 4-bit result plus one layer in flight. A
+        `parallel.ShardedPlacement` sends each piece to its device shards
+        instead, so no host or device holds the whole model.
     """
+    placement = placement or _HostStack()
     reader = _Reader(source, dtype, quantize_linears)
     prefix = _find_prefix(source, cfg)
     params: dict[str, Any] = {}
@@ -165,24 +191,22 @@ def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: An
     head_key = "lm_head.weight"
     if not cfg.tie_word_embeddings:
         _set(params, ("lm_head", "w"), reader.fetch(head_key, (cfg.vocab_size, cfg.embed_dim), False))
+    params = placement.place(params)
 
     layer_prefix = f"{prefix}layers."
-    stacked_leaves: list[np.ndarray] | None = None
     treedef = None
     for index in range(cfg.num_layers):
         layer: dict[str, Any] = {}
         for path, name, shape, linear in layer_specs(cfg):
             _set(layer, path, reader.fetch(f"{layer_prefix}{index}.{name}", shape, linear))
-        leaves, this_def = jax.tree_util.tree_flatten(layer)
-        if stacked_leaves is None:
+        this_def = jax.tree_util.tree_structure(layer)
+        if treedef is None:
             treedef = this_def
-            stacked_leaves = [np.empty((cfg.num_layers, *np.shape(x)), np.asarray(x).dtype) for x in leaves]
         elif this_def != treedef:
             raise CheckpointError(f"{source.file_of(layer_prefix)}: layer {index} differs in structure from layer 0")
-        for target, leaf in zip(stacked_leaves, leaves):
-            target[index] = leaf
-        del layer, leaves
-    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked_leaves)
+        placement.add_layer(index, cfg.num_layers, layer)
+        del layer
+    params["layers"] = placement.finish()
     return params
 
 
@@ -275,7 +299,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return from_hf_config(hf, source=config_path)
 
 
-def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16) -> Backbone:
+def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16,
+                  mesh: Any = None, rules: Mapping[str, tuple[str, ...]] | None = None) -> Backbone:
     """Loads a frozen backbone from a local directory or `.gguf` file.
 
     Args:
@@ -284,6 +309,11 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         are); False keeps them dense in `dtype` (a bnb checkpoint is then
         dequantized).
       dtype: compute dtype of activations, embeddings, norms and LM head.
+      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`): each layer goes to
+        its device shards as it is read (`parallel.ShardedPlacement`), so no
+        host or device ever holds the whole model. None: one device.
+      rules: logical axis -> mesh axes with `mesh` (default
+        `parallel.DEFAULT_RULES`).
 
     Raises:
       CheckpointError / ConfigError: a missing path, an unsupported
@@ -299,7 +329,14 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         cfg = from_hf_config(hf, source=config_path)
         _check_quantization_config(hf, config_path)
         source = SafetensorsSource(path)
-    params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize))
+    if mesh is None:
+        params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize))
+    else:
+        from qst_jax.parallel.placement import ShardedPlacement
+        from qst_jax.parallel.sharding import DEFAULT_RULES
+
+        placement = ShardedPlacement(mesh, rules or DEFAULT_RULES)
+        params = read_params(source, cfg, dtype=dtype, quantize_linears=quantize, placement=placement)
     return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)
 
 

@@ -1,7 +1,7 @@
 """NF4 (double-quantized) weights in bitsandbytes' exact layout, in pure JAX."""
 
 from qst_jax.quant.bnb_io import load_safetensors, read_nf4, save_safetensors, to_bnb_tensors
-from qst_jax.quant.matmul import Weight, linear, materialize, matmul
+from qst_jax.quant.matmul import Weight, linear, materialize, matmul, set_kernel_mode
 from qst_jax.quant.nf4 import (
     DYNAMIC_MAP,
     NF4_TABLE,
@@ -25,5 +25,6 @@ __all__ = [
     "quantize",
     "read_nf4",
     "save_safetensors",
+    "set_kernel_mode",
     "to_bnb_tensors",
 ]

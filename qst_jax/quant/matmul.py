@@ -3,19 +3,87 @@
 Every linear layer of the backbone and of the side network calls `matmul`.
 The reference path dequantizes the NF4 weight (float32 math, one rounding to
 the compute dtype) and calls `lax.dot_general`; inside a `lax.scan` over
-stacked layers only one layer's dequantized weight is alive at a time. A fused
-GPU kernel can be dispatched from here later without touching any caller.
+stacked layers only one layer's dequantized weight is alive at a time.
+
+For few tokens (decoding, batch-1 training) on a GPU, an NF4 weight goes
+through the fused dequantize-matmul kernel of `nf4_kernel.py` instead, which
+reads the 4-bit codes once and never writes the dequantized weight.
+`set_kernel_mode` chooses: "auto" (default: the kernel on GPU for bf16/f16
+activations and at most `MAX_FUSED_TOKENS` tokens), "off" (always the
+reference path), or "interpret" (the kernel in Pallas interpret mode wherever
+it applies, on any backend: how CPU tests check it against the reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from qst_jax.quant import nf4_kernel
 from qst_jax.quant.nf4 import NF4Weight
+
+_KERNEL_MODES = ("auto", "off", "interpret")
+_kernel_mode = "auto"
+
+
+def set_kernel_mode(mode: str) -> str:
+    """Chooses how NF4 matmuls with few tokens run; returns the previous mode.
+
+    Args:
+      mode: "auto", "off" or "interpret" (see the module docstring). Takes
+        effect for functions traced afterwards (jitted functions already
+        compiled keep their choice).
+    """
+    global _kernel_mode
+    if mode not in _KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {_KERNEL_MODES}, got {mode!r}")
+    previous, _kernel_mode = _kernel_mode, mode
+    return previous
+
+
+def _fused_choice(x: jax.Array, w: Any) -> str | None:
+    """"gpu", "interpret" or None: whether this matmul takes the fused kernel."""
+    if _kernel_mode == "off" or not nf4_kernel.fused_supported(w):
+        return None
+    tokens = math.prod(x.shape[:-1])
+    if tokens > nf4_kernel.MAX_FUSED_TOKENS:
+        return None
+    if _kernel_mode == "interpret":
+        return "interpret"
+    if jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16):
+        return "gpu"
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fused(x: jax.Array, w: NF4Weight, interpret: bool) -> jax.Array:
+    return nf4_kernel.nf4_matmul(x, w, interpret=interpret)
+
+
+def _fused_fwd(x: jax.Array, w: NF4Weight, interpret: bool):
+    return nf4_kernel.nf4_matmul(x, w, interpret=interpret), w
+
+
+def _fused_bwd(interpret: bool, w: NF4Weight, g: jax.Array):
+    del interpret
+    dx = jax.lax.dot_general(g, w.dequantize(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=g.dtype)
+
+    def zero(a: jax.Array) -> Any:  # the frozen weight gets no gradient
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return np.zeros(a.shape, jax.dtypes.float0)
+        return jnp.zeros_like(a)
+
+    return dx, jax.tree.map(zero, w)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 
@@ -77,6 +145,9 @@ def matmul(x: jax.Array, w: Weight, *, precision: Any = None) -> jax.Array:
     if isinstance(w, LoRAWeight):
         low_rank = _dot(_dot(x, w.a.astype(x.dtype), precision), w.b.astype(x.dtype), precision)
         return _dot(x, materialize(w.base, x.dtype), precision) + (w.scale * low_rank).astype(x.dtype)
+    choice = _fused_choice(x, w) if precision is None else None
+    if choice is not None:
+        return _fused(x, w, choice == "interpret")
     return _dot(x, materialize(w, x.dtype), precision)
 
 
@@ -99,4 +170,4 @@ def linear(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
     return y
 
 
-__all__ = ["LoRAWeight", "Weight", "linear", "materialize", "matmul", "weight_shape"]
+__all__ = ["LoRAWeight", "Weight", "linear", "materialize", "matmul", "set_kernel_mode", "weight_shape"]

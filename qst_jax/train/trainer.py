@@ -154,7 +154,18 @@ class Trainer:
             if not config[section][name]:
                 raise ValueError(f"config: {key} is required (--config.{key}=...)")
         path = resolve_model_path(config.model.path)
-        self.backbone = backbone or load_backbone(path, quantize=config.model.quantize, dtype=dtype)
+        p = config.parallel
+        self.mesh = None
+        if p.data * p.fsdp * p.tensor > 1:
+            from qst_jax.parallel import make_mesh
+
+            if config.train.batch_size % (p.data * p.fsdp):
+                raise ValueError(
+                    f"train.batch_size {config.train.batch_size} must divide by data x fsdp = {p.data * p.fsdp}"
+                )
+            self.mesh = make_mesh(p.data, p.fsdp, p.tensor)
+        # On a mesh each layer streams to its shards as it is read (no host holds the model).
+        self.backbone = backbone or load_backbone(path, quantize=config.model.quantize, dtype=dtype, mesh=self.mesh)
         self.tokenizer = tokenizer or load_tokenizer(path)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -175,11 +186,9 @@ class Trainer:
         if tx is None:
             tx, schedule = make_optimizer(config.optim, self.total_steps, schedule)
         self.tx, self.schedule = tx, schedule
-        self.mesh = None
         self.state_shardings = None
-        p = config.parallel
-        if p.data * p.fsdp * p.tensor > 1:
-            self._shard(p)
+        if self.mesh is not None:
+            self._shard()
         else:
             self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
@@ -192,15 +201,12 @@ class Trainer:
         self.output_dir = t.output_dir
         os.makedirs(self.output_dir, exist_ok=True)
 
-    def _shard(self, p: Any) -> None:
-        """Places the backbone on a `parallel.*` mesh and builds the sharded step."""
-        from qst_jax.parallel import backbone_shardings, batch_sharding, make_mesh, replicated
+    def _shard(self) -> None:
+        """Builds the sharded step (and places a backbone that was passed in already loaded)."""
+        from qst_jax.parallel import backbone_shardings, batch_sharding, replicated
 
-        if self.config.train.batch_size % (p.data * p.fsdp):
-            raise ValueError(f"train.batch_size {self.config.train.batch_size} must divide by data x fsdp = {p.data * p.fsdp}")
-        self.mesh = make_mesh(p.data, p.fsdp, p.tensor)
         backbone_sh = backbone_shardings(self.backbone.params, self.mesh)
-        self.backbone.params = jax.device_put(self.backbone.params, backbone_sh)
+        self.backbone.params = jax.device_put(self.backbone.params, backbone_sh)  # no-op when loaded on the mesh
         abstract = jax.eval_shape(lambda k: init_train_state(self.model, self.tx, k), jax.random.PRNGKey(0))
         self.state_shardings = replicated(abstract, self.mesh)
         self.train_step = make_train_step(

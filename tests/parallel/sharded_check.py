@@ -35,7 +35,8 @@ MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 def main() -> None:
     assert len(jax.devices()) == 8, jax.devices()
-    backbone = load_backbone(REPO / "tests" / "testdata" / "tiny-llama-nf4", dtype=jnp.float32)
+    path = REPO / "tests" / "testdata" / "tiny-llama-nf4"
+    backbone = load_backbone(path, dtype=jnp.float32)
     model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8), dtype=jnp.float32)
     tx = optax.adamw(1e-3)
     batch = lm_batch(micro=1, batch=8, length=16)
@@ -47,7 +48,13 @@ def main() -> None:
         else:
             mesh = make_mesh(*mesh_shape)
             backbone_sh = backbone_shardings(backbone.params, mesh)
-            params = jax.device_put(backbone.params, backbone_sh)
+            # Loaded straight onto the mesh, layer by layer; must equal placing the whole tree.
+            params = load_backbone(path, dtype=jnp.float32, mesh=mesh).params
+            placed = jax.device_put(backbone.params, backbone_sh)
+            direct_load_equal[mesh_shape] = all(
+                a.sharding.is_equivalent_to(b.sharding, a.ndim) and np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(placed))
+            )
             state_sh = replicated(state, mesh)
             state = jax.device_put(state, state_sh)
             step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sharding(mesh)))
@@ -57,6 +64,7 @@ def main() -> None:
             losses.append(float(metrics["loss"]))
         return losses, state, params
 
+    direct_load_equal = {}
     ref_losses, ref_state, _ = train(None)
     ref_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(ref_state.params)]
     result = {"meshes": {}}
@@ -75,6 +83,7 @@ def main() -> None:
             "packed_total": int(packed.size),
             "packed_shard_sizes": sorted({int(s.data.size) for s in packed.addressable_shards}),
             "devices_holding": len({s.device for s in packed.addressable_shards}),
+            "direct_load_equal": direct_load_equal[shape],
         }
 
     # Saved on the (2, 2, 2) mesh, restored onto the (8, 1, 1) mesh.

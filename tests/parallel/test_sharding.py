@@ -39,6 +39,12 @@ def test_backbone_bytes_are_distributed(result, mesh, parts):
     assert r["packed_shard_sizes"] == [r["packed_total"] // parts]
 
 
+@pytest.mark.parametrize("mesh", ["8x1x1", "1x8x1", "2x2x2"])
+def test_loading_onto_the_mesh_equals_placing_the_loaded_tree(result, mesh):
+    """`load_backbone(path, mesh=...)` streams layers to their shards; same values, same shardings."""
+    assert result["meshes"][mesh]["direct_load_equal"] is True
+
+
 def test_checkpoint_restores_onto_another_mesh(result):
     assert result["checkpoint"] == {"values_equal": True, "on_target_mesh": True, "meta": "cross-mesh"}
 
