@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="shakespeare:macbeth")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--side", default="replicated", choices=["replicated", "fsdp"],
+                        help="side params and optimizer state: on both processes, or split between them")
     parser.add_argument("--out", default="runs/two_process")
     args = parser.parse_args(argv)
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 c.data.seq_len = {args.seq_len}
                 c.side.reduction_factor = 8
                 c.parallel.fsdp = 2
+                c.parallel.side = {args.side!r}
                 c.train.batch_size = 2
                 c.train.steps = {args.steps}
                 c.train.checkpoint_every = 1

@@ -5,9 +5,10 @@ from qst_jax.parallel.sharding import (
     MESH_AXES,
     backbone_shardings,
     batch_sharding,
+    fsdp_shardings,
     make_mesh,
     replicated,
 )
 from qst_jax.parallel.placement import ShardedPlacement
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "ShardedPlacement", "backbone_shardings", "batch_sharding", "make_mesh", "replicated"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "ShardedPlacement", "backbone_shardings", "batch_sharding", "fsdp_shardings", "make_mesh", "replicated"]

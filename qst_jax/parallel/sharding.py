@@ -13,8 +13,9 @@ NF4 weights shard their packed codes and first-level scales together along
 `out` (rows), as `nf4-format.md` says; the in-axis's mesh axes move onto `out`
 too, so every device holds 1/N of the 4-bit bytes. The nested (second-level)
 scales are tiny and replicated, which is always correct whatever row
-boundaries the shards have. Side params and optimizer state are replicated;
-batches shard their batch axis over (`data`, `fsdp`).
+boundaries the shards have. Side params and optimizer state are replicated
+(`replicated`) or split over `fsdp` (`fsdp_shardings`); batches shard their
+batch axis over (`data`, `fsdp`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,31 @@ def backbone_shardings(params: Any, mesh: Mesh, rules: Mapping[str, tuple[str, .
 
 def replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+
+
+def fsdp_shardings(tree: Any, mesh: Mesh, axis: str = "fsdp", min_size: int = 1024) -> Any:
+    """Shardings that split each leaf of `tree` over mesh axis `axis` (ZeRO-3 style).
+
+    For the side params and optimizer state: each leaf with at least
+    `min_size` elements is split along its largest dimension that the axis
+    divides; smaller leaves, scalars and leaves with no such dimension are
+    replicated. XLA gathers a split param where a step uses it and
+    reduce-scatters its gradient, so the result equals the replicated step.
+    """
+    n = mesh.shape[axis]
+
+    def one(leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+            return NamedSharding(mesh, PartitionSpec())
+        dims = sorted((d for d, size in enumerate(shape) if size % n == 0), key=lambda d: -shape[d])
+        if not dims:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = [None] * len(shape)
+        spec[dims[0]] = axis
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(one, tree)
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> NamedSharding:

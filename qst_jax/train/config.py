@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.data = 1
     c.parallel.fsdp = 1
     c.parallel.tensor = 1
+    # Side params and optimizer state: "replicated" on every device, or "fsdp":
+    # split over the fsdp axis (for side networks too big to copy everywhere).
+    c.parallel.side = "replicated"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200

@@ -203,12 +203,15 @@ class Trainer:
 
     def _shard(self) -> None:
         """Builds the sharded step (and places a backbone that was passed in already loaded)."""
-        from qst_jax.parallel import backbone_shardings, batch_sharding, replicated
+        from qst_jax.parallel import backbone_shardings, batch_sharding, fsdp_shardings, replicated
 
         backbone_sh = backbone_shardings(self.backbone.params, self.mesh)
         self.backbone.params = jax.device_put(self.backbone.params, backbone_sh)  # no-op when loaded on the mesh
         abstract = jax.eval_shape(lambda k: init_train_state(self.model, self.tx, k), jax.random.PRNGKey(0))
-        self.state_shardings = replicated(abstract, self.mesh)
+        side = self.config.parallel.side
+        if side not in ("replicated", "fsdp"):
+            raise ValueError(f"config: parallel.side must be 'replicated' or 'fsdp', got {side!r}")
+        self.state_shardings = (fsdp_shardings if side == "fsdp" else replicated)(abstract, self.mesh)
         self.train_step = make_train_step(
             self.model, self.tx, shardings=(self.state_shardings, backbone_sh, batch_sharding(self.mesh))
         )
@@ -381,8 +384,13 @@ class Trainer:
             writer.write(int(state.step), "task", task_result)
             writer.close()
             self.log(self._eval_line(f"{config.evaluation.kind} after training", task_result))
+        params = state.params
+        if jax.process_count() > 1:  # every process joins the gather; fsdp-split params become whole
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
-            self.export(state)
+            self.export(state, params)
             plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
             with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -394,7 +402,8 @@ class Trainer:
         writer.write(step, "eval", result)
         writer.close()
 
-    def export(self, state: TrainState) -> None:
+    def export(self, state: TrainState, params: Any = None) -> None:
+        """Writes side.safetensors + qst_config.json of `params` (default: `state.params`)."""
         config = self.config
         info = {
             "method": config.method,
@@ -408,4 +417,4 @@ class Trainer:
             "seq_len": config.data.seq_len,
             "step": int(state.step),
         }
-        export_side(self.output_dir, state.params, info)
+        export_side(self.output_dir, state.params if params is None else params, info)

@@ -108,21 +108,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         model_dir = tiny_model_dir(REPO / "tests" / "testdata", tmp)
-        summaries = {}
-        for name, fsdp in (("single", 1), ("fsdp8", 8)):
+        summaries, trainers = {}, {}
+        for name, fsdp, side in (("single", 1, "replicated"), ("fsdp8", 8, "replicated"), ("side_fsdp", 8, "fsdp")):
             out = tmp / name
             out.mkdir()
             config = tiny_config(model_dir, out, **{"train.steps": 3, "train.batch_size": 8, "data.eval": ""})
             config.model.dtype = "float32"
             config.parallel.fsdp = fsdp
-            trainer = Trainer(config, log=lambda *a: None)
-            trainer.run()
+            config.parallel.side = side
+            trainers[name] = Trainer(config, log=lambda *a: None)
+            trainers[name].run()
             summaries[name] = load_file(str(out / "run" / "side.safetensors"))
-        diffs = [
-            float(np.linalg.norm(summaries["fsdp8"][k] - v) / max(np.linalg.norm(v), 1e-12))
-            for k, v in summaries["single"].items()
-        ]
-        result["trainer_param_diff"] = max(diffs)
+
+        def diff(name):
+            return max(
+                float(np.linalg.norm(summaries[name][k] - v) / max(np.linalg.norm(v), 1e-12))
+                for k, v in summaries["single"].items()
+            )
+
+        result["trainer_param_diff"] = diff("fsdp8")
+        shardings = jax.tree_util.tree_leaves(trainers["side_fsdp"].state_shardings)
+        abstract = jax.tree_util.tree_leaves(
+            jax.eval_shape(lambda k: init_train_state(trainers["side_fsdp"].model, trainers["side_fsdp"].tx, k),
+                           jax.random.PRNGKey(0)))
+        largest = max(range(len(abstract)), key=lambda i: int(np.prod(abstract[i].shape)))
+        shard_shape = shardings[largest].shard_shape(abstract[largest].shape)
+        result["side_fsdp"] = {
+            "param_diff": diff("side_fsdp"),
+            "split_leaves": sum("fsdp" in tuple(s.spec) for s in shardings),
+            "largest_leaf_fraction_per_device": int(np.prod(shard_shape)) / int(np.prod(abstract[largest].shape)),
+        }
     print("RESULT " + json.dumps(result))
 
 

@@ -54,6 +54,13 @@ def test_trainer_on_a_mesh_equals_one_device(result):
     assert result["trainer_param_diff"] < 1e-4
 
 
+def test_trainer_with_fsdp_side_state_equals_one_device(result):
+    """parallel.side=fsdp splits side params and optimizer state over the 8 devices; same result."""
+    assert result["side_fsdp"]["param_diff"] < 1e-4
+    assert result["side_fsdp"]["split_leaves"] >= 6  # the side blocks' weights, their Adam moments, ...
+    assert result["side_fsdp"]["largest_leaf_fraction_per_device"] == 1 / 8
+
+
 def test_memory_plan_splits_the_backbone():
     import importlib.util
 
@@ -73,7 +80,7 @@ def test_memory_plan_splits_the_backbone():
 
 @pytest.mark.slow
 def test_two_processes_train_and_checkpoint(testdata, tmp_path):
-    """Two jax.distributed processes on localhost (CPU, gloo) train a few steps and checkpoint."""
+    """Two jax.distributed processes on localhost (CPU, gloo), side state split between them (fsdp)."""
     import importlib.util
 
     from tests.helpers import TEXT, tiny_model_dir
@@ -85,10 +92,15 @@ def test_two_processes_train_and_checkpoint(testdata, tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "out"
     code = module.main(["--model", str(model_dir), "--data", str(tmp_path / "train.txt"), "--seq-len", "32",
-                        "--out", str(out)])
+                        "--side", "fsdp", "--out", str(out)])
     assert code == 0
     run = out / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]  # one writer: process 0
-    assert (run / "side.safetensors").is_file()
+    assert (run / "side.safetensors").is_file()  # side params split over the processes, gathered to export
+    from qst_jax.models import load_config
+    from qst_jax.train.checkpoint import load_side
+
+    params, info = load_side(str(run), load_config(model_dir))
+    assert info["step"] == 3 and params["gates"].shape == (4, 32)
