@@ -13,9 +13,12 @@ import time
 
 import numpy as np
 
+from qst_jax.data.examples import Examples
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
-from qst_jax.eval.perplexity import perplexity, token_windows
+from qst_jax.eval.tasks import perplexity
 from qst_jax.models import load_backbone, load_tokenizer
+from qst_jax.side.model import FrozenModel
+from qst_jax.train.step import make_eval_step
 
 
 def greedy(backbone, tokenizer, prompt: str, steps: int = 8) -> str:
@@ -32,12 +35,14 @@ def evaluate(play: str = "hamlet", windows: int = 8, seq_len: int = 512) -> dict
     tokenizer = load_tokenizer(path)
     with open(shakespeare_plays()[play], encoding="utf-8") as f:
         ids = tokenizer(f.read()).input_ids
-    chunks = token_windows(ids, seq_len, windows)
+    count = min(len(ids) // seq_len, windows)
+    chunks = Examples(tokens=[np.asarray(ids[i * seq_len : (i + 1) * seq_len], np.int32) for i in range(count)])
     result: dict[str, float | str] = {}
     for name, quantize in (("bf16", False), ("nf4", True)):
         start = time.perf_counter()
         backbone = load_backbone(path, quantize=quantize)
-        result[f"ppl_{name}"] = perplexity(backbone.logits, chunks)
+        eval_step = make_eval_step(FrozenModel(backbone.cfg, backbone.dtype))  # qst-train's held-out scoring
+        result[f"ppl_{name}"] = perplexity(eval_step, {}, backbone.params, chunks, batch_size=4)["perplexity"]
         result[f"seconds_{name}"] = time.perf_counter() - start
         if quantize:
             result["greedy_nf4"] = greedy(backbone, tokenizer, "The capital of France is")

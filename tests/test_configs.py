@@ -38,3 +38,20 @@ def test_70b_recipe_matches_the_paper():
     assert (c.train.batch_size, c.train.micro_batches, c.train.steps) == (1, 16, 1875)
     assert (c.optim.lr, c.optim.schedule, c.optim.warmup_ratio, c.optim.clip_norm) == (1e-4, "constant", 0.03, 0.3)
     assert c.data.seq_len == 512
+
+
+@pytest.mark.parametrize("name, mesh", [("chat_70b_fsdp2", (1, 2, 1)), ("chat_70b_fsdp8", (1, 8, 1)),
+                                        ("chat_70b_2hosts", (2, 8, 1))])
+def test_70b_presets_keep_16_sequences_a_step(name, mesh):
+    c = _load(next(p for p in CONFIGS if p.stem == name))
+    assert (c.parallel.data, c.parallel.fsdp, c.parallel.tensor) == mesh
+    assert c.train.batch_size == mesh[0] * mesh[1]  # one sequence per batch shard
+    assert c.train.batch_size * c.train.micro_batches == 16
+    assert (c.optim.lr, c.train.steps, c.data.seq_len) == (1e-4, 1875, 512)  # the rest is the recipe's
+
+
+def test_on_mesh_refuses_an_uneven_split():
+    from qst_jax.train.config import on_mesh
+
+    with pytest.raises(ValueError, match="do not split over data x fsdp = 3"):
+        on_mesh(base_config(), fsdp=3, sequences_per_step=16, output_dir="x")

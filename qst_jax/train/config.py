@@ -96,3 +96,35 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.lock()
     return c
+
+
+def load_preset(anchor: str, name: str) -> ml_collections.ConfigDict:
+    """The config of recipe `name`.py in the folder of file `anchor` (recipes building on recipes)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such recipe")
+    spec = importlib.util.spec_from_file_location(f"qst_preset_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def on_mesh(c: ml_collections.ConfigDict, *, data: int = 1, fsdp: int = 1, tensor: int = 1,
+            sequences_per_step: int, output_dir: str) -> ml_collections.ConfigDict:
+    """`c` laid out on a data x fsdp x tensor mesh, one sequence per batch shard.
+
+    Each micro-batch holds `data * fsdp` sequences (one per shard of the batch
+    axis); gradient accumulation makes up `sequences_per_step` per optimizer
+    step, so the recipe's effective batch is unchanged.
+    """
+    per_micro = data * fsdp
+    if sequences_per_step % per_micro:
+        raise ValueError(f"{sequences_per_step} sequences a step do not split over data x fsdp = {per_micro}")
+    c.parallel.data, c.parallel.fsdp, c.parallel.tensor = data, fsdp, tensor
+    c.train.batch_size = per_micro
+    c.train.micro_batches = sequences_per_step // per_micro
+    c.train.output_dir = output_dir
+    return c
