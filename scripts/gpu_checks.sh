@@ -4,7 +4,8 @@
 #   bash scripts/gpu_checks.sh [OUT_DIR]        # default OUT_DIR: benchmarks/raw-$(date +%F)
 #
 # 1. the GPU-marked tests (the compiled fused NF4 kernel against the reference path);
-# 2. the fused kernel against the reference path at 1, 16 and 64 tokens, LLaMA-2-7B shapes;
+# 2. the fused kernel against the reference path at 1, 16 and 64 tokens, LLaMA-2-7B shapes
+#    (per linear, whole backbone, batch-1 decode), and at 1 token for the 70B linears;
 # 3. QST (adapter, maxpool), QLoRA and the backbone forward at LLaMA-2-7B shape, B16 x T512;
 # 4. the sharded step on a one-device mesh against the unsharded step.
 # Each writes JSON lines under OUT_DIR and prints its table; the peers' figures
@@ -18,7 +19,10 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "commit $commit, device: $($python -c 'import jax; print(jax.devices()[0].device_kind)')" | tee "$out/meta.txt"
 
 $python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.txt"
-$python scripts/kernel_benchmark.py --shape 7b --tokens 1,16,64 --out "$out/kernel.jsonl" | tee "$out/kernel.txt"
+$python scripts/kernel_benchmark.py --shape 7b --tokens 1,16,64 --decode 128 --out "$out/kernel.jsonl" \
+  | tee "$out/kernel.txt"
+$python scripts/kernel_benchmark.py --shape 70b --tokens 1 --skip-forward --out "$out/kernel.jsonl" \
+  | tee "$out/kernel_70b.txt"
 $python scripts/benchmark.py --shape 7b --batch 16 --seq 512 \
   --methods forward,qst:adapter,qst:maxpool,qlora --out "$out/benchmark.jsonl" | tee "$out/benchmark.txt"
 $python - <<'EOF' 2>&1 | tee "$out/mesh.txt"

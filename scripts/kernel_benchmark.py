@@ -10,7 +10,9 @@ matmul) and with the fused Pallas kernel (`quant/nf4_kernel.py`):
     at `--tokens` tokens: median time and the effective rate at which the
     4-bit weight is read (packed bytes / time);
   * `forward`: the whole random-weight backbone (every layer, `lax.scan`) on
-    `--tokens` tokens of one sequence, the weight-bound cost of a decode step.
+    `--tokens` tokens of one sequence, the weight-bound cost of a decode step;
+  * `decode`: greedy KV-cached decoding of `--decode` new tokens for one
+    sequence through `generate.Generator`: time and tokens per second.
 
 `--interpret` runs the kernel in Pallas interpret mode (any backend; numbers
 are then only a smoke test). One JSON line per measurement, then a table.
@@ -90,13 +92,48 @@ def bench_forward(cfg, params, tokens: int, steps: int, interpret: bool) -> list
     return records
 
 
+class _IdTokenizer:
+    """Token ids in and out: all the Generator needs to decode from id prompts."""
+
+    pad_token_id, eos_token_id = 0, None
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return ""
+
+
+def bench_decode(cfg, params, new_tokens: int, interpret: bool) -> list[dict]:
+    """Greedy KV-cached decoding of one sequence (`generate.Generator`), per new token."""
+    from qst_jax.generate.decode import Generator
+    from qst_jax.models.loader import Backbone
+
+    records = []
+    for path, mode in _modes(interpret):
+        previous = set_kernel_mode(mode)
+        try:
+            gen = Generator(Backbone(cfg=cfg, params=params), _IdTokenizer())
+            prompt = [[1, 2, 3, 4]]
+            start = time.perf_counter()
+            gen.generate_ids(prompt, max_new_tokens=new_tokens, eos_ids=[])  # compiles prefill and step
+            compile_s = time.perf_counter() - start
+            start = time.perf_counter()
+            out = gen.generate_ids(prompt, max_new_tokens=new_tokens, eos_ids=[])
+            seconds = time.perf_counter() - start
+        finally:
+            set_kernel_mode(previous)
+        records.append({"bench": "decode", "layer": "all", "shape": [cfg.num_layers], "tokens": len(out[0]),
+                        "path": path, "compile_s": compile_s, "step_s": seconds / len(out[0]),
+                        "tokens_per_s": len(out[0]) / seconds})
+    return records
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="7b", choices=["tiny", "7b", "13b", "70b"])
     parser.add_argument("--tokens", default="1,16,64", help=f"comma-separated, each <= {MAX_FUSED_TOKENS}")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--interpret", action="store_true", help="kernel in Pallas interpret mode (CPU smoke run)")
-    parser.add_argument("--skip-forward", action="store_true")
+    parser.add_argument("--skip-forward", action="store_true", help="no whole-backbone measurements")
+    parser.add_argument("--decode", type=int, default=64, help="new tokens of the batch-1 decode run (0: none)")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args(argv)
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -107,11 +144,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cfg = llama2_config(args.shape)
     params = None if args.skip_forward else random_params(cfg, jax.random.PRNGKey(0))
-    records = []
-    for tokens in token_counts:
-        batch = bench_matmul(cfg, tokens, args.steps, args.interpret)
-        if params is not None:
-            batch += bench_forward(cfg, params, tokens, args.steps, args.interpret)
+    records: list[dict] = []
+
+    def emit(batch: list[dict]) -> None:
         for record in batch:
             record["device"] = jax.devices()[0].device_kind
             line = json.dumps(record)
@@ -119,15 +154,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
-        records += batch
+        records.extend(batch)
 
-    print(f"\n{'bench':<8} {'layer':<6} {'tokens':>6} {'reference ms':>13} {'fused ms':>9} {'speedup':>8}")
+    for tokens in token_counts:
+        emit(bench_matmul(cfg, tokens, args.steps, args.interpret))
+        if params is not None:
+            emit(bench_forward(cfg, params, tokens, args.steps, args.interpret))
+    if params is not None and args.decode > 0:
+        emit(bench_decode(cfg, params, args.decode, args.interpret))
+
+    print(f"\n{'bench':<8} {'layer':<6} {'tokens':>6} {'reference ms':>13} {'fused ms':>9} {'speedup':>8} "
+          f"{'fused rate':>16}")
     by_key: dict[tuple, dict] = {}
     for r in records:
-        by_key.setdefault((r["bench"], r["layer"], r["tokens"]), {})[r["path"]] = r["step_s"]
-    for (bench, layer, tokens), t in by_key.items():
-        print(f"{bench:<8} {layer:<6} {tokens:>6} {t['reference'] * 1e3:>13.3f} {t['fused'] * 1e3:>9.3f} "
-              f"{t['reference'] / t['fused']:>7.2f}x")
+        by_key.setdefault((r["bench"], r["layer"], r["tokens"]), {})[r["path"]] = r
+    for (bench, layer, tokens), pair in by_key.items():
+        ref, fused = pair["reference"], pair["fused"]
+        rate = (f"{fused['weight_gb_per_s']:.0f} GB/s 4-bit" if "weight_gb_per_s" in fused
+                else f"{fused['tokens_per_s']:.1f} tok/s")
+        print(f"{bench:<8} {layer:<6} {tokens:>6} {ref['step_s'] * 1e3:>13.3f} {fused['step_s'] * 1e3:>9.3f} "
+              f"{ref['step_s'] / fused['step_s']:>7.2f}x {rate:>16}")
     return records
 
 
