@@ -25,9 +25,7 @@ kernel (`NF4Weight.scales()`, float32, 1/16 of the weight's element count).
 
 The same kernel runs in Pallas interpret mode on CPU, where tests compare it
 with the reference path; on GPU it is chosen by `matmul.matmul` for up to
-`MAX_FUSED_TOKENS` tokens (`set_kernel_mode` switches it). XLA cannot split a
-Pallas call over a mesh; the sharded train steps see far more than
-`MAX_FUSED_TOKENS` tokens per matmul, so they always take the reference path.
+`MAX_FUSED_TOKENS` tokens (`set_kernel_mode` switches it).
 """
 
 from __future__ import annotations
