@@ -26,7 +26,9 @@ def load_config(path: str):
     return module.get_config()
 
 
-def compare(config_path: str, steps: int, output_root: str, eval_examples: int | None = None, log=print):
+def compare(config_path: str, steps: int, output_root: str, eval_examples: int | None = None, log=print,
+            qlora_steps: int | None = None):
+    """Rows of held-out perplexity for QST then QLoRA (`qlora_steps` defaults to `steps`)."""
     from qst_jax.train.trainer import Trainer
 
     rows = []
@@ -34,7 +36,7 @@ def compare(config_path: str, steps: int, output_root: str, eval_examples: int |
     for method in ("qst", "qlora"):
         config = load_config(config_path)
         config.method = method
-        config.train.steps = steps
+        config.train.steps = steps if method == "qst" or qlora_steps is None else qlora_steps
         config.train.eval_every = 0
         config.train.checkpoint_every = 0
         config.train.output_dir = os.path.join(output_root, method)

@@ -36,7 +36,8 @@ def evaluate(play: str = "hamlet", windows: int = 8, seq_len: int = 512) -> dict
     with open(shakespeare_plays()[play], encoding="utf-8") as f:
         ids = tokenizer(f.read()).input_ids
     count = min(len(ids) // seq_len, windows)
-    chunks = Examples(tokens=[np.asarray(ids[i * seq_len : (i + 1) * seq_len], np.int32) for i in range(count)])
+    tokens = [np.asarray(ids[i * seq_len : (i + 1) * seq_len], np.int32) for i in range(count)]
+    chunks = Examples(tokens=tokens, loss_masks=[np.ones_like(t) for t in tokens])  # score every next token
     result: dict[str, float | str] = {}
     for name, quantize in (("bf16", False), ("nf4", True)):
         start = time.perf_counter()

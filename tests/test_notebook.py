@@ -21,6 +21,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     except MissingPackageError as err:
         pytest.skip(str(err))
     monkeypatch.setenv("QST_NOTEBOOK_STEPS", "8")
+    monkeypatch.setenv("QST_NOTEBOOK_EVAL_WINDOWS", "8")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parents[1])}})

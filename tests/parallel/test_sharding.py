@@ -50,13 +50,12 @@ def test_checkpoint_restores_onto_another_mesh(result):
 
 
 def test_trainer_on_a_mesh_equals_one_device(result):
-    """qst-train with parallel.fsdp=8 gives the single-device side params (float32 compute)."""
+    """qst-train with parallel.fsdp=8 and parallel.side=fsdp (backbone loaded onto the mesh, side
+    params and optimizer state split 8 ways) gives the single-device side params (float32 compute)."""
     assert result["trainer_param_diff"] < 1e-4
 
 
-def test_trainer_with_fsdp_side_state_equals_one_device(result):
-    """parallel.side=fsdp splits side params and optimizer state over the 8 devices; same result."""
-    assert result["side_fsdp"]["param_diff"] < 1e-4
+def test_fsdp_side_state_is_split(result):
     assert result["side_fsdp"]["split_leaves"] >= 6  # the side blocks' weights, their Adam moments, ...
     assert result["side_fsdp"]["largest_leaf_fraction_per_device"] == 1 / 8
 
