@@ -21,6 +21,7 @@ are then only a smoke test). One JSON line per measurement, then a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -32,7 +33,7 @@ import numpy as np
 from qst_jax.models.decoder import logits_fn
 from qst_jax.models.random_init import llama2_config, random_nf4, random_params
 from qst_jax.quant.matmul import matmul, set_kernel_mode
-from qst_jax.quant.nf4_kernel import MAX_FUSED_TOKENS
+from qst_jax.quant.nf4_kernel import MAX_FUSED_TOKENS, block_n_for, nf4_matmul
 
 
 def _median_time(fn, args, steps: int) -> tuple[float, float]:
@@ -53,24 +54,29 @@ def _modes(interpret: bool) -> list[tuple[str, str]]:
     return [("reference", "off"), ("fused", "interpret" if interpret else "auto")]
 
 
-def bench_matmul(cfg, tokens: int, steps: int, interpret: bool) -> list[dict]:
+def bench_matmul(cfg, tokens: int, steps: int, interpret: bool, block_n: int | None = None) -> list[dict]:
     shapes = {"q": (cfg.num_heads * cfg.head_dim, cfg.hidden_size), "gate": (cfg.intermediate_size, cfg.hidden_size),
               "down": (cfg.hidden_size, cfg.intermediate_size)}
+    paths = {
+        "reference": lambda x, w: matmul(x, w),  # with the kernel mode "off"
+        "fused": functools.partial(nf4_matmul, interpret=interpret, block_n=block_n),
+    }
     records = []
     for name, (out_dim, in_dim) in shapes.items():
         w = random_nf4(jax.random.PRNGKey(0), (), (out_dim, in_dim))
         x = jax.random.normal(jax.random.PRNGKey(1), (tokens, in_dim), jnp.bfloat16)
         outputs = {}
-        for path, mode in _modes(interpret):
-            previous = set_kernel_mode(mode)
-            try:
-                compile_s, step_s = _median_time(lambda x, w: matmul(x, w), (x, w), steps)
-                outputs[path] = np.asarray(jax.jit(lambda x, w: matmul(x, w))(x, w), np.float32)
-            finally:
-                set_kernel_mode(previous)
-            records.append({"bench": "matmul", "layer": name, "shape": [out_dim, in_dim], "tokens": tokens,
-                            "path": path, "compile_s": compile_s, "step_s": step_s,
-                            "weight_gb_per_s": w.packed.nbytes / step_s / 1e9})
+        previous = set_kernel_mode("off")
+        try:
+            for path, fn in paths.items():
+                compile_s, step_s = _median_time(fn, (x, w), steps)
+                outputs[path] = np.asarray(jax.jit(fn)(x, w), np.float32)
+                records.append({"bench": "matmul", "layer": name, "shape": [out_dim, in_dim], "tokens": tokens,
+                                "path": path, "compile_s": compile_s, "step_s": step_s,
+                                "block_n": (block_n or block_n_for(out_dim)) if path == "fused" else None,
+                                "weight_gb_per_s": w.packed.nbytes / step_s / 1e9})
+        finally:
+            set_kernel_mode(previous)
         diff = np.linalg.norm(outputs["fused"] - outputs["reference"]) / np.linalg.norm(outputs["reference"])
         records[-1]["rel_diff_vs_reference"] = float(diff)
     return records
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--interpret", action="store_true", help="kernel in Pallas interpret mode (CPU smoke run)")
     parser.add_argument("--skip-forward", action="store_true", help="no whole-backbone measurements")
     parser.add_argument("--decode", type=int, default=64, help="new tokens of the batch-1 decode run (0: none)")
+    parser.add_argument("--block-n", type=int, default=None, help="kernel row tile for the matmul runs (sweeps)")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args(argv)
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records.extend(batch)
 
     for tokens in token_counts:
-        emit(bench_matmul(cfg, tokens, args.steps, args.interpret))
+        emit(bench_matmul(cfg, tokens, args.steps, args.interpret, args.block_n))
         if params is not None:
             emit(bench_forward(cfg, params, tokens, args.steps, args.interpret))
     if params is not None and args.decode > 0:

@@ -76,9 +76,19 @@ def _kernel(x_even_ref, x_odd_ref, packed_ref, scales_ref, out_ref, *, num_block
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
+_MIN_PROGRAMS = 128  # about one program per streaming multiprocessor of an H100 (132)
+
+
 def block_n_for(out_dim: int) -> int | None:
-    """The widest row tile that divides `out_dim`, or None if none does."""
-    return next((b for b in _BLOCK_N_CHOICES if out_dim % b == 0), None)
+    """The row tile: the widest that divides `out_dim` and still gives `_MIN_PROGRAMS` programs.
+
+    Each program streams its rows' whole K extent, so the grid must be wide
+    enough to occupy every multiprocessor. None if no tile divides `out_dim`.
+    """
+    dividing = [b for b in _BLOCK_N_CHOICES if out_dim % b == 0]
+    if not dividing:
+        return None
+    return next((b for b in dividing if out_dim // b >= _MIN_PROGRAMS), dividing[-1])
 
 
 def fused_supported(w: Any) -> bool:
@@ -89,9 +99,9 @@ def fused_supported(w: Any) -> bool:
     return w.blocksize == 64 and in_dim % 64 == 0 and block_n_for(out_dim) is not None
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages"))
-def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, num_warps: int = 4,
-               num_stages: int = 3) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "block_n", "num_warps", "num_stages"))
+def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, block_n: int | None = None,
+               num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """`x @ dequantize(w).T` without materialising the dequantized weight.
 
     Args:
@@ -99,6 +109,8 @@ def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, num_warps
       w: NF4Weight `[N, K]` with blocksize 64 and no leading axes
         (`fused_supported(w)`).
       interpret: run in Pallas interpret mode (any backend; for tests).
+      block_n: output rows per program (a power of two >= 16 dividing N);
+        default `block_n_for(N)`.
       num_warps, num_stages: Triton launch parameters.
 
     Returns:
@@ -116,7 +128,9 @@ def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, num_warps
     flat = jnp.pad(x.reshape(rows, in_dim), ((0, padded - rows), (0, 0)))
     x_even, x_odd = flat[:, 0::2], flat[:, 1::2]
     scales_t = w.scales().T  # [K / 64, N] float32
-    block_n = block_n_for(out_dim)
+    block_n = block_n or block_n_for(out_dim)
+    if block_n not in _BLOCK_N_CHOICES or out_dim % block_n:
+        raise ValueError(f"nf4_matmul: block_n {block_n} must be one of {_BLOCK_N_CHOICES} and divide {out_dim}")
     half = w.blocksize // 2
     kernel = functools.partial(_kernel, num_blocks=in_dim // w.blocksize, half=half)
     compiler_params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -55,6 +55,20 @@ def test_kernel_plain_scales_and_leading_axes():
     assert _rel(fused, exact) < 5e-3
 
 
+def test_row_tiles_fill_the_grid_and_agree():
+    from qst_jax.quant.nf4_kernel import block_n_for
+
+    assert block_n_for(4096) == 32 and block_n_for(11008) == 64 and block_n_for(28672) == 128
+    assert block_n_for(96) == 16 and block_n_for(40) is None  # small: the narrowest tile
+    w = quantize(jax.random.normal(jax.random.PRNGKey(0), (128, 128)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 128), jnp.bfloat16)
+    outs = [np.asarray(nf4_matmul(x, w, interpret=True, block_n=b), np.float32) for b in (16, 64, 128)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="block_n 48"):
+        nf4_matmul(x, w, interpret=True, block_n=48)
+
+
 def test_unsupported_weights_fall_back_or_raise():
     stacked = jax.tree.map(lambda a: a[None], quantize(jax.random.normal(jax.random.PRNGKey(0), (64, 128))))
     assert not fused_supported(stacked)
