@@ -155,6 +155,8 @@ class Trainer:
                 raise ValueError(f"config: {key} is required (--config.{key}=...)")
         path = resolve_model_path(config.model.path)
         p = config.parallel
+        if p.side not in ("replicated", "fsdp"):
+            raise ValueError(f"config: parallel.side must be 'replicated' or 'fsdp', got {p.side!r}")
         self.mesh = None
         if p.data * p.fsdp * p.tensor > 1:
             from qst_jax.parallel import make_mesh
@@ -208,10 +210,8 @@ class Trainer:
         backbone_sh = backbone_shardings(self.backbone.params, self.mesh)
         self.backbone.params = jax.device_put(self.backbone.params, backbone_sh)  # no-op when loaded on the mesh
         abstract = jax.eval_shape(lambda k: init_train_state(self.model, self.tx, k), jax.random.PRNGKey(0))
-        side = self.config.parallel.side
-        if side not in ("replicated", "fsdp"):
-            raise ValueError(f"config: parallel.side must be 'replicated' or 'fsdp', got {side!r}")
-        self.state_shardings = (fsdp_shardings if side == "fsdp" else replicated)(abstract, self.mesh)
+        split = fsdp_shardings if self.config.parallel.side == "fsdp" else replicated
+        self.state_shardings = split(abstract, self.mesh)
         self.train_step = make_train_step(
             self.model, self.tx, shardings=(self.state_shardings, backbone_sh, batch_sharding(self.mesh))
         )

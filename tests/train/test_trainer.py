@@ -185,6 +185,17 @@ def test_missing_model_path(tmp_path, model_dir):
         Trainer(config, log=quiet)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("side", "zero3", "parallel.side must be 'replicated' or 'fsdp'"),
+    ("fsdp", 3, "must divide by data x fsdp = 3"),
+])
+def test_bad_parallel_settings_fail_before_loading(tmp_path, model_dir, key, value, match):
+    config = tiny_config(model_dir, tmp_path)
+    config.parallel[key] = value
+    with pytest.raises(ValueError, match=match):
+        Trainer(config, log=quiet)
+
+
 def test_cli_unknown_config_key(model_dir, tmp_path):
     proc = _cli(_config_file(tmp_path, model_dir), "--config.train.learning_rate=0.1")
     output, _ = proc.communicate(timeout=120)
