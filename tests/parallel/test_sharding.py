@@ -97,6 +97,8 @@ def test_two_processes_train_and_checkpoint(testdata, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]  # one writer: process 0
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and all(r["loss"] > 0 for r in evals)  # both processes evaluate
     assert (run / "side.safetensors").is_file()  # side params split over the processes, gathered to export
     from qst_jax.models import load_config
     from qst_jax.train.checkpoint import load_side
