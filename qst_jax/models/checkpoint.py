@@ -100,8 +100,6 @@ def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-_field = gguf_field
-
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undoes llama.cpp's interleaved RoPE row order of a q or k projection."""
@@ -121,7 +119,7 @@ class GGUFSource(Mapping):
 
         self.path = path
         self._reader = GGUFReader(path)
-        arch = _field(self._reader, "general.architecture")
+        arch = gguf_field(self._reader, "general.architecture")
         if arch != "llama":
             raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
         self._tensors = {}
@@ -142,34 +140,35 @@ class GGUFSource(Mapping):
 
     def _config(self) -> dict[str, Any]:
         r = self._reader
-        heads = int(_field(r, "llama.attention.head_count"))
-        hidden = int(_field(r, "llama.embedding_length"))
-        vocab = _field(r, "llama.vocab_size")
+        heads = int(gguf_field(r, "llama.attention.head_count"))
+        hidden = int(gguf_field(r, "llama.embedding_length"))
+        vocab = gguf_field(r, "llama.vocab_size")
         if vocab is None:
             vocab = len(r.fields["tokenizer.ggml.tokens"].data)
-        rope_dim = _field(r, "llama.rope.dimension_count")
-        scaling_type = _field(r, "llama.rope.scaling.type")
-        rope: dict[str, Any] = {"rope_theta": float(_field(r, "llama.rope.freq_base", 10000.0)), "rope_type": "default"}
+        rope_dim = gguf_field(r, "llama.rope.dimension_count")
+        scaling_type = gguf_field(r, "llama.rope.scaling.type")
+        theta = float(gguf_field(r, "llama.rope.freq_base", 10000.0))
+        rope: dict[str, Any] = {"rope_theta": theta, "rope_type": "default"}
         if scaling_type == "linear":
-            rope.update(rope_type="linear", factor=float(_field(r, "llama.rope.scaling.factor")))
+            rope.update(rope_type="linear", factor=float(gguf_field(r, "llama.rope.scaling.factor")))
         elif scaling_type not in (None, "none"):
             raise CheckpointError(f"{self.path}: GGUF RoPE scaling {scaling_type!r} is not supported")
         return {
             "model_type": "llama",
             "vocab_size": int(vocab),
             "hidden_size": hidden,
-            "intermediate_size": int(_field(r, "llama.feed_forward_length")),
-            "num_hidden_layers": int(_field(r, "llama.block_count")),
+            "intermediate_size": int(gguf_field(r, "llama.feed_forward_length")),
+            "num_hidden_layers": int(gguf_field(r, "llama.block_count")),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(_field(r, "llama.attention.head_count_kv", heads)),
+            "num_key_value_heads": int(gguf_field(r, "llama.attention.head_count_kv", heads)),
             "head_dim": int(rope_dim) if rope_dim else hidden // heads,
-            "rms_norm_eps": float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
+            "rms_norm_eps": float(gguf_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_parameters": rope,
-            "max_position_embeddings": int(_field(r, "llama.context_length", 2048)),
+            "max_position_embeddings": int(gguf_field(r, "llama.context_length", 2048)),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "bos_token_id": _field(r, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": _field(r, "tokenizer.ggml.eos_token_id"),
-            "pad_token_id": _field(r, "tokenizer.ggml.padding_token_id"),
+            "bos_token_id": gguf_field(r, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": gguf_field(r, "tokenizer.ggml.eos_token_id"),
+            "pad_token_id": gguf_field(r, "tokenizer.ggml.padding_token_id"),
         }
 
     def file_of(self, key: str) -> str:

@@ -31,7 +31,3 @@ def initialize_from_env() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
     return True
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0

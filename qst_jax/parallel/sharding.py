@@ -7,7 +7,8 @@ table, not a rewrite:
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     backbone_sh = backbone_shardings(backbone.params, mesh)
     params = jax.device_put(backbone.params, backbone_sh)
-    step = make_train_step(model, tx, shardings=step_shardings(mesh, backbone_sh, state))
+    state_sh = replicated(state, mesh)  # or fsdp_shardings(state, mesh)
+    step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sharding(mesh)))
 
 NF4 weights shard their packed codes and first-level scales together along
 `out` (rows), as `nf4-format.md` says; the in-axis's mesh axes move onto `out`

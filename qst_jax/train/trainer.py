@@ -375,14 +375,12 @@ class Trainer:
         if self.eval_data is not None:
             after = self.evaluate(state.params)
             summary["eval_after"] = after
-            self._append_eval(int(state.step), after)
+            self._append(int(state.step), "eval", after)
             self.log(self._eval_line(f"held-out, {config.method} after training", after))
         task_result = self.task_evaluation(state.params)
         if task_result:
             summary["task_eval"] = task_result
-            writer = MetricsWriter(self.output_dir)
-            writer.write(int(state.step), "task", task_result)
-            writer.close()
+            self._append(int(state.step), "task", task_result)
             self.log(self._eval_line(f"{config.evaluation.kind} after training", task_result))
         params = state.params
         if jax.process_count() > 1:  # every process joins the gather; fsdp-split params become whole
@@ -397,9 +395,10 @@ class Trainer:
             self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
         return summary
 
-    def _append_eval(self, step: int, result: dict[str, float]) -> None:
+    def _append(self, step: int, split: str, result: dict[str, float]) -> None:
+        """One record after the training loop's writer has closed."""
         writer = MetricsWriter(self.output_dir)
-        writer.write(step, "eval", result)
+        writer.write(step, split, result)
         writer.close()
 
     def export(self, state: TrainState, params: Any = None) -> None:
