@@ -27,10 +27,11 @@ import numpy as np
 import optax
 
 from qst_jax.models.random_init import llama2_config, random_params
-from qst_jax.side.config import SideConfig
-from qst_jax.side.model import FrozenModel, QLoRAModel, QSTModel
-from qst_jax.side.network import count_params
-from qst_jax.train.step import init_train_state, make_eval_step, make_train_step
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods import FrozenModel, QLoRAModel, QSTModel
+from qst_jax.tree import count_params
+from qst_jax.eval.tasks import make_eval_step
+from qst_jax.train.step import init_train_state, make_train_step
 
 ALL_METHODS = "forward,qst:adapter,qst:lora,qst:linear,qst:maxpool,qst:avgpool,qlora,qlora:noremat"
 

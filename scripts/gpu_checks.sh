@@ -30,8 +30,8 @@ $python - <<'EOF' 2>&1 | tee "$out/mesh.txt"
 import jax, jax.numpy as jnp, numpy as np, optax
 from qst_jax.models.random_init import llama2_config, random_params
 from qst_jax.parallel import backbone_shardings, batch_sharding, make_mesh, replicated
-from qst_jax.side.config import SideConfig
-from qst_jax.side.model import QSTModel
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods import QSTModel
 from qst_jax.train.step import init_train_state, make_train_step
 
 cfg = llama2_config("tiny")

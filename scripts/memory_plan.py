@@ -18,11 +18,12 @@ import jax
 import numpy as np
 
 from qst_jax.models.random_init import llama2_config, random_params
-from qst_jax.parallel.sharding import DEFAULT_RULES, _fit, _mesh_axes
-from qst_jax.models.axes import _path_names, axes_for
+from qst_jax.parallel.sharding import DEFAULT_RULES, fit_spec, mesh_axes_of
+from qst_jax.models.axes import axes_for
+from qst_jax.tree import path_names
 from qst_jax.quant.nf4 import NF4Weight
-from qst_jax.side.config import SideConfig
-from qst_jax.side.network import init_side_params
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods.side_network import init_side_params
 
 
 class _Sizes:
@@ -36,18 +37,18 @@ def backbone_bytes_per_device(params, sizes: _Sizes) -> int:
     total = 0
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, NF4Weight))
     for path, leaf in flat:
-        names = _path_names(path)
+        names = path_names(path)
         if isinstance(leaf, NF4Weight):
             lead = len(leaf.lead_shape)
-            axes = _mesh_axes(axes_for(names, lead + 2), DEFAULT_RULES)
+            axes = mesh_axes_of(axes_for(names, lead + 2), DEFAULT_RULES)
             spec_axes = [()] * lead + [axes[lead] + axes[lead + 1], ()]
             for array in (leaf.packed, leaf.absmax):
-                total += _sharded_bytes(array, _fit(spec_axes, array.shape, sizes), sizes)
+                total += _sharded_bytes(array, fit_spec(spec_axes, array.shape, sizes), sizes)
             for array in (leaf.nested_absmax, leaf.offset):
                 if array is not None:
                     total += int(np.prod(array.shape)) * array.dtype.itemsize
         else:
-            spec = _fit(_mesh_axes(axes_for(names, len(leaf.shape)), DEFAULT_RULES), leaf.shape, sizes)
+            spec = fit_spec(mesh_axes_of(axes_for(names, len(leaf.shape)), DEFAULT_RULES), leaf.shape, sizes)
             total += _sharded_bytes(leaf, spec, sizes)
     return total
 

@@ -17,8 +17,8 @@ from qst_jax.data.examples import Examples
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
 from qst_jax.eval.tasks import perplexity
 from qst_jax.models import load_backbone, load_tokenizer
-from qst_jax.side.model import FrozenModel
-from qst_jax.train.step import make_eval_step
+from qst_jax.methods import FrozenModel
+from qst_jax.eval.tasks import make_eval_step
 
 
 def greedy(backbone, tokenizer, prompt: str, steps: int = 8) -> str:

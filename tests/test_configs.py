@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from qst_jax.side.config import SideConfig
+from qst_jax.methods.side_config import SideConfig
 from qst_jax.train.config import base_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))

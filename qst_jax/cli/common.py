@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def add_model_args(parser: Any) -> None:
@@ -18,13 +13,12 @@ def add_model_args(parser: Any) -> None:
 
 
 def load_model(args: Any):
-    """(backbone, tokenizer, model, params): model is FrozenModel without --side."""
+    """(backbone, tokenizer, model, params): the frozen backbone's method without --side."""
     import jax.numpy as jnp
 
+    from qst_jax.data.specs import resolve_model_path
+    from qst_jax.methods import FrozenModel, load_tuned
     from qst_jax.models import load_backbone, load_tokenizer
-    from qst_jax.side.model import FrozenModel
-    from qst_jax.side.restore import load_tuned
-    from qst_jax.train.trainer import resolve_model_path
 
     path = resolve_model_path(args.model)
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))

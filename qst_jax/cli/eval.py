@@ -17,18 +17,17 @@ from qst_jax.cli.common import add_model_args, load_model
 
 
 def _perplexity(args, backbone, tokenizer, model, params) -> dict:
-    from qst_jax.data.examples import lm_windows
+    from qst_jax.data.examples import lm_windows, pad_id
     from qst_jax.data.sources import load_records
-    from qst_jax.eval.tasks import perplexity
-    from qst_jax.train.step import make_eval_step
-    from qst_jax.train.trainer import resolve_data
+    from qst_jax.data.specs import resolve_data
+    from qst_jax.eval.tasks import make_eval_step, perplexity
 
     examples = lm_windows(load_records(resolve_data(args.data, args.holdout)), tokenizer, args.seq_len,
                           args.text_column, "--data")
     if args.max_windows:
         examples.tokens, examples.loss_masks = examples.tokens[: args.max_windows], examples.loss_masks[: args.max_windows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size, pad_id=pad)
+    return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size,
+                      pad_token=pad_id(tokenizer))
 
 
 def _classify(args, backbone, tokenizer, model, params) -> dict:
@@ -41,7 +40,7 @@ def _classify(args, backbone, tokenizer, model, params) -> dict:
         raise ValueError("classify needs a side network trained with task=classification (--side)")
     task = GLUE_TASKS.get(args.task)
     if task is None:
-        labels = tuple(str(i) for i in range(model.side.num_labels if hasattr(model, "side") else model.num_labels))
+        labels = tuple(str(i) for i in range(model.num_labels))
         task = GlueTask(args.task, args.text_column, args.text_pair_column, args.label_column, labels, ("accuracy",))
     fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask))
     return classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from qst_jax.data.sources import DataError
     from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.train.checkpoint import ExportError
+    from qst_jax.methods import ExportError
 
     try:
         loaded = load_model(args)

@@ -57,13 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from qst_jax.generate.decode import GenerationError, Generator
     from qst_jax.generate.sampling import SamplingConfig
     from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.train.checkpoint import ExportError
+    from qst_jax.methods import ExportError
 
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         backbone, tokenizer, model, params = load_model(args)
-        tuned = (model, params) if args.side else None
-        gen = Generator(backbone, tokenizer, tuned)
+        gen = Generator(backbone, tokenizer, (model, params))
         if args.prompt is not None:
             _stream(gen, tokenizer(args.prompt).input_ids, args, sampling)
         elif args.chat:

@@ -6,18 +6,62 @@ README for the configs, data formats and the outputs of a run.
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in train.output_dir")
+
+
+def _fail(message: str) -> None:
+    print(f"qst-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_file(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_keys(argv: list[str]) -> list[str]:
+    """The `--config.a.b=...` overrides whose key `a.b` is not in the schema (`train/config.py`)."""
+    from qst_jax.train.config import base_config
+
+    known, unknown = base_config(), []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node: object = known
+        key = arg[len("--config."):].split("=", 1)[0]
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                unknown.append(key)
+                break
+            node = node[part]
+    return unknown
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-line error for a missing config file, an unknown key or a bad value."""
+    import os
+
+    path = _config_file(argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        _fail(f"--config {path}: no such file (recipes are in configs/)")
+    unknown = _unknown_keys(argv)
+    if unknown:
+        _fail(f"--config.{unknown[0]}: no such config key (every key and its default: qst_jax/train/config.py)")
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        _fail(f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return []
 
 
 def main(argv: list[str]) -> int:
@@ -53,7 +97,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,17 @@ class Examples:
         return len(self.tokens)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padding slots: the tokenizer's pad token, else its EOS, else 0.
+
+    Padding is always masked out, so the choice changes no result.
+    """
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return 0
+
+
 def _eos(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:

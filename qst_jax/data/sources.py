@@ -1,8 +1,9 @@
 """Local records through `datasets`: jsonl, json, csv, tsv, parquet, text folders.
 
-Nothing is downloaded: only local files are read (`HF_DATASETS_OFFLINE=1` is
-set on import). A `.txt` file or a folder of them gives one record per file
+Only local files are read. A `.txt` file or a folder of them gives one record per file
 (a document) in column `text`.
+
+Nothing is fetched: `qst_jax` sets `HF_DATASETS_OFFLINE=1` on import.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import csv
 import glob
 import os
 from collections.abc import Sequence
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FORMATS = {
     ".jsonl": "json",

@@ -1,7 +1,8 @@
 """Evaluations behind `qst-eval` (and the periodic evaluation in `qst-train`).
 
-Every function takes a `model` with the tuning interface (QSTModel, QLoRAModel
-or FrozenModel for the base model), its params and the backbone params.
+Every function works through the method interface (`qst_jax.methods.Method`:
+QST, QLoRA, or the frozen backbone for the base model): an eval step built by
+`make_eval_step(model)`, or a logits function over `model.logits`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from qst_jax.data.batches import Batcher, bucket_lengths
-from qst_jax.data.examples import Examples
+from qst_jax.data.examples import Examples, pad_id
 from qst_jax.data.sources import DataError
 from qst_jax.eval.glue import GlueTask, read_glue, score
+
+
+def make_eval_step(model: Any) -> Callable:
+    """A jitted `(params, backbone_params, batch) -> (loss sum, weight, aux)` for one micro-batch."""
+
+    def evaluate(params: Any, backbone_params: Any, batch: dict[str, jax.Array]):
+        total, (weight, aux) = model.loss(params, backbone_params, batch)
+        return total, weight, aux
+
+    return jax.jit(evaluate)
 
 
 def evaluate_batches(eval_step: Callable, params: Any, backbone_params: Any, batches: Iterable[dict]) -> dict:
@@ -40,9 +51,9 @@ def lm_result(sums: dict) -> dict[str, float]:
 
 
 def perplexity(eval_step: Callable, params: Any, backbone_params: Any, examples: Examples, *, batch_size: int = 8,
-               pad_id: int = 0) -> dict[str, float]:
+               pad_token: int = 0) -> dict[str, float]:
     """Held-out loss and perplexity over packed LM windows (as `qst-train` computes them)."""
-    batcher = Batcher(examples, batch_size, buckets=[len(examples.tokens[0])], pad_id=pad_id, shuffle=False,
+    batcher = Batcher(examples, batch_size, buckets=[len(examples.tokens[0])], pad_id=pad_token, shuffle=False,
                       drop_remainder=False)
     return lm_result(evaluate_batches(eval_step, params, backbone_params, batcher.one_pass()))
 
@@ -53,8 +64,7 @@ def classify(logits_fn: Callable, tokenizer: Any, task: GlueTask, path: str, *, 
     texts, pairs, gold = read_glue(path, task)
     enc = tokenizer(texts, pairs, truncation=True, max_length=seq_len)
     examples = Examples(tokens=[np.asarray(t, np.int32) for t in enc["input_ids"]], labels=gold)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batcher = Batcher(examples, batch_size, buckets=bucket_lengths(seq_len), pad_id=pad, shuffle=False,
+    batcher = Batcher(examples, batch_size, buckets=bucket_lengths(seq_len), pad_id=pad_id(tokenizer), shuffle=False,
                       drop_remainder=False)
     predictions = np.zeros(len(examples), np.float32 if not task.labels else np.int32)
     batches = batcher._epoch_batches(0)

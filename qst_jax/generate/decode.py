@@ -7,8 +7,11 @@ mask); each decode step then runs one token through every layer. Both passes
 are jitted; the decode step has one static shape for the whole generation.
 
     gen = Generator(backbone, tokenizer)                     # the base model
-    gen = Generator(backbone, tokenizer, tuned=(model, params))  # QST or QLoRA
+    gen = Generator(backbone, tokenizer, tuned=(model, params))  # any method (QST, QLoRA, ...)
     texts = gen.generate(["The capital of France is"], max_new_tokens=8)
+
+The model is used only through the method interface (`qst_jax.methods.Method`):
+`init_caches`, `hidden` with caches, and `head`.
 """
 
 from __future__ import annotations
@@ -20,31 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qst_jax.data.examples import CHAT_ROLES
+from qst_jax.data.examples import CHAT_ROLES, pad_id
 from qst_jax.generate.sampling import SamplingConfig, sample
-from qst_jax.models.config import ModelConfig
-from qst_jax.models.decoder import embed, final_norm, lm_head, make_context, scan_layers
-from qst_jax.models.layers import Params
+from qst_jax.methods import FrozenModel
+from qst_jax.models.layers import Params, positions_from_mask
 from qst_jax.models.loader import Backbone
-from qst_jax.side.config import side_model_config
-from qst_jax.side.model import QLoRAModel, QSTModel
-from qst_jax.side.network import qst_pass
 
 
 class GenerationError(ValueError):
     """Bad generation input (prompt too long, unknown chat role, ...)."""
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Params:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-def _backbone_pass(params, cfg, ids, token_mask, positions, key_mask, caches, cache_index, dtype):
-    ctx = make_context(cfg, key_mask, positions, dtype, None, cache_index)
-    h0 = embed(params, cfg, ids, positions, token_mask, dtype)
-    h, _, caches = scan_layers(params["layers"], h0, cfg, ctx, caches=caches)
-    return final_norm(params, cfg, h), caches
 
 
 class Generator:
@@ -59,40 +46,26 @@ class Generator:
     def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None):
         self.backbone, self.tokenizer = backbone, tokenizer
         self.cfg, self.dtype = backbone.cfg, backbone.dtype
-        self.model, self.params = tuned if tuned is not None else (None, None)
-        if self.model is not None and self.model.task != "lm":
+        self.model, self.params = tuned if tuned is not None else (FrozenModel(backbone.cfg, backbone.dtype), {})
+        if self.model.task != "lm":
             raise GenerationError("a classification model cannot generate text")
         self._step = jax.jit(self._pass, static_argnames=("last_only",))
 
     # -- the model pass ----------------------------------------------------------
     def _pass(self, backbone_params, params, ids, token_mask, positions, key_mask, caches, cache_index, last_only=True):
-        if isinstance(self.model, QSTModel):
-            hidden, caches = qst_pass(
-                params, backbone_params, self.cfg, self.model.side, ids, token_mask, positions, key_mask,
-                dtype=self.dtype, caches=caches, cache_index=cache_index,
-            )
-        else:
-            weights = self.model.merged(params, backbone_params) if isinstance(self.model, QLoRAModel) else backbone_params
-            hidden, caches = _backbone_pass(
-                weights, self.cfg, ids, token_mask, positions, key_mask, caches, cache_index, self.dtype
-            )
+        hidden, caches = self.model.hidden(
+            params, backbone_params, ids, token_mask, positions=positions, key_mask=key_mask, caches=caches,
+            cache_index=cache_index,
+        )
         if last_only:
             hidden = hidden[:, -1:]
-        return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32), caches
-
-    def _caches(self, batch: int, length: int) -> Params:
-        caches = init_cache(self.cfg, batch, length, self.dtype)
-        if isinstance(self.model, QSTModel):
-            side_cfg = side_model_config(self.cfg, self.model.side)
-            return {"backbone": caches, "side": init_cache(side_cfg, batch, length, self.dtype)}
-        return caches
+        return self.model.head(params, backbone_params, hidden, token_mask), caches
 
     def full_logits(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
         """Uncached float32 logits `[B, T, V]` of the same model (the test oracle)."""
         ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-        positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
         logits, _ = jax.jit(self._pass, static_argnames=("last_only",))(
-            self.backbone.params, self.params, ids, mask, positions, mask, None, None, last_only=False
+            self.backbone.params, self.params, ids, mask, positions_from_mask(mask), mask, None, None, last_only=False
         )
         return logits
 
@@ -105,8 +78,7 @@ class Generator:
         if any(len(r) == 0 for r in rows):
             raise GenerationError("empty prompt")
         length = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = np.full((len(rows), length), pad, np.int32)
+        ids = np.full((len(rows), length), pad_id(self.tokenizer), np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for i, r in enumerate(rows):
             ids[i, length - len(r) :] = r
@@ -147,7 +119,7 @@ class Generator:
             eos_ids = list(eos) if isinstance(eos, tuple | list) else ([eos] if eos is not None else [])
         key_mask = np.zeros((batch, length), np.int32)
         key_mask[:, :p] = mask
-        caches = self._caches(batch, length)
+        caches = self.model.init_caches(batch, length)
         positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
         logits, caches = self._step(
             self.backbone.params, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),

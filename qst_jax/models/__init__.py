@@ -4,7 +4,7 @@ from qst_jax.models.axes import logical_axes
 from qst_jax.models.blocks import BlockContext, block_fn
 from qst_jax.models.checkpoint import CheckpointError
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
-from qst_jax.models.decoder import DecoderOutput, forward, lm_head, logits_fn
+from qst_jax.models.decoder import forward, init_caches, lm_head, logits_fn
 from qst_jax.models.loader import Backbone, load_backbone, load_config, load_tokenizer
 
 __all__ = [
@@ -12,11 +12,11 @@ __all__ = [
     "BlockContext",
     "CheckpointError",
     "ConfigError",
-    "DecoderOutput",
     "ModelConfig",
     "block_fn",
     "forward",
     "from_hf_config",
+    "init_caches",
     "lm_head",
     "load_backbone",
     "load_config",

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from qst_jax.quant.nf4 import NF4Weight
+from qst_jax.tree import flatten
 
 # (parent module, param) -> axes of the per-layer array.
 _LINEAR_AXES = {
@@ -30,18 +29,6 @@ _LINEAR_AXES = {
     "project_out": (None, "embed"),
     "lm_head": ("vocab", "embed"),
 }
-
-
-def _path_names(path: tuple[Any, ...]) -> list[str]:
-    names = []
-    for entry in path:
-        key = getattr(entry, "key", None)
-        if key is None:
-            key = getattr(entry, "name", None)
-        if key is None:
-            key = getattr(entry, "idx", entry)
-        names.append(str(key))
-    return names
 
 
 def axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
@@ -70,12 +57,7 @@ def axes_for(names: list[str], ndim: int) -> tuple[str | None, ...]:
 def logical_axes(params: Any) -> dict[str, tuple[str | None, ...]]:
     """`{"path/to/param": axis names}` for every array or NF4Weight in `params`."""
     result = {}
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, NF4Weight))
-    for path, leaf in flat:
-        names = _path_names(path)
-        if isinstance(leaf, NF4Weight):
-            ndim = len(leaf.lead_shape) + 2
-        else:
-            ndim = len(leaf.shape)
-        result["/".join(names)] = axes_for(names, ndim)
+    for key, leaf in flatten(params, is_leaf=lambda x: isinstance(x, NF4Weight)).items():
+        ndim = len(leaf.lead_shape) + 2 if isinstance(leaf, NF4Weight) else len(leaf.shape)
+        result[key] = axes_for(key.split("/"), ndim)
     return result

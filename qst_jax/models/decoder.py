@@ -16,7 +16,6 @@ one layer's dequantized weights are alive at a time.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -29,28 +28,6 @@ from qst_jax.models.layers import Params, attention_mask_4d, norm, positions_fro
 from qst_jax.quant.matmul import linear, matmul
 
 OPT_POSITION_OFFSET = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderOutput:
-    """Result of `forward`.
-
-    Attributes:
-      hidden: `[B, T, hidden]` the last layer's output after the final norm.
-      last_layer: `[B, T, hidden]` the last layer's output before it (h_L).
-      embeddings: `[B, T, hidden]` the block input of layer 0 (h_0).
-      layers: `[L, B, T, hidden]` every layer's output (h_1..h_L), when asked.
-    """
-
-    hidden: jax.Array
-    last_layer: jax.Array
-    embeddings: jax.Array
-    layers: jax.Array | None
-
-
-jax.tree_util.register_dataclass(
-    DecoderOutput, data_fields=["hidden", "last_layer", "embeddings", "layers"], meta_fields=[]
-)
 
 
 def make_context(
@@ -100,20 +77,18 @@ def scan_layers(
     cfg: ModelConfig,
     ctx: BlockContext,
     *,
-    keep_layers: bool = False,
     remat: bool = False,
     caches: Params | None = None,
-) -> tuple[jax.Array, jax.Array | None, Params | None]:
+) -> tuple[jax.Array, Params | None]:
     """Runs the stacked layers.
 
     Args:
-      keep_layers: also return every layer's output `[L, B, T, D]`.
       remat: recompute each layer in the backward pass (only matters when
         something differentiates through the layers, as QLoRA does).
       caches: stacked KV caches `{"k","v"}` `[L, B, S, K, H]` (decoding).
 
     Returns:
-      (h_L, layer outputs or None, updated caches or None).
+      (h_L, updated caches or None).
     """
     block = block_fn(cfg)
     if remat:
@@ -121,11 +96,9 @@ def scan_layers(
 
     def body(carry: jax.Array, xs: tuple[Params, Params | None]):
         layer, kv = xs
-        out, kv = block(layer, carry, cfg, ctx, kv)
-        return out, ((out if keep_layers else None), kv)
+        return block(layer, carry, cfg, ctx, kv)
 
-    h, (outs, caches) = jax.lax.scan(body, h, (layers, caches))
-    return h, outs, caches
+    return jax.lax.scan(body, h, (layers, caches))
 
 
 def final_norm(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -140,31 +113,45 @@ def forward(
     *,
     dtype: Any = jnp.bfloat16,
     positions: jax.Array | None = None,
-    keep_layers: bool = False,
+    key_mask: jax.Array | None = None,
+    caches: Params | None = None,
+    cache_index: jax.Array | None = None,
     attention_impl: str | None = None,
     remat: bool = False,
-) -> DecoderOutput:
-    """The decoder forward pass over `input_ids` `[B, T]`.
+) -> tuple[jax.Array, Params | None]:
+    """The decoder over `input_ids` `[B, T]`: training, evaluation and cached decoding alike.
 
     Args:
-      attention_mask: `[B, T]`, 1 for real tokens (left or right padding);
-        default all ones.
+      attention_mask: `[B, T]`, 1 for this pass's real tokens (left or right
+        padding); default all ones.
       dtype: compute dtype (weights are cast or dequantized to it).
       positions: `[B, T]` RoPE positions; default from the mask, as HF does
         when generating (left padding does not shift a sequence).
-      keep_layers: also return every layer's output (what QST consumes).
+      key_mask: `[B, S]` real key slots; default `attention_mask` (S = T).
+        When decoding, S is the cache length.
+      caches: stacked KV caches `{"k","v"}` `[L, B, S, K, H]`; this pass's
+        keys and values are written at slot `cache_index`.
       remat: recompute layers in the backward pass (see `scan_layers`).
+
+    Returns:
+      (final states `[B, T, hidden]` after the final norm, updated caches or None).
     """
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    ctx = make_context(cfg, attention_mask, positions, dtype, attention_impl)
+    if key_mask is None:
+        key_mask = attention_mask
+    ctx = make_context(cfg, key_mask, positions, dtype, attention_impl, cache_index)
     h0 = embed(params, cfg, input_ids, positions, attention_mask, dtype)
-    h_last, layers, _ = scan_layers(params["layers"], h0, cfg, ctx, keep_layers=keep_layers, remat=remat)
-    return DecoderOutput(
-        hidden=final_norm(params, cfg, h_last), last_layer=h_last, embeddings=h0, layers=layers
-    )
+    h_last, caches = scan_layers(params["layers"], h0, cfg, ctx, remat=remat, caches=caches)
+    return final_norm(params, cfg, h_last), caches
+
+
+def init_caches(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Params:
+    """Empty stacked KV caches `{"k","v"}` `[L, B, length, K, H]` for `forward(..., caches=)`."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -181,7 +168,7 @@ def logits_fn(
     """A jittable `(params, input_ids, attention_mask) -> float32 logits`."""
 
     def fn(params: Params, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        out = forward(params, cfg, input_ids, attention_mask, dtype=dtype, attention_impl=attention_impl)
-        return lm_head(params, cfg, out.hidden).astype(jnp.float32)
+        hidden, _ = forward(params, cfg, input_ids, attention_mask, dtype=dtype, attention_impl=attention_impl)
+        return lm_head(params, cfg, hidden).astype(jnp.float32)
 
     return fn

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
 from qst_jax.models.decoder import logits_fn
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
 from qst_jax.quant.nf4 import NF4Weight, QuantizationError, check_finite, quantize_jit
+from qst_jax.tree import set_path
 
 
 # (param path, HF name suffix, shape function, is a quantizable linear weight)
@@ -99,12 +100,6 @@ def global_specs(cfg: ModelConfig) -> list[Spec]:
     return specs
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 class _Reader:
     """Reads, checks, converts and quantizes tensors from one source."""
 
@@ -151,7 +146,24 @@ def _find_prefix(source: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
     )
 
 
-class _HostStack:
+class Placement(Protocol):
+    """Where the loader puts a backbone's pieces as it reads them.
+
+    `place(tree)` takes the non-layer entries (embeddings, final norm, LM
+    head) and returns them placed; `add_layer(index, num_layers, layer)`
+    takes one layer's host params; `finish()` returns the stacked layers
+    `[num_layers, ...]`. `HostPlacement` stacks on the host;
+    `qst_jax.parallel.ShardedPlacement` sends each piece to its device shards.
+    """
+
+    def place(self, tree: dict[str, Any]) -> dict[str, Any]: ...
+
+    def add_layer(self, index: int, num_layers: int, layer: Any) -> None: ...
+
+    def finish(self) -> Any: ...
+
+
+class HostPlacement:
     """Stacks layers on the host: leaves preallocated after layer 0, filled in place."""
 
     def __init__(self) -> None:
@@ -173,24 +185,24 @@ class _HostStack:
 
 
 def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: Any, quantize_linears: bool,
-                placement: Any = None) -> dict:
+                placement: Placement | None = None) -> dict:
     """Builds the decoder params from `source`, one layer at a time.
 
     Args:
       placement: where the pieces go as they are read; default: stacked on the
-        host, so the host holds the 4-bit result plus one layer in flight. A
-        `parallel.ShardedPlacement` sends each piece to its device shards
-        instead, so no host or device holds the whole model.
+        host (`HostPlacement`), so the host holds the 4-bit result plus one
+        layer in flight. A `parallel.ShardedPlacement` sends each piece to its
+        device shards instead, so no host or device holds the whole model.
     """
-    placement = placement or _HostStack()
+    placement = placement or HostPlacement()
     reader = _Reader(source, dtype, quantize_linears)
     prefix = _find_prefix(source, cfg)
     params: dict[str, Any] = {}
     for path, name, shape, linear in global_specs(cfg):
-        _set(params, path, reader.fetch(prefix + name, shape, linear))
+        set_path(params, path, reader.fetch(prefix + name, shape, linear))
     head_key = "lm_head.weight"
     if not cfg.tie_word_embeddings:
-        _set(params, ("lm_head", "w"), reader.fetch(head_key, (cfg.vocab_size, cfg.embed_dim), False))
+        set_path(params, ("lm_head", "w"), reader.fetch(head_key, (cfg.vocab_size, cfg.embed_dim), False))
     params = placement.place(params)
 
     layer_prefix = f"{prefix}layers."
@@ -198,7 +210,7 @@ def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: An
     for index in range(cfg.num_layers):
         layer: dict[str, Any] = {}
         for path, name, shape, linear in layer_specs(cfg):
-            _set(layer, path, reader.fetch(f"{layer_prefix}{index}.{name}", shape, linear))
+            set_path(layer, path, reader.fetch(f"{layer_prefix}{index}.{name}", shape, linear))
         this_def = jax.tree_util.tree_structure(layer)
         if treedef is None:
             treedef = this_def
@@ -300,7 +312,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16,
-                  mesh: Any = None, rules: Mapping[str, tuple[str, ...]] | None = None) -> Backbone:
+                  placement: Placement | None = None) -> Backbone:
     """Loads a frozen backbone from a local directory or `.gguf` file.
 
     Args:
@@ -309,11 +321,11 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         are); False keeps them dense in `dtype` (a bnb checkpoint is then
         dequantized).
       dtype: compute dtype of activations, embeddings, norms and LM head.
-      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`): each layer goes to
-        its device shards as it is read (`parallel.ShardedPlacement`), so no
-        host or device ever holds the whole model. None: one device.
-      rules: logical axis -> mesh axes with `mesh` (default
-        `parallel.DEFAULT_RULES`).
+      placement: where each piece goes as it is read (see `Placement`).
+        None: stacked on the host, then moved to the default device leaf by
+        leaf. `qst_jax.parallel.ShardedPlacement(mesh)` sends each layer to
+        its device shards as it is read, so no host or device ever holds the
+        whole model.
 
     Raises:
       CheckpointError / ConfigError: a missing path, an unsupported
@@ -329,13 +341,9 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         cfg = from_hf_config(hf, source=config_path)
         _check_quantization_config(hf, config_path)
         source = SafetensorsSource(path)
-    if mesh is None:
+    if placement is None:
         params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize))
     else:
-        from qst_jax.parallel.placement import ShardedPlacement
-        from qst_jax.parallel.sharding import DEFAULT_RULES
-
-        placement = ShardedPlacement(mesh, rules or DEFAULT_RULES)
         params = read_params(source, cfg, dtype=dtype, quantize_linears=quantize, placement=placement)
     return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)
 
@@ -355,6 +363,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 __all__ = [
     "Backbone",
     "CheckpointError",
+    "HostPlacement",
+    "Placement",
     "ConfigError",
     "layer_specs",
     "load_backbone",

@@ -17,6 +17,7 @@ from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params
 from qst_jax.models.loader import global_specs, layer_specs
 from qst_jax.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from qst_jax.tree import set_path
 
 LLAMA2_SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=1024),
@@ -66,8 +67,5 @@ def random_params(cfg: ModelConfig, key: jax.Array, *, quantized: bool = True, d
             value = jnp.zeros(full, dtype)
         else:
             value = jax.jit(lambda k, s=full: (jax.random.normal(k, s, jnp.float32) * 0.02).astype(dtype))(k)
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
+        set_path(params, path, value)
     return params

@@ -11,7 +11,7 @@ table, not a rewrite:
     step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sharding(mesh)))
 
 NF4 weights shard their packed codes and first-level scales together along
-`out` (rows), as `nf4-format.md` says; the in-axis's mesh axes move onto `out`
+`out` (rows), as docs/nf4-format.md says; the in-axis's mesh axes move onto `out`
 too, so every device holds 1/N of the 4-bit bytes. The nested (second-level)
 scales are tiny and replicated, which is always correct whatever row
 boundaries the shards have. Side params and optimizer state are replicated
@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qst_jax.models.axes import _path_names, axes_for
+from qst_jax.models.axes import axes_for
+from qst_jax.tree import path_names
 from qst_jax.quant.nf4 import NF4Weight
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -52,11 +53,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: list | Non
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
-def _mesh_axes(names: tuple[str | None, ...], rules: Mapping[str, tuple[str, ...]]) -> list[tuple[str, ...]]:
+def mesh_axes_of(names: tuple[str | None, ...], rules: Mapping[str, tuple[str, ...]]) -> list[tuple[str, ...]]:
     return [tuple(rules.get(n, ())) if n else () for n in names]
 
 
-def _fit(spec_axes: list[tuple[str, ...]], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec_axes: list[tuple[str, ...]], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """A PartitionSpec using each dimension's mesh axes only where they divide it."""
     used: set[str] = set()
     parts = []
@@ -78,21 +79,21 @@ def backbone_shardings(params: Any, mesh: Mesh, rules: Mapping[str, tuple[str, .
     """NamedShardings for a backbone param tree (NF4Weight leaves included)."""
 
     def one(path: tuple[Any, ...], leaf: Any) -> Any:
-        names = _path_names(path)
+        names = path_names(path)
         if isinstance(leaf, NF4Weight):
             lead = len(leaf.lead_shape)
-            axes = _mesh_axes(axes_for(names, lead + 2), rules)
+            axes = mesh_axes_of(axes_for(names, lead + 2), rules)
             rows = axes[lead] + axes[lead + 1]  # the in-axis's mesh axes move onto `out`
             row_spec = [()] * lead + [rows, ()]
-            packed = NamedSharding(mesh, _fit(row_spec, leaf.packed.shape, mesh))
-            absmax = NamedSharding(mesh, _fit(row_spec, leaf.absmax.shape, mesh))
+            packed = NamedSharding(mesh, fit_spec(row_spec, leaf.packed.shape, mesh))
+            absmax = NamedSharding(mesh, fit_spec(row_spec, leaf.absmax.shape, mesh))
             replicated = NamedSharding(mesh, PartitionSpec())
             nested = None if leaf.nested_absmax is None else replicated
             offset = None if leaf.offset is None else replicated
             return NF4Weight(packed, absmax, nested, offset, shape=leaf.shape, blocksize=leaf.blocksize,
                              dtype=leaf.dtype)
-        axes = _mesh_axes(axes_for(names, len(leaf.shape)), rules)
-        return NamedSharding(mesh, _fit(axes, leaf.shape, mesh))
+        axes = mesh_axes_of(axes_for(names, len(leaf.shape)), rules)
+        return NamedSharding(mesh, fit_spec(axes, leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, NF4Weight))
 

@@ -1,6 +1,6 @@
 """Reading and writing bitsandbytes' serialized NF4 form, key by key.
 
-For a quantized linear `<m>` a checkpoint holds (see nf4-format.md):
+For a quantized linear `<m>` a checkpoint holds (docs/nf4-format.md):
 
     <m>.weight                               uint8 [(out*in+1)//2, 1] packed codes
     <m>.weight.absmax                        uint8 [n/64] (nested) or float32

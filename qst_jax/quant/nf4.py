@@ -1,6 +1,6 @@
 """NF4 4-bit weights with double quantization, in bitsandbytes' exact layout.
 
-The format (see `shared/docs/nf4-format.md` of the project):
+The format (docs/nf4-format.md):
 
 * A torch-layout weight `[out, in]` is split into blocks of `blocksize` (64)
   consecutive elements along `in`. Each block has a float32 scale

@@ -1,10 +1,29 @@
-"""Every config key qst-train knows, with its default. Recipes in configs/ start from this.
+"""Every config key qst-train knows, with its default, and `validate`. Recipes in configs/ start from this.
 
 Override any key from the command line: `--config.train.lr=3e-4`. A key that
-is not here is an error.
+is not here is an error. `validate(config)` checks every value before anything
+is loaded and reports each bad one on its own line, naming the key.
 """
 
+from __future__ import annotations
+
+import math
+from typing import Any
+
 import ml_collections
+
+from qst_jax.eval.glue import GLUE_TASKS
+from qst_jax.methods.build import TRAINABLE_METHODS
+from qst_jax.methods.side_config import DOWNSAMPLERS
+from qst_jax.methods.side_network import HIDDEN_STORES
+from qst_jax.models.config import ConfigError
+from qst_jax.train.optim import SCHEDULES
+
+DATA_TASKS = ("lm", "chat", "classification")
+EVALUATION_KINDS = ("", "mmlu", "classify")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+SIDE_PLACEMENTS = ("replicated", "fsdp")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -128,3 +147,72 @@ def on_mesh(c: ml_collections.ConfigDict, *, data: int = 1, fsdp: int = 1, tenso
     c.train.micro_batches = sequences_per_step // per_micro
     c.train.output_dir = output_dir
     return c
+
+
+def _enum(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{key}: {value!r} is not one of {allowed}")
+
+
+def _at_least(errors: list[str], key: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        errors.append(f"{key}: {value!r} must be an integer >= {low}")
+
+
+def validate(c: Any, context: int | None = None) -> None:
+    """Checks every value of a run config; nothing is loaded.
+
+    Args:
+      c: a config like `base_config()`.
+      context: the model's `max_position_embeddings`, when known: `data.seq_len`
+        must fit it.
+
+    Raises:
+      ConfigError: one line per bad value, each naming its key.
+    """
+    errors: list[str] = []
+    _enum(errors, "method", c.method, TRAINABLE_METHODS)
+    _enum(errors, "task", c.task, DATA_TASKS)
+    for key in ("model.path", "data.train"):
+        section, name = key.split(".")
+        if not c[section][name]:
+            errors.append(f"{key}: is required (--config.{key}=...)")
+    _enum(errors, "model.dtype", c.model.dtype, DTYPES)
+    _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
+    _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
+    _enum(errors, "side.hidden_store", c.side.hidden_store, HIDDEN_STORES)
+    for key in ("side.reduction_factor", "side.adapter_rank", "qlora.rank", "data.num_labels", "train.batch_size",
+                "train.micro_batches", "train.eval_batch_size", "train.keep_checkpoints", "train.ce_chunk",
+                "train.log_every", "parallel.data", "parallel.fsdp", "parallel.tensor"):
+        section, name = key.split(".")
+        _at_least(errors, key, c[section][name], 1)
+    for key in ("side.side_heads", "train.epochs", "train.eval_every", "train.checkpoint_every",
+                "data.eval_examples", "optim.warmup_steps"):
+        section, name = key.split(".")
+        _at_least(errors, key, c[section][name], 0)
+    if c.train.epochs == 0:
+        _at_least(errors, "train.steps", c.train.steps, 1)
+    _at_least(errors, "data.seq_len", c.data.seq_len, 2)
+    if context is not None and isinstance(c.data.seq_len, int) and c.data.seq_len > context:
+        errors.append(f"data.seq_len: {c.data.seq_len} exceeds the model's context of {context} positions")
+    lr = c.optim.lr
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        errors.append(f"optim.lr: {lr!r} must be a finite number > 0")
+    _enum(errors, "optim.schedule", c.optim.schedule, SCHEDULES)
+    if not 0 <= c.optim.warmup_ratio < 1:
+        errors.append(f"optim.warmup_ratio: {c.optim.warmup_ratio!r} must be in [0, 1)")
+    for key in ("optim.weight_decay", "optim.clip_norm", "optim.final_lr_fraction"):
+        value = c.optim[key.split(".")[1]]
+        if not math.isfinite(value) or value < 0:
+            errors.append(f"{key}: {value!r} must be a finite number >= 0")
+    _enum(errors, "parallel.side", c.parallel.side, SIDE_PLACEMENTS)
+    _enum(errors, "evaluation.kind", c.evaluation.kind, EVALUATION_KINDS)
+    if c.evaluation.kind == "classify":
+        _enum(errors, "evaluation.task", c.evaluation.task, tuple(GLUE_TASKS))
+    if c.evaluation.kind and not c.evaluation.data:
+        errors.append(f"evaluation.data: is required with evaluation.kind={c.evaluation.kind!r}")
+    if not errors and c.parallel.data * c.parallel.fsdp > 1 and c.train.batch_size % (c.parallel.data * c.parallel.fsdp):
+        errors.append(f"train.batch_size: {c.train.batch_size} must divide by parallel.data x parallel.fsdp = "
+                      f"{c.parallel.data * c.parallel.fsdp}")
+    if errors:
+        raise ConfigError("bad config:\n" + "\n".join(f"  {e}" for e in errors))

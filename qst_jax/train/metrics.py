@@ -1,18 +1,77 @@
-"""Where a run's numbers go: JSONL, TensorBoard event files, a loss-curve PNG."""
+"""A run's numbers: kept on the device between logs, then written to JSONL, TensorBoard and a loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
+
+import jax
+import numpy as np
+
+MEAN_KEYS = ("loss", "grad_norm")  # per-step means; every other metric (weight, correct, ...) is a count, summed
+
+
+class NonFiniteError(ArithmeticError):
+    """A train step with a non-finite loss or gradient norm.
+
+    Attributes:
+      step: the first such step; key, value: which metric and its value.
+    """
+
+    def __init__(self, step: int, key: str, value: float):
+        super().__init__(f"non-finite {key} {value} at step {step}")
+        self.step, self.key, self.value = step, key, value
+
+
+class MetricsWindow:
+    """The train steps since the last log, their metrics still on the device.
+
+    The loop adds each step's metrics without waiting for the device;
+    `fetch` brings the whole window to the host in one transfer, checks
+    every step's loss and gradient norm, and returns the window's record:
+    the mean of `loss` and `grad_norm` over its steps, the sum of the counts.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[int] = []
+        self._metrics: list[dict[str, jax.Array]] = []
+        self.tokens = 0.0
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, step: int, metrics: dict[str, jax.Array], tokens: float) -> None:
+        self._steps.append(step)
+        self._metrics.append(metrics)
+        self.tokens += tokens
+
+    def fetch(self) -> dict[str, float]:
+        """The window's record (one device transfer); the window is emptied.
+
+        Raises:
+          NonFiniteError: the first step whose loss or gradient norm is not finite.
+        """
+        host = jax.device_get(self._metrics)
+        steps = self._steps
+        self._steps, self._metrics, self.tokens = [], [], 0.0
+        for step, values in zip(steps, host):
+            for key in MEAN_KEYS:
+                if key in values and not math.isfinite(float(values[key])):
+                    raise NonFiniteError(step, key, float(values[key]))
+        record = {}
+        for key in host[0]:
+            column = np.asarray([float(v[key]) for v in host], np.float64)
+            record[key] = float(column.mean() if key in MEAN_KEYS else column.sum())
+        record["steps"] = float(len(steps))
+        return record
 
 
 class MetricsWriter:
     """Appends each record to `metrics.jsonl` and to TensorBoard under `tb/` (process 0 only)."""
 
     def __init__(self, directory: str):
-        import jax
-
         self.enabled = jax.process_index() == 0  # one writer per job
         self.directory = directory
         if not self.enabled:

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import optax
 
+from qst_jax.tree import path_names
+
 SCHEDULES = ("constant", "linear", "cosine")
 NO_DECAY = ("scale", "bias", "b", "gates", "out_gate")
 
@@ -47,7 +49,7 @@ def decay_mask(params: Any) -> Any:
     """True for weight matrices; False for norms, biases and gates."""
 
     def keep(path: tuple[Any, ...], _: Any) -> bool:
-        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        names = path_names(path)
         return not any(n in NO_DECAY for n in names[-1:]) and "norm" not in names
 
     return jax.tree_util.tree_map_with_path(keep, params)

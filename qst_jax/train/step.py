@@ -102,13 +102,3 @@ def make_train_step(
         step, in_shardings=(state_sh, backbone_sh, batch_sh), out_shardings=(state_sh, None),
         donate_argnums=donate_argnums,
     )
-
-
-def make_eval_step(model: Any):
-    """A jitted `(params, backbone_params, batch) -> (loss sum, weight, aux)` for one micro-batch."""
-
-    def evaluate(params: Any, backbone_params: Any, batch: dict[str, jax.Array]):
-        total, (weight, aux) = model.loss(params, backbone_params, batch)
-        return total, weight, aux
-
-    return jax.jit(evaluate)

@@ -3,22 +3,30 @@
     trainer = Trainer(config)                  # or Trainer(config, tx=my_optax_tx)
     summary = trainer.run(resume=False)
 
-Order of a run: load the backbone and tokenizer, build the data, the model
-(QST or QLoRA) and the optimizer; restore the latest checkpoint when resuming;
-evaluate held-out data; train with a progress bar, periodic evaluation and
-checkpoints; evaluate again; export the trained params. SIGINT/SIGTERM save a
-checkpoint and stop; a non-finite loss stops without saving, keeping the last
-good checkpoint.
+Order of a run: validate the config (nothing is loaded before it passes);
+load the backbone and tokenizer, build the data, the method and the
+optimizer; restore the latest checkpoint when resuming; evaluate held-out
+data; train with a progress bar, periodic evaluation and checkpoints;
+evaluate again; export the trained params.
+
+The loop does not wait on the device each step: step metrics stay on the
+device and are fetched once per `train.log_every` steps (and before every
+evaluation, checkpoint and the end), so the host prepares the next batch
+while the device works. The logged train loss is the mean over those steps.
+A non-finite loss or gradient norm stops the run when its window is fetched,
+and a checkpoint is only written after its window was checked, so none holds
+non-finite params. SIGINT/SIGTERM save a checkpoint and stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,111 +35,47 @@ import numpy as np
 import optax
 
 from qst_jax.data.batches import Batcher, bucket_lengths
-from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
-from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
-from qst_jax.data.sources import DataError, load_records
+from qst_jax.data.examples import pad_id
+from qst_jax.data.specs import build_examples, resolve_model_path
 from qst_jax.eval.glue import GLUE_TASKS
-from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, mmlu
-from qst_jax.models import Backbone, load_backbone, load_tokenizer
-from qst_jax.side.config import SideConfig
-from qst_jax.side.model import FrozenModel, QLoRAModel, QSTModel
-from qst_jax.side.network import count_params
-from qst_jax.train.checkpoint import Checkpointer, backbone_fingerprint, export_side
-from qst_jax.train.metrics import MetricsWriter, plot_loss_curve
+from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, make_eval_step, mmlu
+from qst_jax.methods import FrozenModel, build_model, export_side
+from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
+from qst_jax.tree import count_params
+from qst_jax.train.checkpoint import Checkpointer
+from qst_jax.train.config import validate
+from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError, plot_loss_curve
 from qst_jax.train.optim import make_optimizer
-from qst_jax.train.step import TrainState, init_train_state, make_eval_step, make_train_step
-
-METHODS = ("qst", "qlora")
-TASKS = ("lm", "chat", "classification")
+from qst_jax.train.step import TrainState, init_train_state, make_train_step
 
 
 class TrainingError(RuntimeError):
     """The run stopped (non-finite loss); the message says where."""
 
 
-def resolve_model_path(path: str) -> str:
-    return smollm2_gguf() if path == "smollm2" else path
-
-
-def resolve_data(spec: str, holdout: str) -> list[str]:
-    """Files of a comma-separated data spec.
-
-    `shakespeare:train` (every packaged play but the held-out ones),
-    `shakespeare:heldout` and `shakespeare:<play>` name the packaged plays;
-    anything else is a local file, folder or glob.
-    """
-    files: list[str] = []
-    for part in (p for p in spec.split(",") if p):
-        files += _shakespeare(part.split(":", 1)[1], holdout) if part.startswith("shakespeare:") else [part]
-    return files
-
-
-def _shakespeare(part: str, holdout: str) -> list[str]:
-    plays = shakespeare_plays()
-    held = [h for h in holdout.split(",") if h]
-    unknown = [h for h in held if h not in plays]
-    if unknown:
-        raise DataError(f"data.holdout: unknown play(s) {unknown}; known: {sorted(plays)}")
-    if part == "train":
-        return [p for name, p in plays.items() if name not in held]
-    if part == "heldout":
-        return [plays[h] for h in held]
-    if part in plays:
-        return [plays[part]]
-    raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
-
-
-def build_model(config: Any, backbone: Backbone) -> QSTModel | QLoRAModel:
-    if config.method not in METHODS:
-        raise ValueError(f"method {config.method!r} is not one of {METHODS}")
-    if config.task not in TASKS:
-        raise ValueError(f"task {config.task!r} is not one of {TASKS}")
-    task = "classification" if config.task == "classification" else "lm"
-    attention = config.model.attention or None
-    if config.method == "qlora":
-        q = config.qlora
-        return QLoRAModel(
-            backbone.cfg, rank=q.rank, alpha=q.alpha, task=task, num_labels=config.data.num_labels,
-            dtype=backbone.dtype, ce_chunk=config.train.ce_chunk, remat=q.remat, attention_impl=attention,
-        )
-    s = config.side
-    side = SideConfig(
-        reduction_factor=s.reduction_factor, adapter_rank=s.adapter_rank, downsampler=s.downsampler,
-        side_heads=s.side_heads or None, gate_init=s.gate_init, output_gate_init=s.output_gate_init,
-        task=task, num_labels=config.data.num_labels, init_std=s.init_std,
-    )
-    return QSTModel(
-        backbone.cfg, side, dtype=backbone.dtype, ce_chunk=config.train.ce_chunk, remat_side=s.remat,
-        attention_impl=attention, hidden_store=s.hidden_store,
-    )
-
-
-def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: int = 0) -> Examples:
-    ds = load_records(resolve_data(spec, config.data.holdout), format=config.data.format or None)
-    d = config.data
-    if config.task == "lm":
-        examples = lm_windows(ds, tokenizer, d.seq_len, d.text_column, where)
-    elif config.task == "chat":
-        examples = chat_examples(ds, tokenizer, d.seq_len, where)
-    else:
-        examples = classification_examples(
-            ds, tokenizer, d.seq_len, num_labels=d.num_labels, text_column=d.text_column,
-            text_pair_column=d.text_pair_column or None, label_column=d.label_column,
-            label_names=[n for n in d.label_names.split(",") if n], where=where,
-        )
-    if limit and len(examples) > limit:
-        keep = slice(0, limit)
-        examples = Examples(
-            tokens=examples.tokens[keep],
-            loss_masks=None if examples.loss_masks is None else examples.loss_masks[keep],
-            labels=None if examples.labels is None else examples.labels[keep],
-        )
-    return examples
-
-
 @dataclasses.dataclass
 class _Stop:
     signal: int | None = None
+
+
+@contextlib.contextmanager
+def _catch_signals() -> Iterator[_Stop]:
+    """SIGINT/SIGTERM set `stop.signal` instead of killing the run (main thread only)."""
+    stop, handlers = _Stop(), {}
+
+    def on_signal(signum, _frame):
+        stop.signal = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -142,48 +86,25 @@ class Trainer:
       tx: your own optax GradientTransformation (replaces the configured one).
       schedule: your own `step -> lr` for the configured AdamW.
       backbone: an already loaded Backbone (skips loading `model.path`).
+      tokenizer: its tokenizer (with `backbone`).
       log: where progress lines go (default: print).
+
+    Raises:
+      ConfigError: a bad config value (every one, each on its line), before anything is loaded.
     """
 
     def __init__(self, config: Any, *, tx: optax.GradientTransformation | None = None, schedule=None,
                  backbone: Backbone | None = None, tokenizer: Any = None, log=print):
+        validate(config)
         self.config, self.log = config, log
-        dtype = jnp.dtype(config.model.dtype)
-        for key in ("model.path", "data.train"):
-            section, name = key.split(".")
-            if not config[section][name]:
-                raise ValueError(f"config: {key} is required (--config.{key}=...)")
         path = resolve_model_path(config.model.path)
-        p = config.parallel
-        if p.side not in ("replicated", "fsdp"):
-            raise ValueError(f"config: parallel.side must be 'replicated' or 'fsdp', got {p.side!r}")
-        self.mesh = None
-        if p.data * p.fsdp * p.tensor > 1:
-            from qst_jax.parallel import make_mesh
-
-            if config.train.batch_size % (p.data * p.fsdp):
-                raise ValueError(
-                    f"train.batch_size {config.train.batch_size} must divide by data x fsdp = {p.data * p.fsdp}"
-                )
-            self.mesh = make_mesh(p.data, p.fsdp, p.tensor)
-        # On a mesh each layer streams to its shards as it is read (no host holds the model).
-        self.backbone = backbone or load_backbone(path, quantize=config.model.quantize, dtype=dtype, mesh=self.mesh)
+        validate(config, context=(backbone.cfg if backbone else load_config(path)).max_position_embeddings)
+        self.mesh = self._make_mesh()
+        self.backbone = backbone or self._load_backbone(path)
         self.tokenizer = tokenizer or load_tokenizer(path)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.train_data, self.eval_data = self._build_data()
+        self.model = build_model(config, self.backbone.cfg, dtype=self.backbone.dtype)
         t = config.train
-        buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)
-        self.train_data = Batcher(
-            build_examples(config, self.tokenizer, config.data.train, "data.train"),
-            t.batch_size, t.micro_batches, buckets=buckets, pad_id=pad, seed=t.seed,
-        )
-        self.eval_data = None
-        if config.data.eval:
-            self.eval_data = Batcher(
-                build_examples(config, self.tokenizer, config.data.eval, "data.eval", config.data.eval_examples),
-                t.eval_batch_size, 1, buckets=buckets, pad_id=pad, shuffle=False, drop_remainder=False,
-            )
-        self.model = build_model(config, self.backbone)
         self.total_steps = t.epochs * self.train_data.steps_per_epoch if t.epochs > 0 else t.steps
         if tx is None:
             tx, schedule = make_optimizer(config.optim, self.total_steps, schedule)
@@ -194,14 +115,47 @@ class Trainer:
         else:
             self.train_step = make_train_step(self.model, self.tx)
         self.eval_step = make_eval_step(self.model)
-        model = self.model
-        self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, self.backbone.params, ids, mask))
+        model, backbone_params = self.model, self.backbone.params
+        self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, backbone_params, ids, mask))
         self.frozen_eval_step = None
         if config.task != "classification":
             frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, t.ce_chunk, config.model.attention or None)
             self.frozen_eval_step = make_eval_step(frozen)
         self.output_dir = t.output_dir
         os.makedirs(self.output_dir, exist_ok=True)
+
+    # -- building ------------------------------------------------------------------
+    def _make_mesh(self) -> Any:
+        p = self.config.parallel
+        if p.data * p.fsdp * p.tensor == 1:
+            return None
+        from qst_jax.parallel import make_mesh
+
+        return make_mesh(p.data, p.fsdp, p.tensor)
+
+    def _load_backbone(self, path: str) -> Backbone:
+        """On a mesh each layer streams to its shards as it is read (no host holds the model)."""
+        placement = None
+        if self.mesh is not None:
+            from qst_jax.parallel import ShardedPlacement
+
+            placement = ShardedPlacement(self.mesh)
+        dtype = jnp.dtype(self.config.model.dtype)
+        return load_backbone(path, quantize=self.config.model.quantize, dtype=dtype, placement=placement)
+
+    def _build_data(self) -> tuple[Batcher, Batcher | None]:
+        config, t = self.config, self.config.train
+        buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)
+        pad = pad_id(self.tokenizer)
+        train = Batcher(
+            build_examples(config, self.tokenizer, config.data.train, "data.train"),
+            t.batch_size, t.micro_batches, buckets=buckets, pad_id=pad, seed=t.seed,
+        )
+        if not config.data.eval:
+            return train, None
+        held_out = build_examples(config, self.tokenizer, config.data.eval, "data.eval", config.data.eval_examples)
+        return train, Batcher(held_out, t.eval_batch_size, 1, buckets=buckets, pad_id=pad, shuffle=False,
+                              drop_remainder=False)
 
     def _shard(self) -> None:
         """Builds the sharded step (and places a backbone that was passed in already loaded)."""
@@ -249,8 +203,6 @@ class Trainer:
         e = self.config.evaluation
         if not e.kind:
             return None
-        if e.kind not in ("mmlu", "classify"):
-            raise ValueError(f"evaluation.kind {e.kind!r} is not one of '', 'mmlu', 'classify'")
         fn = self._task_logits
         if e.kind == "mmlu":
             subjects = [s for s in e.subjects.split(",") if s] or None
@@ -262,17 +214,60 @@ class Trainer:
                           seq_len=self.config.data.seq_len)
         return {f"{task.name}_{k}": v for k, v in result.items() if isinstance(v, float)}
 
-    def _eval_line(self, name: str, result: dict[str, float]) -> str:
-        parts = [f"{k} {v:.4f}" for k, v in result.items()]
-        return f"{name}: " + ", ".join(parts)
+    def _evaluate_all(self, writer: MetricsWriter, state: TrainState, when: str, tasks: bool = True
+                      ) -> dict[str, Any]:
+        """Held-out (and, with `tasks`, task) evaluation of `state.params`: written, logged and returned."""
+        step, results = int(state.step), {}
+        if self.eval_data is not None:
+            results["eval"] = self.evaluate(state.params)
+            writer.write(step, "eval", results["eval"])
+            self.log(_line(f"held-out, {self.config.method} {when}", results["eval"]))
+        task_result = self.task_evaluation(state.params) if tasks else None
+        if task_result:
+            results["task"] = task_result
+            writer.write(step, "task", task_result)
+            self.log(_line(f"{self.config.evaluation.kind} {when}", task_result))
+        return results
 
     # -- the run ---------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
-        from tqdm import tqdm
-
+        """Trains (or resumes) to `total_steps`; returns the summary (also written as summary.json)."""
         config, t = self.config, self.config.train
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), t.keep_checkpoints)
-        state = init_train_state(self.model, self.tx, jax.random.PRNGKey(t.seed))
+        state = self._initial_state(checkpointer, resume)
+        trainable = count_params(state.params)
+        self.log(
+            f"{config.method} on {self.backbone.cfg.model_type} ({self.backbone.cfg.num_layers} layers, "
+            f"{'NF4' if self.backbone.quantized else 'dense'}): {trainable:,} trainable parameters; "
+            f"{len(self.train_data.examples)} train examples"
+        )
+        summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
+        writer = MetricsWriter(self.output_dir)
+        try:
+            if self.eval_data is not None and self.frozen_eval_step is not None:
+                summary["eval_frozen"] = self.evaluate({}, self.frozen_eval_step)
+                self.log(_line("held-out, frozen backbone alone", summary["eval_frozen"]))
+            before = self._evaluate_all(writer, state, f"at step {int(state.step)}", tasks=False)
+            if "eval" in before:
+                summary["eval_before"] = before["eval"]
+            with _catch_signals() as stop:
+                state = self._train(state, checkpointer, writer, stop)
+            if stop.signal is not None:
+                summary.update(stopped_at=int(state.step), signal=stop.signal)
+                return summary
+            if checkpointer.latest_step() != int(state.step):
+                self._save(checkpointer, state)
+            summary["steps"] = int(state.step)
+            after = self._evaluate_all(writer, state, "after training")
+            summary.update({k: v for k, v in (("eval_after", after.get("eval")), ("task_eval", after.get("task"))) if v})
+        finally:
+            writer.close()
+            checkpointer.close()
+        self._write_outputs(state, summary)
+        return summary
+
+    def _initial_state(self, checkpointer: Checkpointer, resume: bool) -> TrainState:
+        state = init_train_state(self.model, self.tx, jax.random.PRNGKey(self.config.train.seed))
         if self.state_shardings is not None:
             state = jax.device_put(state, self.state_shardings)
         if resume and checkpointer.latest_step() is not None:
@@ -281,139 +276,92 @@ class Trainer:
             self.log(f"resumed from step {int(state.step)} ({checkpointer.latest_step()})")
         elif resume:
             self.log("no checkpoint found: starting from scratch")
-        trainable = count_params(state.params)
-        self.log(
-            f"{config.method} on {self.backbone.cfg.model_type} ({self.backbone.cfg.num_layers} layers, "
-            f"{'NF4' if self.backbone.quantized else 'dense'}): {trainable:,} trainable parameters; "
-            f"{len(self.train_data.examples)} train examples"
-        )
-        writer = MetricsWriter(self.output_dir)
-        summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
-        if self.eval_data is not None and self.frozen_eval_step is not None:
-            frozen = self.evaluate({}, self.frozen_eval_step)
-            summary["eval_frozen"] = frozen
-            self.log(self._eval_line("held-out, frozen backbone alone", frozen))
-        if self.eval_data is not None:
-            before = self.evaluate(state.params)
-            summary["eval_before"] = before
-            writer.write(int(state.step), "eval", before)
-            self.log(self._eval_line(f"held-out, {config.method} at step {int(state.step)}", before))
+        return state
 
-        stop = _Stop()
-        handlers = {}
+    def _save(self, checkpointer: Checkpointer, state: TrainState) -> None:
+        meta = {"data": self.train_data.state(), "config": self.config.to_dict()}
+        checkpointer.save(int(state.step), state, json.loads(json.dumps(meta, default=str)))
 
-        def on_signal(signum, _frame):
-            stop.signal = signum
+    def _train(self, state: TrainState, checkpointer: Checkpointer, writer: MetricsWriter, stop: _Stop) -> TrainState:
+        """The loop: a step per batch, host work overlapping the device, a fetch per log window."""
+        from tqdm import tqdm
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread
-                pass
-
-        def save(step: int) -> None:
-            meta = {"data": self.train_data.state(), "config": config.to_dict()}
-            checkpointer.save(step, state, json.loads(json.dumps(meta, default=str)))
-
-        start_step = int(state.step)
+        t = self.config.train
+        step = int(state.step)
         batches = iter(self.train_data)
-        bar = tqdm(total=self.total_steps, initial=start_step, desc=config.method, dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.config.method, dynamic_ncols=True,
                    disable=os.environ.get("QST_NO_PROGRESS") == "1")
-        tokens_seen, started = 0.0, time.perf_counter()
-        last_good = checkpointer.latest_step()
+        window, first_step, clock = MetricsWindow(), step + 1, time.perf_counter()
         try:
-            while int(state.step) < self.total_steps:
+            while step < self.total_steps:
                 batch = next(batches)
                 state, metrics = self.train_step(state, self.backbone.params, self._place(batch))
-                step = int(state.step)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss {loss} at step {step}; stopped without saving. The last good checkpoint "
-                        f"is step {last_good} in {os.path.join(self.output_dir, 'checkpoints')}"
-                        if last_good is not None else
-                        f"non-finite loss {loss} at step {step}; stopped. No checkpoint was written yet."
-                    )
-                tokens_seen += float(batch["attention_mask"].sum())
-                elapsed = time.perf_counter() - started
-                lr = float(self.schedule(step - 1)) if self.schedule is not None else float("nan")
-                record = {k: float(v) for k, v in metrics.items()}
-                record.update(lr=lr, tokens_per_s=tokens_seen / max(elapsed, 1e-9))
-                if step % t.log_every == 0 or step == self.total_steps:
-                    writer.write(step, "train", record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+                step += 1
                 bar.update(1)
-                if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
-                    if self.eval_data is not None:
-                        result = self.evaluate(state.params)
-                        writer.write(step, "eval", result)
-                        bar.write(self._eval_line(f"held-out at step {step}", result))
-                    task_result = self.task_evaluation(state.params)
-                    if task_result:
-                        writer.write(step, "task", task_result)
-                        bar.write(self._eval_line(f"{config.evaluation.kind} at step {step}", task_result))
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    save(step)
-                    last_good = step
+                if step == first_step:  # the first step compiles: throughput is timed from its end
+                    jax.block_until_ready(metrics)
+                    clock = time.perf_counter()
+                window.add(step, metrics, 0.0 if step == first_step else float(batch["attention_mask"].sum()))
+                checkpoint = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+                evaluate = bool(t.eval_every) and step % t.eval_every == 0 and step < self.total_steps
+                last = step == self.total_steps or stop.signal is not None
+                if step % t.log_every == 0 or checkpoint or evaluate or last:
+                    clock = self._log_window(window, step, first_step, clock, writer, bar, checkpointer)
+                if evaluate:
+                    self._evaluate_all(writer, state, f"at step {step}")
+                if checkpoint or (stop.signal is not None and checkpointer.latest_step() != step):
+                    self._save(checkpointer, state)
+                if evaluate or checkpoint:
+                    clock = time.perf_counter()  # evaluation and saving are not training throughput
                 if stop.signal is not None:
-                    if last_good != step:
-                        save(step)
-                    bar.close()
                     self.log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with --resume")
-                    summary.update(stopped_at=step, signal=stop.signal)
-                    return summary
+                    break
         finally:
             bar.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            writer.close()
+        return state
 
-        if checkpointer.latest_step() != int(state.step):
-            save(int(state.step))
-        checkpointer.close()
-        summary["steps"] = int(state.step)
-        if self.eval_data is not None:
-            after = self.evaluate(state.params)
-            summary["eval_after"] = after
-            self._append(int(state.step), "eval", after)
-            self.log(self._eval_line(f"held-out, {config.method} after training", after))
-        task_result = self.task_evaluation(state.params)
-        if task_result:
-            summary["task_eval"] = task_result
-            self._append(int(state.step), "task", task_result)
-            self.log(self._eval_line(f"{config.evaluation.kind} after training", task_result))
+    def _log_window(self, window: MetricsWindow, step: int, first_step: int, clock: float, writer: MetricsWriter,
+                    bar: Any, checkpointer: Checkpointer) -> float:
+        """Fetches and checks the window, writes its record; returns the new clock start."""
+        tokens = window.tokens
+        try:
+            record = window.fetch()
+        except NonFiniteError as err:
+            last_good = checkpointer.latest_step()
+            where = (f"The last good checkpoint is step {last_good} in {os.path.join(self.output_dir, 'checkpoints')}"
+                     if last_good is not None else "No checkpoint was written yet.")
+            raise TrainingError(f"{err}; stopped without saving. {where}") from None
+        now = time.perf_counter()
+        if step > first_step:
+            record["tokens_per_s"] = tokens / max(now - clock, 1e-9)
+        record["lr"] = float(self.schedule(step - 1)) if self.schedule is not None else float("nan")
+        writer.write(step, "train", record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0.0):.0f}",
+                        lr=f"{record['lr']:.2e}")
+        return now
+
+    def _write_outputs(self, state: TrainState, summary: dict[str, Any]) -> None:
+        """Export, loss curve and summary (process 0 writes; every process joins the gather)."""
         params = state.params
-        if jax.process_count() > 1:  # every process joins the gather; fsdp-split params become whole
+        if jax.process_count() > 1:  # fsdp-split params become whole
             from jax.experimental import multihost_utils
 
             params = multihost_utils.process_allgather(params, tiled=True)
-        if jax.process_index() == 0:
-            self.export(state, params)
-            plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
-            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
-        return summary
-
-    def _append(self, step: int, split: str, result: dict[str, float]) -> None:
-        """One record after the training loop's writer has closed."""
-        writer = MetricsWriter(self.output_dir)
-        writer.write(step, split, result)
-        writer.close()
+        if jax.process_index() != 0:
+            return
+        self.export(state, params)
+        plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
+        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
 
     def export(self, state: TrainState, params: Any = None) -> None:
         """Writes side.safetensors + qst_config.json of `params` (default: `state.params`)."""
         config = self.config
-        info = {
-            "method": config.method,
-            "task": config.task,
-            "model_path": config.model.path,
-            "backbone": self.backbone.cfg.to_dict(),
-            "backbone_fingerprint": backbone_fingerprint(self.backbone.cfg),
-            "side": dict(config.side) if config.method == "qst" else None,
-            "qlora": dict(config.qlora) if config.method == "qlora" else None,
-            "num_labels": config.data.num_labels,
-            "seq_len": config.data.seq_len,
-            "step": int(state.step),
-        }
-        export_side(self.output_dir, state.params if params is None else params, info)
+        extra = {"task": config.task, "model_path": config.model.path, "seq_len": config.data.seq_len,
+                 "step": int(state.step), "config": config.to_dict()}
+        export_side(self.output_dir, self.model, state.params if params is None else params, self.backbone.cfg, extra)
+
+
+def _line(name: str, result: dict[str, float]) -> str:
+    return f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())

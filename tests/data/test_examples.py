@@ -94,14 +94,13 @@ def test_label_names(tokenizer, tmp_path):
                                 label_column="gold_label", label_names=("yes", "no"))
 
 
-def test_sst2_tsv_reads(testdata):
+def test_sst2_tsv_reads():
     import pathlib
 
-    sst2 = pathlib.Path(__file__).parents[3] / "shared" / "data" / "sst2" / "dev.tsv"
-    if not sst2.exists():
-        pytest.skip("shared/data not beside the checkout")
-    ds = load_records(str(sst2))
-    assert ds.column_names == ["sentence", "label"] and len(ds) == 872
+    sst2 = pathlib.Path(__file__).parents[2] / "data" / "glue" / "sst2"
+    dev, train = load_records(str(sst2 / "dev.tsv")), load_records(str(sst2 / "train.tsv"))
+    assert dev.column_names == ["sentence", "label"] and len(dev) == 872
+    assert len(train) == 67349 and set(train["label"]) == {0, 1}
 
 
 def _examples(n: int = 30) -> Examples:

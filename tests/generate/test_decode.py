@@ -11,8 +11,8 @@ from qst_jax.data.offline import MissingPackageError
 from qst_jax.generate.decode import GenerationError, Generator
 from qst_jax.generate.sampling import SamplingConfig, sample
 from qst_jax.models import load_backbone
-from qst_jax.side.config import SideConfig
-from qst_jax.side.model import QSTModel
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods import QSTModel
 
 
 class _IdTokenizer:

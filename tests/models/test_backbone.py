@@ -15,6 +15,7 @@ from qst_jax.models import (
     CheckpointError,
     ConfigError,
     forward,
+    init_caches,
     load_backbone,
     load_config,
 )
@@ -66,12 +67,22 @@ def test_nf4_fixture_loaded_as_is(testdata):
     assert backbone.params["lm_head"]["w"].dtype == jnp.bfloat16
 
 
-def test_forward_returns_every_layer(testdata):
-    backbone = load_backbone(testdata / "tiny-llama-nf4")
-    ids = jnp.ones((2, 8), jnp.int32)
-    out = jax.jit(lambda p, x: forward(p, backbone.cfg, x, keep_layers=True))(backbone.params, ids)
-    assert out.layers.shape == (4, 2, 8, 256) and out.embeddings.shape == (2, 8, 256)
-    np.testing.assert_array_equal(np.asarray(out.layers[-1]), np.asarray(out.last_layer))
+def test_forward_with_caches_equals_the_uncached_pass(testdata):
+    """One forward serves training and cached decoding: prefill 5 tokens, then 3 more from the caches."""
+    backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
+    cfg, params = backbone.cfg, backbone.params
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 3, cfg.vocab_size)
+    full, no_caches = forward(params, cfg, ids, dtype=jnp.float32)
+    assert no_caches is None and full.shape == (2, 8, 256)
+    caches = init_caches(cfg, 2, 8, jnp.float32)
+    key_mask = jnp.asarray([[1] * 5 + [0] * 3] * 2, jnp.int32)
+    first, caches = forward(params, cfg, ids[:, :5], dtype=jnp.float32, key_mask=key_mask, caches=caches,
+                            cache_index=jnp.int32(0))
+    positions = jnp.broadcast_to(jnp.arange(5, 8), (2, 3))
+    rest, caches = forward(params, cfg, ids[:, 5:], dtype=jnp.float32, positions=positions,
+                           key_mask=jnp.ones((2, 8), jnp.int32), caches=caches, cache_index=jnp.int32(5))
+    assert caches["k"].shape == (4, 2, 8, cfg.num_kv_heads, cfg.head_dim)
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), np.asarray(full), atol=2e-4, rtol=2e-4)
 
 
 def test_logical_axes_cover_every_weight(testdata):

@@ -23,9 +23,9 @@ REPO = pathlib.Path(__file__).parents[2]
 sys.path.insert(0, str(REPO))
 
 from qst_jax.models import load_backbone  # noqa: E402
-from qst_jax.parallel import backbone_shardings, batch_sharding, make_mesh, replicated  # noqa: E402
-from qst_jax.side.config import SideConfig  # noqa: E402
-from qst_jax.side.model import QSTModel  # noqa: E402
+from qst_jax.parallel import ShardedPlacement, backbone_shardings, batch_sharding, make_mesh, replicated  # noqa: E402
+from qst_jax.methods.side_config import SideConfig  # noqa: E402
+from qst_jax.methods import QSTModel  # noqa: E402
 from qst_jax.train.checkpoint import Checkpointer  # noqa: E402
 from qst_jax.train.step import init_train_state, make_train_step  # noqa: E402
 from tests.helpers import lm_batch  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
             mesh = make_mesh(*mesh_shape)
             backbone_sh = backbone_shardings(backbone.params, mesh)
             # Loaded straight onto the mesh, layer by layer; must equal placing the whole tree.
-            params = load_backbone(path, dtype=jnp.float32, mesh=mesh).params
+            params = load_backbone(path, dtype=jnp.float32, placement=ShardedPlacement(mesh)).params
             placed = jax.device_put(backbone.params, backbone_sh)
             direct_load_equal[mesh_shape] = all(
                 a.sharding.is_equivalent_to(b.sharding, a.ndim) and np.array_equal(np.asarray(a), np.asarray(b))

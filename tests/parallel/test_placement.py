@@ -10,7 +10,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from qst_jax.models import load_backbone
-from qst_jax.parallel import make_mesh
+from qst_jax.parallel import ShardedPlacement, make_mesh
 
 LAYERS, EMBED, MLP, VOCAB = 48, 128, 512, 256
 
@@ -56,8 +56,8 @@ def test_sharded_load_never_stacks_the_model_on_the_host(tmp_path):
     _write_llama(tmp_path)
     host, host_peak = _peak_host_bytes(lambda: load_backbone(tmp_path))
     mesh = make_mesh()
-    load_backbone(tmp_path, mesh=mesh)  # compiles the writers: tracing allocates, but holds no weights
-    sharded, sharded_peak = _peak_host_bytes(lambda: load_backbone(tmp_path, mesh=mesh))
+    load_backbone(tmp_path, placement=ShardedPlacement(mesh))  # compiles the writers: tracing allocates, but holds no weights
+    sharded, sharded_peak = _peak_host_bytes(lambda: load_backbone(tmp_path, placement=ShardedPlacement(mesh)))
     stacked_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(host.params["layers"]))
     assert host_peak > stacked_bytes  # the measure sees the host-stacked path hold every layer
     assert sharded_peak < 0.25 * stacked_bytes, (sharded_peak, stacked_bytes)  # ~one layer in flight

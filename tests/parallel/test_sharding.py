@@ -101,7 +101,7 @@ def test_two_processes_train_and_checkpoint(testdata, tmp_path):
     assert [r["step"] for r in evals] == [0, 3] and all(r["loss"] > 0 for r in evals)  # both processes evaluate
     assert (run / "side.safetensors").is_file()  # side params split over the processes, gathered to export
     from qst_jax.models import load_config
-    from qst_jax.train.checkpoint import load_side
+    from qst_jax.methods import load_side
 
     params, info = load_side(str(run), load_config(model_dir))
     assert info["step"] == 3 and params["gates"].shape == (4, 32)

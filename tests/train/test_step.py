@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from qst_jax.models import load_backbone
-from qst_jax.side.config import SideConfig
-from qst_jax.side.model import QSTModel
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods import QSTModel
 from qst_jax.train.step import accumulate_gradients, init_train_state, make_train_step
 from tests.helpers import lm_batch
 

@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from qst_jax.data.sources import DataError
-from qst_jax.models import CheckpointError, load_config
-from qst_jax.train.checkpoint import ExportError, load_side
+from qst_jax.models import CheckpointError, ConfigError, load_config
+from qst_jax.methods import ExportError, load_side
 from qst_jax.train.trainer import Trainer, TrainingError
 from tests.helpers import tiny_config, tiny_model_dir
 
@@ -45,7 +45,8 @@ def test_run_writes_every_output(model_dir, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train[0])
+    assert {"loss", "grad_norm", "lr"} <= set(train[0]) and "tokens_per_s" not in train[0]  # step 1 compiles
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train[1])
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 3, 6]
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]
@@ -186,8 +187,8 @@ def test_missing_model_path(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("side", "zero3", "parallel.side must be 'replicated' or 'fsdp'"),
-    ("fsdp", 3, "must divide by data x fsdp = 3"),
+    ("side", "zero3", r"parallel.side: 'zero3' is not one of \('replicated', 'fsdp'\)"),
+    ("fsdp", 3, "train.batch_size: 2 must divide by parallel.data x parallel.fsdp = 3"),
 ])
 def test_bad_parallel_settings_fail_before_loading(tmp_path, model_dir, key, value, match):
     config = tiny_config(model_dir, tmp_path)
@@ -218,3 +219,97 @@ def test_custom_optax_transformation(model_dir, tmp_path):
     summary = trainer.run()
     assert summary["steps"] == 2 and seen  # the user's schedule was used
     assert jax.tree_util.tree_structure(trainer.tx) is not None
+
+
+def _fake_step(losses: dict[int, float]):
+    """A train step that only counts: loss `losses.get(step, step)` (a known sequence), grad norm 1."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    table = jnp.asarray([losses.get(s, float(s)) for s in range(64)], jnp.float32)
+
+    def step(state, _backbone_params, _batch):
+        new = state.step + 1
+        metrics = {"loss": table[new], "grad_norm": jnp.ones((), jnp.float32), "weight": jnp.full((), 8.0)}
+        return dataclasses.replace(state, step=new), metrics
+
+    return jax.jit(step)
+
+
+def test_logged_train_loss_is_the_window_mean(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 7, "train.log_every": 3, "data.eval": "",
+                                                  "train.checkpoint_every": 0})
+    trainer = Trainer(config, log=quiet)
+    trainer.train_step = _fake_step({})  # step s has loss s
+    trainer.run()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [(r["step"], r["loss"], r["steps"], r["weight"]) for r in train] == [
+        (3, 2.0, 3, 24.0), (6, 5.0, 3, 24.0), (7, 7.0, 1, 8.0)]  # means of 1..3, 4..6, 7; weights summed
+
+
+def test_non_finite_loss_inside_a_window_is_caught_before_the_checkpoint(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 6, "train.log_every": 5, "data.eval": "",
+                                                  "train.checkpoint_every": 3})
+    trainer = Trainer(config, log=quiet)
+    trainer.train_step = _fake_step({2: float("nan")})
+    with pytest.raises(TrainingError, match=r"^non-finite loss nan at step 2; stopped without saving\. "
+                                            r"No checkpoint was written yet\.$"):
+        trainer.run()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_bad_config_is_reported_before_anything_is_loaded(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 0, "data.seq_len": 1})
+    config.model.path = str(tmp_path / "no-such-model")  # would be a CheckpointError, were it reached
+    config.side.downsampler = "conv"
+    config.optim.lr = float("inf")
+    with pytest.raises(ConfigError) as err:
+        Trainer(config, log=quiet)
+    assert str(err.value).splitlines() == [
+        "bad config:",
+        "  side.downsampler: 'conv' is not one of ('adapter', 'lora', 'linear', 'maxpool', 'avgpool')",
+        "  train.steps: 0 must be an integer >= 1",
+        "  data.seq_len: 1 must be an integer >= 2",
+        "  optim.lr: inf must be a finite number > 0",
+    ]
+
+
+def test_seq_len_beyond_the_models_context_is_a_config_error(model_dir, tmp_path):
+    context = load_config(model_dir).max_position_embeddings
+    config = tiny_config(model_dir, tmp_path, **{"data.seq_len": context + 1})
+    with pytest.raises(ConfigError, match=f"data.seq_len: {context + 1} exceeds the model's context of {context}"):
+        Trainer(config, log=quiet)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"], "qst-train: error: --config configs/nope.py: no such file (recipes are in configs/)"),
+    (["--config=configs/default.py", "--config.train.stepz=2"],
+     "qst-train: error: --config.train.stepz: no such config key (every key and its default: qst_jax/train/config.py)"),
+    (["--config=configs/default.py", "--config.train.steps=0", "--config.model.path=/no/such/model"],
+     "qst-train: error: bad config:\n  train.steps: 0 must be an integer >= 1"),
+])
+def test_cli_config_errors_are_one_line_each(args, message):
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, "-m", "qst_jax.cli.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip() == message and "Traceback" not in proc.stdout
+
+
+def test_qlora_classification_export_round_trips(model_dir, tmp_path):
+    from qst_jax.methods import load_tuned
+    from qst_jax.models import load_backbone
+
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 2})
+    config.method, config.task = "qlora", "classification"
+    rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} {i}\t{i % 2}\n" for i in range(16))
+    (tmp_path / "cls.tsv").write_text("sentence\tlabel\n" + rows)
+    config.data.train = config.data.eval = str(tmp_path / "cls.tsv")
+    config.data.text_column = "sentence"
+    trainer = Trainer(config, log=quiet)
+    summary = trainer.run()
+    model, params, info = load_tuned(str(tmp_path / "run"), load_backbone(model_dir))
+    assert model.name == "qlora" and model.task == "classification" and info["task"] == "classification"
+    assert set(params["lora"]) == {"attn", "mlp"} and params["lora"]["attn"]["q"]["a"].shape[:2] == (4, 16)
+    assert trainer.evaluate(params) == pytest.approx(summary["eval_after"], rel=1e-6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qst_jax.train.losses import (
+from qst_jax.methods.losses import (
     chunked_lm_loss,
     classification_loss,
     last_token_index,

@@ -1,8 +1,9 @@
-"""Configuration of the QST side network (see docs: qst-method.md)."""
+"""Configuration of the QST side network (docs/qst-method.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from qst_jax.models.config import ConfigError, ModelConfig
@@ -50,6 +51,18 @@ class SideConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> SideConfig:
+        """A SideConfig from a config section or an export (other keys, such as `remat`, are ignored).
+
+        `side_heads` 0 (the config's "unset") means None: the backbone's count.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: values[k] for k in values if k in names}
+        kwargs.update(overrides)
+        kwargs["side_heads"] = kwargs.get("side_heads") or None
+        return cls(**kwargs)
 
 
 def side_model_config(backbone: ModelConfig, side: SideConfig) -> ModelConfig:

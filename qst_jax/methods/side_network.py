@@ -32,7 +32,8 @@ from qst_jax.models.decoder import embed, final_norm, make_context
 from qst_jax.models.layers import Params, norm, positions_from_mask
 from qst_jax.models.loader import layer_specs
 from qst_jax.quant.matmul import linear
-from qst_jax.side.config import SideConfig, side_model_config
+from qst_jax.methods.side_config import SideConfig, side_model_config
+from qst_jax.tree import set_path
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
@@ -51,10 +52,7 @@ def _stacked_block_params(cfg: ModelConfig, num_layers: int, key: jax.Array, std
             value = jnp.ones(full, jnp.float32)
         else:
             value = jnp.zeros(full, jnp.float32)
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
+        set_path(params, path, value)
     return params
 
 
@@ -160,31 +158,6 @@ def cast_params(params: Params, dtype: Any) -> Params:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def qst_hidden(
-    side_params: Params,
-    backbone_params: Params,
-    backbone_cfg: ModelConfig,
-    side: SideConfig,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    *,
-    dtype: Any = jnp.bfloat16,
-    attention_impl: str | None = None,
-    remat_side: bool = False,
-    hidden_store: str = "compute",
-) -> jax.Array:
-    """The mixed final state `o` `[B, T, d]` that the frozen LM head (or score) reads.
-
-    o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out).
-    """
-    positions = positions_from_mask(attention_mask)
-    o, _ = qst_pass(
-        side_params, backbone_params, backbone_cfg, side, input_ids, attention_mask, positions, attention_mask,
-        dtype=dtype, attention_impl=attention_impl, remat_side=remat_side, hidden_store=hidden_store,
-    )
-    return o
-
-
 def qst_pass(
     side_params: Params,
     backbone_params: Params,
@@ -192,22 +165,26 @@ def qst_pass(
     side: SideConfig,
     input_ids: jax.Array,
     token_mask: jax.Array,
-    positions: jax.Array,
-    key_mask: jax.Array,
     *,
+    positions: jax.Array | None = None,
+    key_mask: jax.Array | None = None,
+    caches: Params | None = None,
+    cache_index: jax.Array | None = None,
     dtype: Any = jnp.bfloat16,
     attention_impl: str | None = None,
     remat_side: bool = False,
-    caches: Params | None = None,
-    cache_index: jax.Array | None = None,
     hidden_store: str = "compute",
 ) -> tuple[jax.Array, Params | None]:
     """One joint pass of backbone and side network over `input_ids` `[B, T]`.
 
+    o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out): the
+    mixed final state that the frozen LM head (or the score head) reads.
+
     Args:
       token_mask: `[B, T]` which of this pass's tokens are real.
-      positions: `[B, T]` their positions.
-      key_mask: `[B, S]` real key slots (S = T, or the cache length).
+      positions: `[B, T]` their positions (default: from `token_mask`).
+      key_mask: `[B, S]` real key slots (S = T, or the cache length;
+        default `token_mask`).
       caches: `{"backbone": kv, "side": kv}` stacked KV caches (decoding),
         written at `cache_index`.
       hidden_store: how the backward pass keeps each h_i (`make_downsampler`).
@@ -215,6 +192,10 @@ def qst_pass(
     Returns:
       (o `[B, T, d]`, updated caches or None).
     """
+    if positions is None:
+        positions = positions_from_mask(token_mask)
+    if key_mask is None:
+        key_mask = token_mask
     scfg = side_model_config(backbone_cfg, side)
     width = scfg.hidden_size
     bp = jax.lax.stop_gradient(backbone_params)
@@ -252,7 +233,3 @@ def qst_pass(
     o = a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
     new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
     return o, new_caches
-
-
-def count_params(params: Params) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

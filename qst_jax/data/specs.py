@@ -1,0 +1,82 @@
+"""What a config's data and model strings name: packaged plays, the packaged model, local files.
+
+    resolve_model_path("smollm2")                  -> the packaged GGUF file
+    resolve_data("shakespeare:train", "hamlet")    -> every packaged play but Hamlet
+    examples = build_examples(config, tokenizer, config.data.train, "data.train")
+
+Used by `qst-train`, `qst-eval` and `qst-generate` alike; nothing here loads
+a model or imports the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
+from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
+from qst_jax.data.sources import DataError, load_records
+
+PACKAGED_MODEL = "smollm2"
+
+
+def resolve_model_path(path: str) -> str:
+    """`path`, or the packaged SmolLM2-135M-Instruct GGUF for "smollm2"."""
+    return smollm2_gguf() if path == PACKAGED_MODEL else path
+
+
+def resolve_data(spec: str, holdout: str) -> list[str]:
+    """Files of a comma-separated data spec.
+
+    `shakespeare:train` (every packaged play but the held-out ones),
+    `shakespeare:heldout` and `shakespeare:<play>` name the packaged plays;
+    anything else is a local file, folder or glob.
+    """
+    files: list[str] = []
+    for part in (p for p in spec.split(",") if p):
+        files += _shakespeare(part.split(":", 1)[1], holdout) if part.startswith("shakespeare:") else [part]
+    return files
+
+
+def _shakespeare(part: str, holdout: str) -> list[str]:
+    plays = shakespeare_plays()
+    held = [h for h in holdout.split(",") if h]
+    unknown = [h for h in held if h not in plays]
+    if unknown:
+        raise DataError(f"data.holdout: unknown play(s) {unknown}; known: {sorted(plays)}")
+    if part == "train":
+        return [p for name, p in plays.items() if name not in held]
+    if part == "heldout":
+        return [plays[h] for h in held]
+    if part in plays:
+        return [plays[part]]
+    raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
+
+
+def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: int = 0) -> Examples:
+    """Token examples of data spec `spec` for the config's task (`lm`, `chat`, `classification`).
+
+    Args:
+      config: has `task` and the `data` section (seq_len, columns, labels, format, holdout).
+      where: the config key the spec came from, for error messages.
+      limit: keep the first `limit` examples (0: all).
+    """
+    ds = load_records(resolve_data(spec, config.data.holdout), format=config.data.format or None)
+    d = config.data
+    if config.task == "lm":
+        examples = lm_windows(ds, tokenizer, d.seq_len, d.text_column, where)
+    elif config.task == "chat":
+        examples = chat_examples(ds, tokenizer, d.seq_len, where)
+    else:
+        examples = classification_examples(
+            ds, tokenizer, d.seq_len, num_labels=d.num_labels, text_column=d.text_column,
+            text_pair_column=d.text_pair_column or None, label_column=d.label_column,
+            label_names=[n for n in d.label_names.split(",") if n], where=where,
+        )
+    if limit and len(examples) > limit:
+        keep = slice(0, limit)
+        examples = Examples(
+            tokens=examples.tokens[keep],
+            loss_masks=None if examples.loss_masks is None else examples.loss_masks[keep],
+            labels=None if examples.labels is None else examples.labels[keep],
+        )
+    return examples

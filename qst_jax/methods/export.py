@@ -1,0 +1,150 @@
+"""A tuned model's export: `side.safetensors` + `qst_config.json`, written and read back.
+
+The export is framework-neutral:
+  side.safetensors   float32 trainable params keyed by their pytree path
+                     (`"layers/attn/q/w"`, `"lora/mlp/up/a"`)
+  qst_config.json    `model` (the method's `to_dict()`: method, task, label
+                     count, side or LoRA settings), the backbone's config and
+                     its fingerprint, and what the run adds (step, seq_len,
+                     the whole run config)
+
+    export_side(directory, model, params, {"step": 200, ...})
+    model, params, info = load_tuned(directory, backbone)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.methods.base import Method
+from qst_jax.methods.build import head_task, model_from_dict
+from qst_jax.models.config import ModelConfig
+from qst_jax.tree import flatten, unflatten
+
+CONFIG_FILE = "qst_config.json"
+WEIGHTS_FILE = "side.safetensors"
+
+
+class ExportError(ValueError):
+    """An export that is missing, unreadable, or does not fit the backbone or its own config."""
+
+
+def backbone_fingerprint(cfg: ModelConfig) -> str:
+    """A stable hash of the backbone's architecture (not its weights)."""
+    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_side(directory: str, model: Method, params: Any, backbone_cfg: ModelConfig,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes `side.safetensors` and `qst_config.json` (each atomically); returns the record written."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    info = {
+        "method": model.name,
+        "model": model.to_dict(),
+        "backbone": backbone_cfg.to_dict(),
+        "backbone_fingerprint": backbone_fingerprint(backbone_cfg),
+        **(extra or {}),
+    }
+    flat = {key: np.asarray(leaf, np.float32) for key, leaf in flatten(params).items()}
+    _write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(flat, p, metadata={"format": "qst_jax"}))
+
+    def write_json(p: str) -> None:
+        with open(p, "w") as f:
+            json.dump(info, f, indent=2, default=str)
+
+    _write_atomic(os.path.join(directory, CONFIG_FILE), write_json)
+    return info
+
+
+def _legacy_record(info: dict[str, Any]) -> dict[str, Any]:
+    """The `model` record of an export written before it had one (top-level side/qlora keys)."""
+    record = {"method": info.get("method"), "task": head_task(info.get("task", "lm")),
+              "num_labels": info.get("num_labels", 2)}
+    if record["method"] == "qst":
+        record["side"] = info["side"]
+    else:
+        record["qlora"] = info["qlora"]
+    return record
+
+
+def load_side(directory: str, backbone_cfg: ModelConfig | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The exported params (nested numpy arrays) and `qst_config.json`; checks the backbone.
+
+    Raises:
+      ExportError: missing or unreadable files, or a backbone fingerprint mismatch.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise ExportError(f"{path}: missing (expected an exported side network from qst-train)")
+    try:
+        with open(config_path) as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{config_path}: not valid JSON ({err})") from err
+    if backbone_cfg is not None and info.get("backbone_fingerprint") != backbone_fingerprint(backbone_cfg):
+        b = info.get("backbone", {})
+        raise ExportError(
+            f"{directory}: this side network was trained for another backbone "
+            f"({b.get('model_type')}, {b.get('num_layers')} layers, hidden {b.get('hidden_size')}); "
+            f"fingerprint {info.get('backbone_fingerprint')} != {backbone_fingerprint(backbone_cfg)}"
+        )
+    try:
+        flat = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(f"{weights_path}: cannot read as safetensors ({err})") from err
+    if "model" not in info:
+        info["model"] = _legacy_record(info)
+    return unflatten(flat), info
+
+
+def load_tuned(directory: str, backbone: Any) -> tuple[Method, Any, dict[str, Any]]:
+    """(model, params, info) of an exported run, checked against `backbone` (a `models.Backbone`).
+
+    The params are checked leaf by leaf against the structure the model's
+    `init` gives, so a weights file that does not fit its `qst_config.json`
+    is named, not silently half-loaded.
+
+    Raises:
+      ExportError: missing or unreadable files, another backbone, or
+        weights that do not fit the recorded method.
+    """
+    nested, info = load_side(directory, backbone.cfg)
+    model = model_from_dict(info["model"], backbone.cfg, dtype=backbone.dtype)
+    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    flat, found = flatten(expected), flatten(nested)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    missing, unexpected = sorted(set(flat) - set(found)), sorted(set(found) - set(flat))
+    if missing or unexpected:
+        raise ExportError(
+            f"{weights_path}: does not fit the {model.name} model in {CONFIG_FILE}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for key, spec in flat.items():
+        if tuple(found[key].shape) != tuple(spec.shape):
+            raise ExportError(
+                f"{weights_path}: {key} has shape {tuple(found[key].shape)}, {CONFIG_FILE} implies {tuple(spec.shape)}"
+            )
+    treedef = jax.tree_util.tree_structure(expected)
+    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(found[key]) for key in flat])
+    return model, params, info

@@ -1,0 +1,57 @@
+"""The backbone alone: the reference every method must beat, and plain generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from qst_jax.methods.base import TaskHeads
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.decoder import forward, init_caches
+from qst_jax.models.layers import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel(TaskHeads):
+    """The frozen backbone with its LM head; no trainable params.
+
+    Attributes:
+      cfg: the backbone's ModelConfig.
+      dtype: compute dtype.
+      ce_chunk: tokens per chunk of the LM cross-entropy.
+      attention_impl: passed to `jax.nn.dot_product_attention`.
+    """
+
+    name: ClassVar[str] = "frozen"
+    cfg: ModelConfig
+    dtype: Any = jnp.bfloat16
+    ce_chunk: int = 1024
+    attention_impl: str | None = None
+
+    task: ClassVar[str] = "lm"
+    num_labels: ClassVar[int] = 0
+
+    def init(self, key: jax.Array) -> Params:
+        return {}
+
+    def hidden(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array, *,
+               positions: jax.Array | None = None, key_mask: jax.Array | None = None,
+               caches: Params | None = None, cache_index: jax.Array | None = None):
+        return forward(
+            backbone_params, self.cfg, ids, mask, dtype=self.dtype, positions=positions, key_mask=key_mask,
+            caches=caches, cache_index=cache_index, attention_impl=self.attention_impl,
+        )
+
+    def init_caches(self, batch: int, length: int) -> Params:
+        return init_caches(self.cfg, batch, length, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "task": self.task, "num_labels": self.num_labels}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], cfg: ModelConfig, **options: Any) -> FrozenModel:
+        return cls(cfg, **options)

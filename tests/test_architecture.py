@@ -1,0 +1,96 @@
+"""The house rules, checked on the source: imports run downward only, and methods are used through their interface."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).parents[1] / "qst_jax"
+
+# Which rooms each room may import (besides itself and the package root). Downward only:
+# tree <- quant <- models <- methods <- {eval, generate} <- train <- cli; data and parallel beside them.
+ALLOWED = {
+    "tree": set(),
+    "quant": {"tree"},
+    "models": {"quant", "tree"},
+    "data": {"tree"},
+    "methods": {"models", "quant", "tree"},
+    "parallel": {"models", "quant", "tree"},
+    "eval": {"data", "methods", "models", "quant", "tree"},
+    "generate": {"data", "methods", "models", "quant", "tree"},
+    "train": {"data", "eval", "methods", "models", "parallel", "quant", "tree"},
+    "cli": {"data", "eval", "generate", "methods", "models", "parallel", "quant", "train", "tree"},
+}
+METHOD_CLASSES = {"QSTModel", "QLoRAModel", "FrozenModel"}
+
+
+def _modules() -> list[tuple[str, pathlib.Path, ast.Module]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        room = parts[0].removesuffix(".py") if len(parts) > 1 or parts[0] == "tree.py" else ""
+        found.append((room, path, ast.parse(path.read_text())))
+    return found
+
+
+def _imports(tree: ast.Module) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return [n for n in names if n.startswith("qst_jax.")]
+
+
+def test_every_room_is_known():
+    rooms = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.name != "__init__.py" and not p.name.startswith("_")}
+    assert rooms - {"__pycache__"} == set(ALLOWED)
+
+
+def test_imports_run_downward_only():
+    upward = []
+    for room, path, tree in _modules():
+        for name in _imports(tree):
+            target = name.split(".")[1]
+            if room and target != room and target not in ALLOWED[room]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    assert upward == []
+
+
+def test_only_cli_imports_the_trainer():
+    importers = [str(path.relative_to(PACKAGE.parent)) for room, path, tree in _modules()
+                 if room != "cli" and path.name != "trainer.py"
+                 and any(n.startswith("qst_jax.train.trainer") for n in _imports(tree))]
+    assert importers == []
+
+
+def test_no_isinstance_on_method_classes_outside_methods():
+    found = []
+    for room, path, tree in _modules():
+        if room == "methods":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                names |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                if names & METHOD_CLASSES:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert found == []
+
+
+@pytest.mark.parametrize("room", sorted(ALLOWED))
+def test_modules_stay_small(room):
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines())
+             for r, p, _ in _modules() if r == room}
+    assert all(n <= 400 for n in sizes.values()), sizes
+
+
+def test_nothing_reads_beside_the_checkout():
+    repo = PACKAGE.parent
+    offenders = [str(p.relative_to(repo)) for folder in ("qst_jax", "configs", "scripts", "tests")
+                 for p in (repo / folder).rglob("*.py")
+                 if p.name != "test_architecture.py" and ('"shared"' in p.read_text() or "../shared" in p.read_text())]
+    assert offenders == []
