@@ -16,8 +16,6 @@ import importlib.util
 import os
 import time
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 
 def load_config(path: str):
     spec = importlib.util.spec_from_file_location("qst_config", path)

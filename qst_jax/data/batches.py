@@ -78,7 +78,8 @@ class Batcher:
                 f"{len(examples)} examples make no full batch of {self.per_step}; lower the batch size"
             )
 
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The member indices of every batch of `epoch`, in order (a pure function of seed and epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
         for b in range(len(self.buckets)):
@@ -97,7 +98,7 @@ class Batcher:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self._epoch_batches(0))
+        return len(self.epoch_batches(0))
 
     def make_batch(self, members: np.ndarray) -> dict[str, np.ndarray]:
         t = self.buckets[int(self._bucket_of[members].max())]
@@ -127,7 +128,7 @@ class Batcher:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Endless: epoch after epoch, from the current position."""
         while True:
-            batches = self._epoch_batches(self.position.epoch)
+            batches = self.epoch_batches(self.position.epoch)
             while self.position.index < len(batches):
                 members = batches[self.position.index]
                 self.position.index += 1
@@ -136,7 +137,7 @@ class Batcher:
 
     def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
         """Every batch of epoch 0 once, without moving the position."""
-        for members in self._epoch_batches(0):
+        for members in self.epoch_batches(0):
             yield self.make_batch(members)
 
     def state(self) -> dict[str, int]:

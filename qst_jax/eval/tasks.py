@@ -67,7 +67,7 @@ def classify(logits_fn: Callable, tokenizer: Any, task: GlueTask, path: str, *, 
     batcher = Batcher(examples, batch_size, buckets=bucket_lengths(seq_len), pad_id=pad_id(tokenizer), shuffle=False,
                       drop_remainder=False)
     predictions = np.zeros(len(examples), np.float32 if not task.labels else np.int32)
-    batches = batcher._epoch_batches(0)
+    batches = batcher.epoch_batches(0)
     for members in batches:
         batch = batcher.make_batch(members)
         logits = np.asarray(logits_fn(jnp.asarray(batch["input_ids"][0]), jnp.asarray(batch["attention_mask"][0])))
