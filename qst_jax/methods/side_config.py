@@ -9,6 +9,7 @@ from typing import Any
 from qst_jax.models.config import ConfigError, ModelConfig
 
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
+OUTPUT_MIXES = ("gated", "residual")
 TASKS = ("lm", "classification")
 
 
@@ -23,7 +24,11 @@ class SideConfig:
       side_heads: attention heads of the side blocks (None: the backbone's,
         as the official code; head_dim = d / r / side_heads).
       gate_init: initial per-layer gate logit z_i (sigmoid taken).
-      output_gate_init: initial output gate logit z_out.
+      output_gate_init: initial output gate logit z_out ("gated" mix).
+      output_mix: how the side output meets the backbone's final state:
+        "gated" (the official code): o = a * Norm(h_L) + (1 - a) * Up(s),
+        a = sigmoid(z_out); "residual": o = Norm(h_L) + Up(s) with Up
+        initialised to zero, so the model starts exactly at the backbone.
       task: "lm" (frozen LM head) or "classification" (trainable score).
       num_labels: classes for classification (1: regression, MSE).
       init_std: standard deviation of the side linears' normal init.
@@ -35,6 +40,7 @@ class SideConfig:
     side_heads: int | None = None
     gate_init: float = 0.5
     output_gate_init: float = 1.0
+    output_mix: str = "gated"
     task: str = "lm"
     num_labels: int = 2
     init_std: float = 0.02
@@ -42,6 +48,8 @@ class SideConfig:
     def __post_init__(self) -> None:
         if self.downsampler not in DOWNSAMPLERS:
             raise ConfigError(f"side.downsampler {self.downsampler!r} is not one of {DOWNSAMPLERS}")
+        if self.output_mix not in OUTPUT_MIXES:
+            raise ConfigError(f"side.output_mix {self.output_mix!r} is not one of {OUTPUT_MIXES}")
         if self.task not in TASKS:
             raise ConfigError(f"side.task {self.task!r} is not one of {TASKS}")
         if self.reduction_factor < 1 or self.adapter_rank < 1:

@@ -8,8 +8,8 @@ Side params (float32 master copy, cast to the compute dtype inside the step):
   gates:    [L, d/r] gate logits z_i
   layers:   the backbone family's block at width d/r, stacked [L, ...]
   norm:     side final norm (the family's kind) [d/r]
-  up:       {w [d, d/r], b [d]}
-  out_gate: [d] output gate logit z_out
+  up:       {w [d, d/r], b [d]} (zeros at init with the "residual" mix)
+  out_gate: [d] output gate logit z_out ("gated" mix only)
   score:    {w [num_labels, d]} (classification only)
 
 The forward pass runs backbone layer i and side layer i in one `lax.scan`
@@ -83,8 +83,11 @@ def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) ->
         "layers": _stacked_block_params(scfg, n, keys[2], std),
         "norm": _norm_params(scfg, w),
         "up": {"w": _normal(keys[3], (d, w), std), "b": jnp.zeros((d,), jnp.float32)},
-        "out_gate": jnp.full((d,), side.output_gate_init, jnp.float32),
     }
+    if side.output_mix == "gated":
+        params["out_gate"] = jnp.full((d,), side.output_gate_init, jnp.float32)
+    else:  # residual: Up starts at zero, so o starts at the backbone's final state
+        params["up"]["w"] = jnp.zeros((d, w), jnp.float32)
     if side.task == "classification":
         params["score"] = {"w": _normal(keys[4], (side.num_labels, d), std)}
     return params
@@ -228,8 +231,11 @@ def qst_pass(
     s_caches = None if caches is None else caches["side"]
     xs = (bp["layers"], sp["down"], sp["gates"], sp["layers"], b_caches, s_caches)
     (h_last, s_last), (b_caches, s_caches) = jax.lax.scan(body, (h0, s0), xs)
-    a = jax.nn.sigmoid(side_params["out_gate"].astype(jnp.float32)).astype(dtype)
     side_out = linear(norm(sp["norm"], s_last, scfg.norm_eps), sp["up"]["w"], sp["up"]["b"])
-    o = a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
+    if side.output_mix == "residual":
+        o = final_norm(bp, backbone_cfg, h_last) + side_out
+    else:
+        a = jax.nn.sigmoid(side_params["out_gate"].astype(jnp.float32)).astype(dtype)
+        o = a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
     new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
     return o, new_caches

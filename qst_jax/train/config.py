@@ -14,7 +14,7 @@ import ml_collections
 
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
-from qst_jax.methods.side_config import DOWNSAMPLERS
+from qst_jax.methods.side_config import DOWNSAMPLERS, OUTPUT_MIXES
 from qst_jax.methods.side_network import HIDDEN_STORES
 from qst_jax.models.config import ConfigError
 from qst_jax.train.optim import SCHEDULES
@@ -29,7 +29,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    c.method = "qst"  # "qst" (side network) or "qlora" (baseline: LoRA through the backbone)
+    c.method = "qst"  # "qst" (side network), "qlora" (baseline: LoRA through the backbone), "frozen" (linear probe)
     c.task = "lm"  # "lm" (raw text), "chat" (instruction records), "classification"
 
     c.model = ml_collections.ConfigDict()
@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.side_heads = 0  # 0: the backbone's head count (official layout)
     c.side.gate_init = 0.5
     c.side.output_gate_init = 1.0
+    c.side.output_mix = "gated"  # "gated" (official: a * Norm(h_L) + (1 - a) * Up(s)) or "residual" (starts at the backbone)
     c.side.init_std = 0.02
     c.side.remat = False  # recompute side blocks in the backward pass
     c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
@@ -173,6 +174,8 @@ def validate(c: Any, context: int | None = None) -> None:
     errors: list[str] = []
     _enum(errors, "method", c.method, TRAINABLE_METHODS)
     _enum(errors, "task", c.task, DATA_TASKS)
+    if c.method == "frozen" and c.task != "classification":
+        errors.append("method: 'frozen' trains only a score head, so it needs task='classification' (a linear probe)")
     for key in ("model.path", "data.train"):
         section, name = key.split(".")
         if not c[section][name]:
@@ -180,6 +183,7 @@ def validate(c: Any, context: int | None = None) -> None:
     _enum(errors, "model.dtype", c.model.dtype, DTYPES)
     _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
     _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
+    _enum(errors, "side.output_mix", c.side.output_mix, OUTPUT_MIXES)
     _enum(errors, "side.hidden_store", c.side.hidden_store, HIDDEN_STORES)
     for key in ("side.reduction_factor", "side.adapter_rank", "qlora.rank", "data.num_labels", "train.batch_size",
                 "train.micro_batches", "train.eval_batch_size", "train.keep_checkpoints", "train.ce_chunk",

@@ -258,6 +258,8 @@ class Trainer:
             if checkpointer.latest_step() != int(state.step):
                 self._save(checkpointer, state)
             summary["steps"] = int(state.step)
+            if self.timing[1]:
+                summary["step_seconds"] = self.timing[0] / self.timing[1]
             after = self._evaluate_all(writer, state, "after training")
             summary.update({k: v for k, v in (("eval_after", after.get("eval")), ("task_eval", after.get("task"))) if v})
         finally:
@@ -292,6 +294,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, desc=self.config.method, dynamic_ncols=True,
                    disable=os.environ.get("QST_NO_PROGRESS") == "1")
         window, first_step, clock = MetricsWindow(), step + 1, time.perf_counter()
+        self.timing = (0.0, 0)  # (seconds, steps) of training after the first step: no compile, eval or saving
         try:
             while step < self.total_steps:
                 batch = next(batches)
@@ -334,6 +337,8 @@ class Trainer:
         now = time.perf_counter()
         if step > first_step:
             record["tokens_per_s"] = tokens / max(now - clock, 1e-9)
+            timed_steps = record["steps"] - (1 if step - record["steps"] < first_step else 0)
+            self.timing = (self.timing[0] + now - clock, self.timing[1] + timed_steps)
         record["lr"] = float(self.schedule(step - 1)) if self.schedule is not None else float("nan")
         writer.write(step, "train", record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0.0):.0f}",

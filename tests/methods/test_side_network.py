@@ -151,3 +151,37 @@ def test_side_config_errors():
     bad = dataclasses.replace(LLAMA2_7B, hidden_size=4104)
     with pytest.raises(ValueError, match="must divide hidden_size"):
         side_model_config(bad, SideConfig(reduction_factor=16))
+
+
+def test_residual_mix_starts_exactly_at_the_backbone_and_trains(backbone):
+    from qst_jax.methods import FrozenModel
+
+    batch = jax.tree.map(lambda x: x[0], lm_batch())
+    frozen = FrozenModel(backbone.cfg, jnp.float32).logits({}, backbone.params, batch["input_ids"],
+                                                           batch["attention_mask"])
+    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8, output_mix="residual"), dtype=jnp.float32)
+    tx = adamw(3e-3)
+    state = init_train_state(model, tx, jax.random.PRNGKey(0))
+    assert "out_gate" not in state.params and not np.any(np.asarray(state.params["up"]["w"]))
+    logits = model.logits(state.params, backbone.params, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(frozen))  # o = Norm(h_L) + 0
+    step = make_train_step(model, tx)
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, backbone.params, lm_batch())
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] and np.any(np.asarray(state.params["up"]["w"]))
+
+
+def test_linear_probe_trains_only_a_score_head(backbone):
+    from qst_jax.methods import FrozenModel
+
+    model = FrozenModel(backbone.cfg, task="classification", num_labels=3)
+    params = model.init(jax.random.PRNGKey(0))
+    assert jax.tree.map(jnp.shape, params) == {"score": {"w": (3, backbone.cfg.hidden_size)}}
+    batch = jax.tree.map(lambda x: x[0], lm_batch())
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "labels": jnp.asarray([0, 2]), "example_mask": jnp.ones(2)}
+    grads = jax.grad(lambda p: model.loss(p, backbone.params, batch)[0])(params)
+    assert float(jnp.abs(grads["score"]["w"]).sum()) > 0
+    assert model.to_dict() == {"method": "frozen", "task": "classification", "num_labels": 3}

@@ -1,0 +1,155 @@
+"""How well each method learns, at equal steps and at equal wall-clock (issue: QST vs QLoRA quality).
+
+    python scripts/quality.py [--steps 250] [--batch 16] [--only qst-new,qlora] [--lm-steps 50]
+
+SST-2 (the repo's `data/glue/sst2/`): trains on a fixed random slice of the
+train split with `configs/glue_sst2.py`'s recipe otherwise, and scores the
+whole dev split, never trained on. Shakespeare (`configs/default.py`): trains
+on the packaged plays and scores held-out Hamlet. Every variant runs on the
+packaged SmolLM2-135M-Instruct (NF4), loaded once. Prints one table per task:
+trainable parameters, step time (after the first, compiling step), held-out
+metric, mean train loss (and accuracy) over the last 50 steps; then QLoRA
+re-run for the number of steps that fits in QST's wall-clock time.
+Results also go to `--out` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import random
+
+REPO = pathlib.Path(__file__).parents[1]
+
+# name -> (method, overrides): the variants measured; "qst-old" is the official layout and the old default.
+SST2_VARIANTS = {
+    "probe": ("frozen", {}),
+    "qst-old": ("qst", {"side.output_mix": "gated"}),
+    "qst-residual": ("qst", {"side.output_mix": "residual"}),
+    "qst-residual-lr2e-3": ("qst", {"side.output_mix": "residual", "optim.lr": 2e-3}),
+    "qst-residual-1head-lr2e-3": ("qst", {"side.output_mix": "residual", "optim.lr": 2e-3, "side.side_heads": 1}),
+    "qst-new": ("qst", {}),
+    "qlora": ("qlora", {}),
+}
+LM_VARIANTS = {
+    "qst-old": ("qst", {"side.output_mix": "gated"}),
+    "qst-new": ("qst", {}),
+    "qlora": ("qlora", {}),
+}
+
+
+def _load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def sst2_slice(rows: int, path: str, seed: int = 0) -> str:
+    """A fixed random `rows`-row slice of SST-2 train, written as a GLUE TSV."""
+    with open(REPO / "data" / "glue" / "sst2" / "train.tsv", newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header, body = lines[0], lines[1:]
+    random.Random(seed).shuffle(body)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerows([header, *body[:rows]])
+    return path
+
+
+def _last_window(metrics_path: str, steps: int) -> dict[str, float]:
+    """Mean train loss (and accuracy) over the last `steps` steps, from the run's window records."""
+    records = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in records if r["split"] == "train"]
+    picked, count = [], 0
+    for r in reversed(train):
+        if count >= steps:
+            break
+        picked.append(r)
+        count += r["steps"]
+    loss = sum(r["loss"] * r["steps"] for r in picked) / max(sum(r["steps"] for r in picked), 1)
+    result = {"train_loss": loss}
+    if "correct" in picked[0]:
+        result["train_accuracy"] = sum(r["correct"] for r in picked) / max(sum(r["weight"] for r in picked), 1)
+    return result
+
+
+def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, batch: int, out_dir: str,
+                shared: dict, train_file: str | None) -> dict:
+    from qst_jax.train.trainer import Trainer
+
+    config = _load_recipe("glue_sst2" if task == "sst2" else "default")
+    config.method = method
+    config.train.steps = steps
+    config.train.batch_size = batch
+    config.train.eval_every = config.train.checkpoint_every = 0
+    config.train.log_every = 10
+    config.train.output_dir = os.path.join(out_dir, task, name)
+    if task == "sst2":
+        config.data.train = train_file
+    else:
+        config.data.eval_examples = 32
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    trainer = Trainer(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"), log=lambda *a: None)
+    shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
+    summary = trainer.run()
+    row = {"task": task, "variant": name, "method": method, "steps": steps, "params": summary["trainable_params"],
+           "step_s": summary.get("step_seconds", float("nan")),
+           **_last_window(os.path.join(config.train.output_dir, "metrics.jsonl"), 50)}
+    after = summary["eval_after"]
+    row["held_out"] = after["accuracy"] if task == "sst2" else after["perplexity"]
+    if task != "sst2":
+        row["frozen"] = summary["eval_frozen"]["perplexity"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--train-rows", type=int, default=8000)
+    parser.add_argument("--lm-steps", type=int, default=50, help="Shakespeare steps (0: skip)")
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--no-wallclock", action="store_true", help="skip the equal-wall-clock QLoRA run")
+    parser.add_argument("--output", default="runs/quality")
+    parser.add_argument("--out", default="runs/quality/results.json")
+    args = parser.parse_args()
+    only = {v for v in args.only.split(",") if v}
+    os.makedirs(args.output, exist_ok=True)
+    train_file = sst2_slice(args.train_rows, os.path.join(args.output, "sst2_train_slice.tsv"))
+    shared: dict = {}
+    rows = []
+    for name, (method, overrides) in SST2_VARIANTS.items():
+        if not only or name in only:
+            rows.append(run_variant("sst2", name, method, overrides, args.steps, args.batch, args.output, shared,
+                                    train_file))
+    by_name = {r["variant"]: r for r in rows}
+    if not args.no_wallclock and {"qst-new", "qlora"} <= set(by_name):
+        budget = args.steps * by_name["qst-new"]["step_s"]
+        steps = max(int(budget / by_name["qlora"]["step_s"]), 1)
+        rows.append(run_variant("sst2", "qlora-equal-time", "qlora", {}, steps, args.batch, args.output, shared,
+                                train_file))
+    if args.lm_steps:
+        for name, (method, overrides) in LM_VARIANTS.items():
+            if not only or name in only:
+                rows.append(run_variant("lm", name, method, overrides, args.lm_steps, 4, args.output, shared, None))
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\n{'task':<6} {'variant':<28} {'steps':>5} {'trainable':>10} {'step s':>7} {'held-out':>9} "
+          f"{'train loss':>10} {'train acc':>9}")
+    for r in rows:
+        metric = f"{100 * r['held_out']:.1f}%" if r["task"] == "sst2" else f"ppl {r['held_out']:.2f}"
+        acc = f"{100 * r['train_accuracy']:.1f}%" if "train_accuracy" in r else "-"
+        print(f"{r['task']:<6} {r['variant']:<28} {r['steps']:>5} {r['params']:>10,} {r['step_s']:>7.3f} "
+              f"{metric:>9} {r['train_loss']:>10.3f} {acc:>9}")
+
+
+if __name__ == "__main__":
+    main()
