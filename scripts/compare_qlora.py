@@ -40,7 +40,7 @@ def compare(config_path: str, steps: int, output_root: str, eval_examples: int |
         config.train.output_dir = os.path.join(output_root, method)
         if eval_examples:
             config.data.eval_examples = eval_examples
-        trainer = Trainer(config, backbone=backbone, tokenizer=tokenizer, log=log)
+        trainer = Trainer(config, backbone=backbone, tokenizer=tokenizer, overwrite=True, log=log)
         backbone, tokenizer = trainer.backbone, trainer.tokenizer
         start = time.perf_counter()
         summary = trainer.run()

@@ -87,6 +87,8 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
     config.train.steps = steps
     config.train.batch_size = batch
     config.train.eval_every = config.train.checkpoint_every = 0
+    config.train.eval_batch_size = 32
+    config.train.eval_at_start = task != "sst2"  # the frozen perplexity is part of the LM table
     config.train.log_every = 10
     config.train.output_dir = os.path.join(out_dir, task, name)
     if task == "sst2":
@@ -96,7 +98,8 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
     for key, value in overrides.items():
         section, field = key.split(".")
         config[section][field] = value
-    trainer = Trainer(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"), log=lambda *a: None)
+    trainer = Trainer(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"), overwrite=True,
+                      log=lambda *a: None)
     shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
     summary = trainer.run()
     row = {"task": task, "variant": name, "method": method, "steps": steps, "params": summary["trainable_params"],

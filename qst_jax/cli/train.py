@@ -1,4 +1,4 @@
-"""`qst-train --config configs/X.py [--config.train.lr=...] [--resume]`.
+"""`qst-train --config configs/X.py [--config.train.lr=...] [--resume | --overwrite]`.
 
 Trains a QST side network (or the QLoRA baseline) as the config says; see
 README for the configs, data formats and the outputs of a run.
@@ -12,7 +12,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
-_RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in train.output_dir")
+_RESUME = flags.DEFINE_bool("resume", False, "continue the run in train.output_dir from its newest intact checkpoint")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete the run in train.output_dir first, then start over")
 
 
 def _fail(message: str) -> None:
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> int:
     from qst_jax.data.offline import MissingPackageError
     from qst_jax.data.sources import DataError
     from qst_jax.models import CheckpointError, ConfigError
+    from qst_jax.train.checkpoint import ResumeError
+    from qst_jax.train.run_dir import RunDirectoryError
     from qst_jax.train.trainer import Trainer, TrainingError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -80,9 +83,10 @@ def main(argv: list[str]) -> int:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
     try:
-        trainer = Trainer(config)
-        summary = trainer.run(resume=_RESUME.value)
-    except (CheckpointError, ConfigError, DataError, MissingPackageError, TrainingError, ValueError) as err:
+        trainer = Trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+        summary = trainer.run()
+    except (CheckpointError, ConfigError, DataError, MissingPackageError, ResumeError, RunDirectoryError,
+            TrainingError, ValueError) as err:
         print(f"qst-train: error: {err}", file=sys.stderr)
         return 1
     if "signal" in summary:

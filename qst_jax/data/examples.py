@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qst_jax.data.sources import DataError, require_columns
+from qst_jax.data.sources import DataError, record_location, require_columns
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -82,23 +82,24 @@ def lm_windows(ds, tokenizer: Any, seq_len: int, text_column: str = "text", wher
     return Examples(tokens=list(windows), loss_masks=list(masks))
 
 
-def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
-    # datasets unifies columns across rows: absent fields read as None.
-    record = {k: v for k, v in record.items() if v is not None}
-    if "messages" in record:
+def _messages(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    # datasets unifies columns across rows: a field absent from this record reads as None. A layout is
+    # chosen by its leading field; a None answer is kept as None content (counted as unusable, not fatal).
+    if record.get("messages") is not None:
         messages = record["messages"]
-    elif "instruction" in record and "output" in record:
+    elif record.get("instruction") is not None and "output" in record:
         prompt = record["instruction"]
         if record.get("input"):
             prompt = f"{prompt}\n\n{record['input']}"
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-    elif "prompt" in record and ("response" in record or "completion" in record):
-        answer = record.get("response", record.get("completion"))
+    elif record.get("prompt") is not None and ("response" in record or "completion" in record):
+        answer = record.get("response") if record.get("response") is not None else record.get("completion")
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": answer}]
     else:
+        present = sorted(k for k, v in record.items() if v is not None)
         raise DataError(
             f"{where}: a chat record needs 'messages', or 'instruction' and 'output', or 'prompt' and "
-            f"'response'; it has {sorted(record)}"
+            f"'response'; it has {present}"
         )
     for m in messages:
         if m.get("role") not in CHAT_ROLES:
@@ -124,17 +125,49 @@ def chat_example(tokenizer: Any, messages: Sequence[dict[str, str]], max_len: in
     return ids[:max_len], mask[:max_len]
 
 
-def chat_examples(ds, tokenizer: Any, max_len: int, where: str = "data") -> Examples:
+def chat_examples(ds, tokenizer: Any, max_len: int, where: str = "data", log: Any = print) -> Examples:
+    """Token ids and loss masks of every usable conversation of `ds`.
+
+    A record is skipped, counted and reported when it has no assistant turn,
+    a turn whose content is missing or null, or no response token within
+    `max_len`: an error when none is usable, a printed warning otherwise.
+    """
     tokens, masks = [], []
+    skipped: dict[str, list[int]] = {}
     for row, record in enumerate(ds):
-        ids, mask = chat_example(tokenizer, _messages(record, f"{where} row {row}"), max_len, f"{where} row {row}")
-        if mask.sum() == 0:
-            continue  # truncated before any response token
-        tokens.append(ids)
-        masks.append(mask)
-    if not tokens:
-        raise DataError(f"{where}: no example has a response token within {max_len} tokens")
+        messages = _messages(record, record_location(ds, row, where))
+        if any(not isinstance(m.get("content"), str) for m in messages):
+            reason = "a turn with missing or null content"
+        elif not any(m.get("role") == "assistant" for m in messages):
+            reason = "no assistant turn"
+        else:
+            ids, mask = chat_example(tokenizer, messages, max_len, record_location(ds, row, where))
+            if mask.sum() > 0:
+                tokens.append(ids)
+                masks.append(mask)
+                continue
+            reason = f"no response token within data.seq_len={max_len}"
+        skipped.setdefault(reason, []).append(row)
+    if skipped:
+        parts = [f"{len(rows)} with {reason} ({', '.join(record_location(ds, r, where) for r in rows[:3])}"
+                 f"{', ...' if len(rows) > 3 else ''})" for reason, rows in skipped.items()]
+        message = f"{where}: {sum(map(len, skipped.values()))} of {len(ds)} chat records unusable: " + "; ".join(parts)
+        if not tokens:
+            raise DataError(message)
+        log(f"warning: {message}; training on the other {len(tokens)}")
     return Examples(tokens=tokens, loss_masks=masks)
+
+
+def _class_id(value: Any) -> int | None:
+    """An integer class id from a cell (int, integral float, or digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 def classification_examples(
@@ -164,25 +197,33 @@ def classification_examples(
             labels = np.asarray([float(x) for x in raw], np.float32)
         except (TypeError, ValueError) as err:
             raise DataError(f"{where}: regression labels in {label_column!r} must be numbers ({err})") from err
+        if not np.all(np.isfinite(labels)):
+            row = int(np.flatnonzero(~np.isfinite(labels))[0])
+            raise DataError(f"{record_location(ds, row, where)}: regression label {raw[row]!r} is not finite")
     elif label_names:
         names = [str(n) for n in label_names]
         unknown = [(i, x) for i, x in enumerate(raw) if str(x).strip() not in names]
         if unknown:
             row, value = unknown[0]
-            raise DataError(f"{where}: label {value!r} in row {row} is not one of {names} ({len(unknown)} such rows)")
+            raise DataError(f"{record_location(ds, row, where)}: label {value!r} is not one of {names} "
+                            f"({len(unknown)} such rows)")
         labels = np.asarray([names.index(str(x).strip()) for x in raw], np.int32)
     else:
-        try:
-            labels = np.asarray([int(x) for x in raw], np.int32)
-        except (TypeError, ValueError) as err:
+        ids = [_class_id(x) for x in raw]
+        bad = [row for row, i in enumerate(ids) if i is None]
+        if bad:
+            value = raw[bad[0]]
+            what = "an empty label" if value is None or str(value).strip() == "" else f"label {value!r}"
             raise DataError(
-                f"{where}: labels in {label_column!r} must be integer class ids, or set data.label_names ({err})"
-            ) from err
-        bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-        if bad.size:
+                f"{record_location(ds, bad[0], where)}: {what} in {label_column!r}; class labels must be integer "
+                f"ids in [0, {num_labels}) or names listed in data.label_names ({len(bad)} such rows)"
+            )
+        labels = np.asarray(ids, np.int32)
+        out = np.flatnonzero((labels < 0) | (labels >= num_labels))
+        if out.size:
             raise DataError(
-                f"{where}: label {labels[bad[0]]} in row {bad[0]} is out of range for {num_labels} classes "
-                f"({bad.size} such rows)"
+                f"{record_location(ds, int(out[0]), where)}: label {labels[out[0]]} is out of range for "
+                f"{num_labels} classes ({out.size} such rows)"
             )
     tokens = [np.asarray(x, np.int32) for x in enc["input_ids"]]
     if any(len(t) == 0 for t in tokens):

@@ -14,7 +14,7 @@ from typing import Any
 
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
-from qst_jax.data.sources import DataError, load_records
+from qst_jax.data.sources import DataError, load_records, split_paths
 
 PACKAGED_MODEL = "smollm2"
 
@@ -29,10 +29,10 @@ def resolve_data(spec: str, holdout: str) -> list[str]:
 
     `shakespeare:train` (every packaged play but the held-out ones),
     `shakespeare:heldout` and `shakespeare:<play>` name the packaged plays;
-    anything else is a local file, folder or glob.
+    anything else is a local file, folder or glob (`\\,` is a comma inside a path).
     """
     files: list[str] = []
-    for part in (p for p in spec.split(",") if p):
+    for part in split_paths(spec):
         files += _shakespeare(part.split(":", 1)[1], holdout) if part.startswith("shakespeare:") else [part]
     return files
 
@@ -52,20 +52,21 @@ def _shakespeare(part: str, holdout: str) -> list[str]:
     raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
 
 
-def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: int = 0) -> Examples:
+def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: int = 0, log: Any = print) -> Examples:
     """Token examples of data spec `spec` for the config's task (`lm`, `chat`, `classification`).
 
     Args:
       config: has `task` and the `data` section (seq_len, columns, labels, format, holdout).
       where: the config key the spec came from, for error messages.
       limit: keep the first `limit` examples (0: all).
+      log: where warnings go (unusable chat records).
     """
     ds = load_records(resolve_data(spec, config.data.holdout), format=config.data.format or None)
     d = config.data
     if config.task == "lm":
         examples = lm_windows(ds, tokenizer, d.seq_len, d.text_column, where)
     elif config.task == "chat":
-        examples = chat_examples(ds, tokenizer, d.seq_len, where)
+        examples = chat_examples(ds, tokenizer, d.seq_len, where, log=log)
     else:
         examples = classification_examples(
             ds, tokenizer, d.seq_len, num_labels=d.num_labels, text_column=d.text_column,

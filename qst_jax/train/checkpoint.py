@@ -17,29 +17,76 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class ResumeError(RuntimeError):
+    """No intact checkpoint to resume from; the message names each damaged one."""
+
+
 class Checkpointer:
-    """Keeps the last `keep` checkpoints under `directory`."""
+    """Keeps the last `keep` checkpoints under `directory`.
+
+    A new checkpoint is read back in full before older ones are deleted, so
+    a failed or damaged write never leaves the run with nothing to resume.
+    `restore` takes the newest checkpoint that reads, naming any damaged
+    newer ones.
+    """
 
     def __init__(self, directory: str, keep: int = 2):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.keep = keep
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Writes step `step` (atomically: orbax renames a finished temporary folder), verifies it, prunes."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
+        self._read(step, state)  # raises if what was written does not read back
+        for old in self.steps()[self.keep :]:
+            self.manager.delete(old)
+
+    def steps(self) -> list[int]:
+        """Every finished checkpoint's step, newest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps(), reverse=True)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[0] if steps else None
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError("no checkpoint to resume from")
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record of checkpoint `step` (raises if it is damaged)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
+
+    def restore(self, abstract_state: Any, log=print) -> tuple[Any, dict[str, Any], int]:
+        """(state, meta, step) of the newest checkpoint that reads; damaged newer ones are named via `log`.
+
+        Raises:
+          ResumeError: no checkpoint, or none that reads.
+        """
+        damaged = []
+        for step in self.steps():
+            try:
+                state, meta = self._read(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                damaged.append(f"step {step} ({reason})")
+                log(f"checkpoint {self.manager.directory}/{step} is damaged ({reason}); trying an older one")
+                continue
+            if damaged:
+                log(f"resuming from step {step}, the newest intact checkpoint")
+            return state, meta, step
+        where = self.manager.directory
+        if damaged:
+            raise ResumeError(f"{where}: no intact checkpoint to resume from; damaged: {'; '.join(damaged)}")
+        raise ResumeError(f"{where}: no checkpoint to resume from")
 
     def close(self) -> None:
         self.manager.close()

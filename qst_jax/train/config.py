@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.micro_batches = 1  # gradient accumulation
     c.train.seed = 0
     c.train.eval_every = 100  # 0: only before and after
+    c.train.eval_at_start = True  # held-out evaluation before the first step (and of the frozen backbone)
     c.train.eval_batch_size = 8
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2
@@ -220,3 +221,41 @@ def validate(c: Any, context: int | None = None) -> None:
                       f"{c.parallel.data * c.parallel.fsdp}")
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+# Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.
+SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
+              "side.downsampler", "side.side_heads", "side.output_mix", "qlora.rank", "data.num_labels")
+NOT_COMPARED_ON_RESUME = ("train.output_dir",)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`"key old -> new"` for each setting a resumed run changes.
+
+    Raises:
+      ConfigError: a change of a key in SHAPE_KEYS (or switching gradient
+        clipping on or off, which changes the optimizer state), naming each.
+    """
+    old, new = _flat(stored), _flat(current)
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in NOT_COMPARED_ON_RESUME]
+    described = {k: f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys}
+    refused = [k for k in keys if k in SHAPE_KEYS]
+    if "optim.clip_norm" in keys and (float(old.get("optim.clip_norm") or 0) > 0) != (
+            float(new.get("optim.clip_norm") or 0) > 0):
+        refused.append("optim.clip_norm")
+    if refused:
+        raise ConfigError(
+            f"--resume: {', '.join(described[k] for k in refused)}: the checkpoint's params or optimizer state "
+            "have other shapes; keep the checkpoint's values, or start over with --overwrite"
+        )
+    return [described[k] for k in keys]

@@ -1,10 +1,11 @@
 """The training run behind `qst-train`: build, evaluate, train, checkpoint, export.
 
-    trainer = Trainer(config)                  # or Trainer(config, tx=my_optax_tx)
-    summary = trainer.run(resume=False)
+    trainer = Trainer(config)                  # or Trainer(config, tx=my_optax_tx, resume=True)
+    summary = trainer.run()
 
-Order of a run: validate the config (nothing is loaded before it passes);
-load the backbone and tokenizer, build the data, the method and the
+Order of a run: validate the config and claim the output directory (nothing
+is loaded before both pass: `run_dir.py` has the directory's rules); load the
+backbone and tokenizer, build the data, the method and the
 optimizer; restore the latest checkpoint when resuming; evaluate held-out
 data; train with a progress bar, periodic evaluation and checkpoints;
 evaluate again; export the trained params.
@@ -43,9 +44,10 @@ from qst_jax.methods import FrozenModel, build_model, export_side
 from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
 from qst_jax.tree import count_params
 from qst_jax.train.checkpoint import Checkpointer
-from qst_jax.train.config import validate
+from qst_jax.train.config import resume_changes, validate
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError, plot_loss_curve
 from qst_jax.train.optim import make_optimizer
+from qst_jax.train.run_dir import RunDirectory
 from qst_jax.train.step import TrainState, init_train_state, make_train_step
 
 
@@ -87,18 +89,53 @@ class Trainer:
       schedule: your own `step -> lr` for the configured AdamW.
       backbone: an already loaded Backbone (skips loading `model.path`).
       tokenizer: its tokenizer (with `backbone`).
+      resume: continue the run in `train.output_dir` from its newest intact checkpoint.
+      overwrite: delete the run in `train.output_dir` first (without it, an existing run is refused).
       log: where progress lines go (default: print).
 
     Raises:
-      ConfigError: a bad config value (every one, each on its line), before anything is loaded.
+      ConfigError: a bad config value (every one, each on its line), or a
+        resumed run whose checkpoint has other param shapes; before anything is loaded.
+      RunDirectoryError: the output directory is in use, holds another run, or has nothing to resume.
     """
 
     def __init__(self, config: Any, *, tx: optax.GradientTransformation | None = None, schedule=None,
-                 backbone: Backbone | None = None, tokenizer: Any = None, log=print):
+                 backbone: Backbone | None = None, tokenizer: Any = None, resume: bool = False,
+                 overwrite: bool = False, log=print):
         validate(config)
-        self.config, self.log = config, log
+        self.config, self.log, self.resume = config, log, resume
         path = resolve_model_path(config.model.path)
         validate(config, context=(backbone.cfg if backbone else load_config(path)).max_position_embeddings)
+        self.output_dir = config.train.output_dir
+        self.run_dir = RunDirectory(self.output_dir)
+        if jax.process_index() == 0:  # one process guards the directory all processes share
+            self.run_dir.acquire(resume=resume, overwrite=overwrite)
+        try:
+            if resume:
+                self._check_resumable()
+            self._build(path, tx, schedule, backbone, tokenizer)
+        except BaseException:
+            self.run_dir.release()
+            raise
+
+    def _check_resumable(self) -> None:
+        """Compares the config with the newest readable checkpoint's: shape changes refused, others listed."""
+        checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), self.config.train.keep_checkpoints)
+        try:
+            for step in checkpointer.steps():
+                try:
+                    stored = checkpointer.read_meta(step)["config"]
+                except Exception:  # noqa: BLE001 - a damaged checkpoint: `run` names it and takes an older one
+                    continue
+                changed = resume_changes(stored, self.config.to_dict())  # raises on shape changes
+                if changed:
+                    self.log("resuming with changed settings: " + ", ".join(changed))
+                return
+        finally:
+            checkpointer.close()
+
+    def _build(self, path: str, tx: Any, schedule: Any, backbone: Backbone | None, tokenizer: Any) -> None:
+        config = self.config
         self.mesh = self._make_mesh()
         self.backbone = backbone or self._load_backbone(path)
         self.tokenizer = tokenizer or load_tokenizer(path)
@@ -121,8 +158,6 @@ class Trainer:
         if config.task != "classification":
             frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, t.ce_chunk, config.model.attention or None)
             self.frozen_eval_step = make_eval_step(frozen)
-        self.output_dir = t.output_dir
-        os.makedirs(self.output_dir, exist_ok=True)
 
     # -- building ------------------------------------------------------------------
     def _make_mesh(self) -> Any:
@@ -148,12 +183,13 @@ class Trainer:
         buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)
         pad = pad_id(self.tokenizer)
         train = Batcher(
-            build_examples(config, self.tokenizer, config.data.train, "data.train"),
+            build_examples(config, self.tokenizer, config.data.train, "data.train", log=self.log),
             t.batch_size, t.micro_batches, buckets=buckets, pad_id=pad, seed=t.seed,
         )
         if not config.data.eval:
             return train, None
-        held_out = build_examples(config, self.tokenizer, config.data.eval, "data.eval", config.data.eval_examples)
+        held_out = build_examples(config, self.tokenizer, config.data.eval, "data.eval", config.data.eval_examples,
+                                  log=self.log)
         return train, Batcher(held_out, t.eval_batch_size, 1, buckets=buckets, pad_id=pad, shuffle=False,
                               drop_remainder=False)
 
@@ -230,11 +266,17 @@ class Trainer:
         return results
 
     # -- the run ---------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         """Trains (or resumes) to `total_steps`; returns the summary (also written as summary.json)."""
+        try:
+            return self._run()
+        finally:
+            self.run_dir.release()
+
+    def _run(self) -> dict[str, Any]:
         config, t = self.config, self.config.train
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), t.keep_checkpoints)
-        state = self._initial_state(checkpointer, resume)
+        state = self._initial_state(checkpointer)
         trainable = count_params(state.params)
         self.log(
             f"{config.method} on {self.backbone.cfg.model_type} ({self.backbone.cfg.num_layers} layers, "
@@ -244,12 +286,8 @@ class Trainer:
         summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
         writer = MetricsWriter(self.output_dir)
         try:
-            if self.eval_data is not None and self.frozen_eval_step is not None:
-                summary["eval_frozen"] = self.evaluate({}, self.frozen_eval_step)
-                self.log(_line("held-out, frozen backbone alone", summary["eval_frozen"]))
-            before = self._evaluate_all(writer, state, f"at step {int(state.step)}", tasks=False)
-            if "eval" in before:
-                summary["eval_before"] = before["eval"]
+            if t.eval_at_start:
+                self._evaluate_start(writer, state, summary)
             with _catch_signals() as stop:
                 state = self._train(state, checkpointer, writer, stop)
             if stop.signal is not None:
@@ -268,16 +306,25 @@ class Trainer:
         self._write_outputs(state, summary)
         return summary
 
-    def _initial_state(self, checkpointer: Checkpointer, resume: bool) -> TrainState:
+    def _evaluate_start(self, writer: MetricsWriter, state: TrainState, summary: dict[str, Any]) -> None:
+        """The frozen backbone's and the starting params' held-out figures, into `summary`."""
+        if self.eval_data is not None and self.frozen_eval_step is not None:
+            summary["eval_frozen"] = self.evaluate({}, self.frozen_eval_step)
+            self.log(_line("held-out, frozen backbone alone", summary["eval_frozen"]))
+        before = self._evaluate_all(writer, state, f"at step {int(state.step)}", tasks=False)
+        if "eval" in before:
+            summary["eval_before"] = before["eval"]
+
+    def _initial_state(self, checkpointer: Checkpointer) -> TrainState:
         state = init_train_state(self.model, self.tx, jax.random.PRNGKey(self.config.train.seed))
         if self.state_shardings is not None:
             state = jax.device_put(state, self.state_shardings)
-        if resume and checkpointer.latest_step() is not None:
-            state, meta = checkpointer.restore(state)
+        if self.resume:
+            state, meta, step = checkpointer.restore(state, log=self.log)
             self.train_data.restore(meta["data"])
-            self.log(f"resumed from step {int(state.step)} ({checkpointer.latest_step()})")
-        elif resume:
-            self.log("no checkpoint found: starting from scratch")
+            if jax.process_index() == 0:
+                self.run_dir.cut_metrics(step)
+            self.log(f"resumed from step {step}")
         return state
 
     def _save(self, checkpointer: Checkpointer, state: TrainState) -> None:

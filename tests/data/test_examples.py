@@ -89,7 +89,7 @@ def test_label_names(tokenizer, tmp_path):
     ex = classification_examples(ds, tokenizer, 16, num_labels=3, text_column="sentence1",
                                  text_pair_column="sentence2", label_column="gold_label", label_names=names)
     assert ex.labels.tolist() == [2, 0]
-    with pytest.raises(DataError, match="label 'neutral' in row 0 is not one of"):
+    with pytest.raises(DataError, match=r"mnli.tsv, record 1: label 'neutral' is not one of \['yes', 'no'\]"):
         classification_examples(ds, tokenizer, 16, num_labels=2, text_column="sentence1",
                                 label_column="gold_label", label_names=("yes", "no"))
 
@@ -141,3 +141,71 @@ def test_eval_pass_keeps_every_example_once():
     batcher = Batcher(ex, batch_size=3, shuffle=False, drop_remainder=False)
     rows = sum(int((b["attention_mask"].sum(-1) > 0).sum()) for b in batcher.one_pass())
     assert rows == 7
+
+
+@pytest.mark.parametrize("cell, what", [("0.5", "label 0.5"), ("", "an empty label"), ("yes", "label 'yes'")])
+def test_class_labels_must_be_integers(tokenizer, tmp_path, cell, what):
+    path = tmp_path / "cls.tsv"
+    path.write_text(f"sentence\tlabel\ngood\t1\nbad\t{cell}\n")
+    with pytest.raises(DataError, match=rf"^{path}, record 2: {what} in 'label'; class labels must be integer ids"):
+        classification_examples(load_records(str(path)), tokenizer, 16, num_labels=2)
+
+
+def test_json_labels_that_are_fractions_are_refused(tokenizer, tmp_path):
+    path = tmp_path / "cls.jsonl"
+    path.write_text('{"sentence": "a", "label": 1.0}\n{"sentence": "b", "label": 0.5}\n')
+    with pytest.raises(DataError, match=rf"^{path}, record 2: label 0.5 in 'label'"):
+        classification_examples(load_records(str(path)), tokenizer, 16, num_labels=2)
+
+
+def test_unusable_chat_records_are_counted(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = {"prompt": "say yes", "response": "yes"}
+    rows = [good, {"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "p", "response": None},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+            {"prompt": "long " * 80, "response": "ok"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    ex = chat_examples(load_records(str(path)), tokenizer, max_len=32, log=lines.append)
+    assert len(ex) == 1 and len(lines) == 1
+    assert lines[0].startswith("warning: data: 4 of 5 chat records unusable: ")
+    assert f"1 with no assistant turn ({path}, record 2)" in lines[0]
+    assert f"2 with a turn with missing or null content ({path}, record 3, {path}, record 4)" in lines[0]
+    assert f"1 with no response token within data.seq_len=32 ({path}, record 5)" in lines[0]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(DataError, match="^data: 4 of 4 chat records unusable"):
+        chat_examples(load_records(str(path)), tokenizer, max_len=32)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": "b",\n', "bad.jsonl:2: not valid JSON"),
+    ("bad.tsv", "sentence\tlabel\nok\t1\ntoo\tmany\tfields\n", r"bad.tsv:3: 3 fields, the header has 2"),
+])
+def test_parse_errors_name_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_records(str(tmp_path / name))
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "latin.tsv").write_bytes(b"sentence\tlabel\nok\t1\ncaf\xe9\t0\n")
+    with pytest.raises(DataError, match=r"latin.tsv:3: not UTF-8 \(byte 0xe9\)"):
+        load_records(str(tmp_path / "latin.tsv"))
+
+
+def test_text_format_takes_only_text_files_of_a_mixed_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("plain prose")
+    (tmp_path / "records.jsonl").write_text('{"text": "json"}\n')
+    ds = load_records(str(tmp_path), format="text")
+    assert ds["text"] == ["plain prose"]
+    with pytest.raises(DataError, match="cannot tell one format"):
+        load_records(str(tmp_path))
+
+
+def test_a_comma_inside_a_path(tmp_path):
+    folder = tmp_path / "a,b"
+    folder.mkdir()
+    (folder / "x.txt").write_text("one")
+    (tmp_path / "y.txt").write_text("two")
+    spec = str(folder / "x.txt").replace(",", "\\,") + "," + str(tmp_path / "y.txt")
+    assert load_records(spec)["text"] == ["one", "two"]

@@ -162,7 +162,7 @@ def test_missing_column_and_label_out_of_range(model_dir, tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['text'\]; the data has \['sentence', 'label'\]"):
         Trainer(config, log=quiet)
     config.data.text_column = "sentence"
-    with pytest.raises(DataError, match="label 7 in row 12 is out of range for 2 classes"):
+    with pytest.raises(DataError, match=r"cls.tsv, record 13: label 7 is out of range for 2 classes \(1 such rows\)"):
         Trainer(config, log=quiet)
 
 
