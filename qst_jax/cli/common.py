@@ -13,7 +13,7 @@ def add_model_args(parser: Any) -> None:
 
 
 def load_model(args: Any):
-    """(backbone, tokenizer, model, params): the frozen backbone's method without --side."""
+    """(backbone, tokenizer, model, params, info): the frozen backbone's method and {} without --side."""
     import jax.numpy as jnp
 
     from qst_jax.data.specs import resolve_model_path
@@ -24,7 +24,7 @@ def load_model(args: Any):
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
     if args.side:
-        model, params, _ = load_tuned(args.side, backbone)
+        model, params, info = load_tuned(args.side, backbone)
     else:
-        model, params = FrozenModel(backbone.cfg, backbone.dtype), {}
-    return backbone, tokenizer, model, params
+        model, params, info = FrozenModel(backbone.cfg, backbone.dtype), {}, {}
+    return backbone, tokenizer, model, params, info

@@ -1,10 +1,12 @@
 """`qst-eval`: perplexity, GLUE-style classification, MMLU-style multiple choice.
 
-    qst-eval perplexity --model smollm2 [--side runs/default] --data hamlet.txt [--seq-len 128]
+    qst-eval perplexity --model smollm2 [--side runs/default] --data hamlet.txt [--seq-len N]
     qst-eval classify   --model M --side D --task sst2 --data dev.tsv
     qst-eval mmlu       --model M [--side D] --data /path/to/mmlu [--shots 5]
 
 Prints a table and writes the results as JSON (`--out`, default stdout only).
+`--seq-len` defaults to the run's `data.seq_len` with `--side` (so perplexity
+reproduces the figure training printed), else 128 (2048 for mmlu).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from qst_jax.cli.common import add_model_args, load_model
 
 
-def _perplexity(args, backbone, tokenizer, model, params) -> dict:
+def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
     from qst_jax.data.examples import lm_windows, pad_id
     from qst_jax.data.sources import load_records
     from qst_jax.data.specs import resolve_data
@@ -30,7 +32,7 @@ def _perplexity(args, backbone, tokenizer, model, params) -> dict:
                       pad_token=pad_id(tokenizer))
 
 
-def _classify(args, backbone, tokenizer, model, params) -> dict:
+def _classify(args, backbone, tokenizer, model, params, info) -> dict:
     import jax
 
     from qst_jax.eval.glue import GLUE_TASKS, GlueTask
@@ -46,7 +48,7 @@ def _classify(args, backbone, tokenizer, model, params) -> dict:
     return classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
 
 
-def _mmlu(args, backbone, tokenizer, model, params) -> dict:
+def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
     import jax
 
     from qst_jax.eval.tasks import mmlu
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True)
         p.add_argument("--out", help="write the results as JSON here")
         p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--seq-len", type=int, default={"perplexity": 128, "classify": 128, "mmlu": 2048}[kind])
+        p.add_argument("--seq-len", type=int, default=None,
+                       help="default: the run's data.seq_len with --side, else " + ("2048" if kind == "mmlu" else "128"))
         if kind == "perplexity":
             p.add_argument("--text-column", default="text")
             p.add_argument("--max-windows", type=int, default=0)
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         loaded = load_model(args)
+        if args.seq_len is None:
+            info = loaded[-1]
+            args.seq_len = 2048 if args.kind == "mmlu" else int(info.get("seq_len") or 128)
         result = {"perplexity": _perplexity, "classify": _classify, "mmlu": _mmlu}[args.kind](args, *loaded)
     except (CheckpointError, ConfigError, DataError, ExportError, ValueError, FileNotFoundError) as err:
         print(f"qst-eval: error: {err}", file=sys.stderr)

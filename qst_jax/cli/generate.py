@@ -33,6 +33,29 @@ def _stream(gen, prompt_ids, args, sampling) -> str:
     return gen.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _records(path: str) -> list[tuple[int, dict]]:
+    """(1-based line, record) of every non-blank line of a jsonl file; a bad line is named."""
+    from qst_jax.generate.decode import GenerationError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise GenerationError(f"{path}: not UTF-8 ({err.reason})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GenerationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise GenerationError(f"{path}:{number}: a record must be a JSON object")
+        records.append((number, record))
+    return records
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-generate", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
@@ -61,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        backbone, tokenizer, model, params = load_model(args)
-        gen = Generator(backbone, tokenizer, (model, params))
+        backbone, tokenizer, model, params, _ = load_model(args)
+        gen = Generator(backbone, tokenizer, (model, params), log=lambda m: print(f"qst-generate: {m}", file=sys.stderr))
         if args.prompt is not None:
             _stream(gen, tokenizer(args.prompt).input_ids, args, sampling)
         elif args.chat:
@@ -79,15 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 reply = _stream(gen, gen.render_chat(history), args, sampling)
                 history.append({"role": "assistant", "content": reply})
         else:
-            with open(args.file) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            for i, record in enumerate(records):
+            for line_number, record in _records(args.file):
                 if "messages" in record:
                     prompt = gen.render_chat(record["messages"])
                 elif "prompt" in record:
                     prompt = tokenizer(record["prompt"]).input_ids
                 else:
-                    raise GenerationError(f"{args.file}: record {i} has neither 'prompt' nor 'messages'")
+                    raise GenerationError(f"{args.file}:{line_number}: a record needs 'prompt' or 'messages'; "
+                                          f"it has {sorted(record)}")
                 text = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     seed=args.seed, stop_strings=args.stop)[0]
                 print(json.dumps({**record, "completion": text}), flush=True)

@@ -40,11 +40,13 @@ class Generator:
     Args:
       backbone: the frozen Backbone.
       tokenizer: its tokenizer (HF).
-      tuned: (QSTModel or QLoRAModel, its params), or None for the base model.
+      tuned: (a method, its params), or None for the base model.
+      log: where notices go (e.g. `max_new_tokens` cut by the context); None: silent.
     """
 
-    def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None):
-        self.backbone, self.tokenizer = backbone, tokenizer
+    def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.backbone, self.tokenizer, self.log = backbone, tokenizer, log
         self.cfg, self.dtype = backbone.cfg, backbone.dtype
         self.model, self.params = tuned if tuned is not None else (FrozenModel(backbone.cfg, backbone.dtype), {})
         if self.model.task != "lm":
@@ -110,9 +112,12 @@ class Generator:
         context = self.cfg.max_position_embeddings
         if p >= context:
             raise GenerationError(f"prompt of {p} tokens does not fit the model's context of {context}")
-        max_new = min(max_new_tokens, context - p)
-        if max_new <= 0:
+        if max_new_tokens <= 0:
             raise GenerationError("max_new_tokens must be positive")
+        max_new = min(max_new_tokens, context - p)
+        if max_new < max_new_tokens and self.log is not None:
+            self.log(f"note: max_new_tokens {max_new_tokens} cut to {max_new}: the prompt has {p} tokens and the "
+                     f"model's context is {context}")
         length = p + max_new
         if eos_ids is None:
             eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else self.tokenizer.eos_token_id

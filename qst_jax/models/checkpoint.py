@@ -23,6 +23,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or inconsistent with its config."""
 
 
+def read_json(path: str) -> Any:
+    """A JSON file's content; a file that does not parse is a CheckpointError naming file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"{path}:{err.lineno}" if isinstance(err, json.JSONDecodeError) else path
+        raise CheckpointError(f"{where}: not valid JSON ({getattr(err, 'msg', err)})") from None
+
+
 class SafetensorsSource(Mapping):
     """All tensors of an HF directory (`model.safetensors` or a sharded index)."""
 
@@ -31,8 +41,9 @@ class SafetensorsSource(Mapping):
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             files = ["model.safetensors"]
@@ -53,7 +64,11 @@ class SafetensorsSource(Mapping):
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: listed in the index but missing")
-            handle = safe_open(path, framework="numpy")
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a truncated or corrupt file
+                raise CheckpointError(f"{path}: cannot read as safetensors ({err}); the file is truncated or "
+                                      "corrupt") from None
             self._handles.append(handle)
             view = SafetensorsView(handle)
             self._views[name] = view
@@ -67,7 +82,10 @@ class SafetensorsSource(Mapping):
         name = self._file_of.get(key)
         if name is None:
             raise KeyError(key)
-        return self._views[name][key]
+        try:
+            return self._views[name][key]
+        except Exception as err:  # noqa: BLE001 - the header was read, the data is damaged
+            raise CheckpointError(f"{self.file_of(key)}: cannot read tensor {key} ({err})") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -118,7 +136,10 @@ class GGUFSource(Mapping):
         from gguf import GGUFReader
 
         self.path = path
-        self._reader = GGUFReader(path)
+        try:
+            self._reader = GGUFReader(path)
+        except Exception as err:  # noqa: BLE001 - gguf raises ValueError, KeyError, ... on a damaged file
+            raise CheckpointError(f"{path}: cannot read as GGUF ({err}); the file is truncated or corrupt") from None
         arch = gguf_field(self._reader, "general.architecture")
         if arch != "llama":
             raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")

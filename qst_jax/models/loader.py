@@ -14,7 +14,6 @@ Embeddings, norms, biases and the LM head stay in the compute dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 
 from qst_jax.models.axes import logical_axes
-from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSource
+from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSource, read_json
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
 from qst_jax.models.decoder import logits_fn
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
@@ -298,8 +297,7 @@ def _read_hf_config(path: str) -> tuple[dict[str, Any], str]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path}: no config.json (expected a HF model directory or a .gguf file)")
-    with open(config_path) as f:
-        return json.load(f), config_path
+    return read_json(config_path), config_path
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -348,8 +346,15 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
     return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a local HF directory or GGUF file (never a hub)."""
+    """The tokenizer of a local HF directory or GGUF file (never a hub).
+
+    Raises:
+      CheckpointError: the directory has no tokenizer files, or they do not load.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_path(path)
@@ -357,7 +362,15 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         from qst_jax.models.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(path)  # transformers' own GGUF path needs torch
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path}: no tokenizer in this model directory (none of {', '.join(TOKENIZER_FILES)}); copy the "
+            "model's tokenizer files beside its config.json"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: the tokenizer files do not load ({str(err).splitlines()[0]})") from None
 
 
 __all__ = [

@@ -71,22 +71,32 @@ class Checkpointer:
         Raises:
           ResumeError: no checkpoint, or none that reads.
         """
-        damaged = []
+        damaged, damaged_steps = [], []
         for step in self.steps():
             try:
                 state, meta = self._read(step, abstract_state)
             except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
                 reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
                 damaged.append(f"step {step} ({reason})")
+                damaged_steps.append(step)
                 log(f"checkpoint {self.manager.directory}/{step} is damaged ({reason}); trying an older one")
                 continue
             if damaged:
+                self._set_aside(damaged_steps, log)
                 log(f"resuming from step {step}, the newest intact checkpoint")
             return state, meta, step
         where = self.manager.directory
         if damaged:
             raise ResumeError(f"{where}: no intact checkpoint to resume from; damaged: {'; '.join(damaged)}")
         raise ResumeError(f"{where}: no checkpoint to resume from")
+
+    def _set_aside(self, steps: list[int], log) -> None:
+        """Renames damaged checkpoints `<step>` to `<step>.damaged` (kept for inspection, out of the way)."""
+        for step in steps:
+            path = os.path.join(str(self.manager.directory), str(step))
+            os.replace(path, f"{path}.damaged")
+            log(f"moved the damaged checkpoint to {path}.damaged")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

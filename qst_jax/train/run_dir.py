@@ -10,10 +10,12 @@ Rules (README, "When something goes wrong"):
     export, metrics) is refused, unless `resume` (continue it) or
     `overwrite` (its run files are deleted first; other files are left);
   * `resume` with no checkpoint to resume from is refused;
-  * a second process cannot write the same directory: an advisory lock
-    (`.lock`, holding the owner's pid and host) makes it fail at once,
-    naming the holder. The kernel drops the lock when its process dies, so
-    a killed run never blocks its own `--resume`;
+  * a second process cannot write the same directory: an advisory lock on
+    `.lock` makes it fail at once, naming the holder (its pid and command,
+    from the kernel's lock table). The file is created once and never
+    written, so a refused command leaves the directory byte for byte as it
+    was; the kernel drops the lock when its process dies, so a killed run
+    never blocks its own `--resume`;
   * on resume, `metrics.jsonl` and the TensorBoard files are cut back to the
     checkpoint's step (TensorBoard is rewritten from the kept records), so a
     resumed run has no duplicate rows.
@@ -25,7 +27,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 from typing import Any
 
 RUN_FILES = ("side.safetensors", "qst_config.json", "metrics.jsonl", "summary.json", "loss.png")
@@ -87,21 +88,15 @@ class RunDirectory:
 
     def _lock_directory(self) -> None:
         path = os.path.join(self.path, LOCK_FILE)
-        handle = open(path, "a+")
+        handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             handle.close()
             raise RunDirectoryError(
-                f"{self.path}: in use by another qst-train ({holder}); wait for it to finish or set another "
-                "train.output_dir"
+                f"{self.path}: in use by another qst-train ({_lock_holder(path)}); wait for it to finish or set "
+                "another train.output_dir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
         self._lock = handle
 
     def _clear(self) -> None:
@@ -145,3 +140,20 @@ class RunDirectory:
                         if key not in ("step", "split"):
                             tb.add_scalar(f"{record['split']}/{key}", float(value), int(record["step"]))
         return len(lines) - len(kept)
+
+
+def _lock_holder(path: str) -> str:
+    """`pid N (command)` of the process holding the lock on `path`, from /proc/locks (Linux), else a phrase."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[5].endswith(f":{inode}"):
+                    pid = fields[4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        command = cmd.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {pid}: {command[:120]}"
+    except OSError:
+        pass
+    return "another process"

@@ -1,0 +1,288 @@
+"""Hostile inputs to the four commands: each fails with one line naming the file, row or key, and a finished
+run's directory is byte-for-byte unchanged afterwards. Plus the run-directory rules and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qst_jax.cli import eval as eval_cli
+from qst_jax.cli import generate as generate_cli
+from qst_jax.train.run_dir import RunDirectory
+from qst_jax.train.trainer import Trainer
+from tests.helpers import tiny_config, tiny_model_dir
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def quiet(*_args):
+    pass
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, str]:
+    """Every file under `directory` with the sha256 of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(testdata, tmp_path_factory):
+    return tiny_model_dir(testdata, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def finished(model_dir, tmp_path_factory):
+    """A finished QST run (LM, 3 steps, a checkpoint at 3) and its config file."""
+    root = tmp_path_factory.mktemp("finished")
+    config = tiny_config(model_dir, root, **{"train.steps": 3, "train.checkpoint_every": 3})
+    Trainer(config, log=quiet).run()
+    return root, _config_file(root, model_dir, {"train.steps": 3, "train.checkpoint_every": 3})
+
+
+def _config_file(root: pathlib.Path, model_dir: pathlib.Path, overrides: dict, name: str = "cfg.py") -> pathlib.Path:
+    path = root / name
+    path.write_text(
+        "import pathlib\nfrom tests.helpers import tiny_config\n\n"
+        f"def get_config():\n    return tiny_config(pathlib.Path({str(model_dir)!r}), pathlib.Path({str(root)!r}), "
+        f"**{overrides!r})\n"
+    )
+    return path
+
+
+def qst_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "qst_jax.cli.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _bad_tsv(root: pathlib.Path) -> str:
+    path = root / "labels.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"film {i}\t{i % 2}\n" for i in range(12)) + "meh\t0.5\n")
+    return str(path)
+
+
+# (name, extra args beyond --config, a function of (root, model_dir) giving more args, expected stderr pattern)
+TRAIN_CASES = [
+    ("new run into a finished run", [], None,
+     r"run: already holds a run \(side.safetensors, qst_config.json, metrics.jsonl, summary.json, loss.png, "
+     r"checkpoints/, tb/\); continue it with --resume, delete it and start over with --overwrite, or set another "
+     r"train.output_dir"),
+    ("resume and overwrite", ["--resume", "--overwrite"], None, r"--resume and --overwrite contradict each other"),
+    ("resume with nothing to resume", ["--resume"], lambda root, m: [f"--config.train.output_dir={root / 'empty'}"],
+     r"empty: --resume, but there is no checkpoint in .*empty/checkpoints to resume from"),
+    ("resume with another side width", ["--resume", "--config.side.reduction_factor=4"], None,
+     r"--resume: side.reduction_factor 8 -> 4: the checkpoint's params or optimizer state have other shapes"),
+    ("bad value and a missing model", ["--config.optim.lr=-1", "--config.model.path=/no/such/model"], None,
+     r"bad config:\n  optim.lr: -1.0 must be a finite number > 0$"),
+    ("seq_len beyond the context", ["--config.data.seq_len=100000"], None,
+     r"data.seq_len: 100000 exceeds the model's context of \d+ positions"),
+    ("fractional class label", ["--config.task=classification", "--config.data.eval=", "--config.data.text_column=sentence"],
+     lambda root, m: [f"--config.data.train={_bad_tsv(root)}", f"--config.train.output_dir={root / 'cls'}"],
+     r"labels.tsv, record 13: label 0.5 in 'label'; class labels must be integer ids in \[0, 2\)"),
+    ("model without a tokenizer", [], lambda root, m: [f"--config.model.path={_no_tokenizer(root, m)}",
+                                                       f"--config.train.output_dir={root / 'notok'}"],
+     r"no-tokenizer: no tokenizer in this model directory \(none of tokenizer.json"),
+    ("corrupt config.json", [], lambda root, m: [f"--config.model.path={_corrupt_config(root, m)}",
+                                                 f"--config.train.output_dir={root / 'badcfg'}"],
+     r"bad-config/config.json:1: not valid JSON"),
+]
+
+
+def _no_tokenizer(root: pathlib.Path, model_dir: pathlib.Path) -> pathlib.Path:
+    target = root / "no-tokenizer"
+    if not target.exists():
+        shutil.copytree(model_dir, target)
+        for p in target.iterdir():
+            if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                p.unlink()
+    return target
+
+
+def _corrupt_config(root: pathlib.Path, model_dir: pathlib.Path) -> pathlib.Path:
+    target = root / "bad-config"
+    if not target.exists():
+        shutil.copytree(model_dir, target)
+        (target / "config.json").write_text('{"model_type": "llama", ')
+    return target
+
+
+@pytest.mark.parametrize("name, args, more, pattern", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_qst_train_refuses(finished, model_dir, name, args, more, pattern):
+    root, config = finished
+    before = snapshot(root / "run")
+    extra = more(root, model_dir) if more else []
+    proc = qst_train(f"--config={config}", *args, *extra)
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("qst-train: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    import re
+
+    assert re.search(pattern, proc.stderr.strip().removeprefix("qst-train: error: "), re.M), proc.stderr
+    assert snapshot(root / "run") == before
+
+
+def _corrupt_side(root: pathlib.Path) -> pathlib.Path:
+    target = root / "corrupt-side"
+    if not target.exists():
+        shutil.copytree(root / "run", target, ignore=shutil.ignore_patterns("checkpoints", "tb", ".lock"))
+        weights = target / "side.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    return target
+
+
+def _mismatched_side(root: pathlib.Path) -> pathlib.Path:
+    target = root / "mismatched-side"
+    if not target.exists():
+        shutil.copytree(root / "run", target, ignore=shutil.ignore_patterns("checkpoints", "tb", ".lock"))
+        info = json.loads((target / "qst_config.json").read_text())
+        info["model"]["side"]["reduction_factor"] = 4
+        (target / "qst_config.json").write_text(json.dumps(info))
+    return target
+
+
+def _bad_prompts(root: pathlib.Path, text: str) -> pathlib.Path:
+    path = root / f"prompts-{hashlib.sha256(text.encode()).hexdigest()[:8]}.jsonl"
+    path.write_text(text)
+    return path
+
+
+READ_CASES = [
+    ("eval: corrupt side.safetensors", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--side", str(_corrupt_side(root)), "--data", str(root / "eval.txt")],
+     r"corrupt-side/side.safetensors: cannot read as safetensors"),
+    ("eval: qst_config.json disagrees with the weights", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--side", str(_mismatched_side(root)), "--data",
+                      str(root / "eval.txt")],
+     r"mismatched-side/side.safetensors: down/norm/bias has shape \(4, 32\), qst_config.json implies \(4, 64\)$"),
+    ("eval: classify with an LM run", eval_cli,
+     lambda root, m: ["classify", "--model", str(m), "--side", str(root / "run"), "--task", "sst2", "--data", "x.tsv"],
+     r"classify needs a side network trained with task=classification"),
+    ("generate: a line that is not JSON", generate_cli,
+     lambda root, m: ["--model", str(m), "--side", str(root / "run"), "--file",
+                      str(_bad_prompts(root, '{"prompt": "a"}\n\n{"prompt": "b",\n'))],
+     r"prompts-\w+.jsonl:3: not valid JSON"),
+    ("generate: a record without a prompt", generate_cli,
+     lambda root, m: ["--model", str(m), "--file", str(_bad_prompts(root, '{"text": "a"}\n'))],
+     r"prompts-\w+.jsonl:1: a record needs 'prompt' or 'messages'; it has \['text'\]"),
+]
+
+
+@pytest.mark.parametrize("name, cli, make_args, pattern", READ_CASES, ids=[c[0] for c in READ_CASES])
+def test_eval_and_generate_refuse(finished, model_dir, capsys, name, cli, make_args, pattern):
+    import re
+
+    root, _ = finished
+    before = snapshot(root / "run")
+    assert cli.main(make_args(root, model_dir)) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+    assert snapshot(root / "run") == before
+
+
+def test_eval_uses_the_runs_seq_len_and_reproduces_its_perplexity(finished, model_dir, capsys):
+    root, _ = finished
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    out = root / "ppl.json"
+    assert eval_cli.main(["perplexity", "--model", str(model_dir), "--side", str(root / "run"), "--data",
+                          str(root / "eval.txt"), "--max-windows", "8", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["perplexity"] == pytest.approx(summary["eval_after"]["perplexity"], rel=1e-5)
+
+
+def test_generate_says_when_the_context_cuts_max_new_tokens(finished, model_dir, capsys):
+    root, _ = finished
+    assert generate_cli.main(["--model", str(model_dir), "--prompt", "To be", "--max-new-tokens", "100000"]) == 0
+    err = capsys.readouterr().err
+    assert "note: max_new_tokens 100000 cut to" in err and "the model's context is" in err
+
+
+def test_a_second_process_cannot_write_the_same_directory(finished, model_dir, tmp_path):
+    root, _ = finished
+    holder = RunDirectory(str(tmp_path / "busy"))
+    holder.acquire(resume=False, overwrite=False)
+    try:
+        config = _config_file(tmp_path, model_dir, {"train.output_dir": str(tmp_path / "busy")})
+        proc = qst_train(f"--config={config}")
+    finally:
+        holder.release()
+    assert proc.returncode != 0
+    assert f"busy: in use by another qst-train (pid {os.getpid()}: " in proc.stderr, proc.stderr
+
+
+def test_overwrite_starts_over(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 2, "data.eval": ""})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "my-notes.txt").write_text("not part of a run")
+    Trainer(config, log=quiet).run()
+    Trainer(config, overwrite=True, log=quiet).run()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]  # the first run's rows are gone
+    assert (tmp_path / "run" / "my-notes.txt").read_text() == "not part of a run"
+
+
+def test_resume_cuts_metrics_back_and_skips_a_damaged_checkpoint(model_dir, tmp_path):
+    overrides = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "data.eval": ""}
+    config = tiny_config(model_dir, tmp_path, **overrides)
+    Trainer(config, log=quiet).run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6]
+    shutil.rmtree(checkpoints / "6")  # killed after step 6 was logged, before its checkpoint
+    damaged = max((p for p in (checkpoints / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    lines: list[str] = []
+    config.optim.lr = 1e-3
+    summary = Trainer(config, resume=True, log=lines.append).run()
+    assert summary["steps"] == 6
+    assert any(line.startswith(f"checkpoint {checkpoints}/4 is damaged") for line in lines), lines
+    assert "resuming from step 2, the newest intact checkpoint" in lines
+    assert any(line.startswith("resuming with changed settings: optim.lr 0.003 -> 0.001") for line in lines), lines
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # no duplicate rows
+
+
+KILL_DURING_SAVE = """
+import asyncio, sys
+from orbax.checkpoint._src.path import async_path
+from qst_jax.cli import train
+
+original = async_path.rename
+
+async def rename(src, dst):
+    if dst.name == "6":
+        print("WRITING 6", flush=True)
+        await asyncio.sleep(600)
+    return await original(src, dst)
+
+async_path.rename = rename
+train.run()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume(model_dir, tmp_path):
+    config = _config_file(tmp_path, model_dir, {"train.steps": 8, "train.checkpoint_every": 3, "data.eval": ""})
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DURING_SAVE)
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, str(driver), f"--config={config}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if "WRITING 6" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not (checkpoints / "6").exists() and (checkpoints / "3").is_dir()
+    resumed = qst_train(f"--config={config}", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step 3" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "qst_config.json").read_text())["step"] == 8
