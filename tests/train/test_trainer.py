@@ -295,21 +295,3 @@ def test_cli_config_errors_are_one_line_each(args, message):
     proc = subprocess.run([sys.executable, "-m", "qst_jax.cli.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip() == message and "Traceback" not in proc.stdout
-
-
-def test_qlora_classification_export_round_trips(model_dir, tmp_path):
-    from qst_jax.methods import load_tuned
-    from qst_jax.models import load_backbone
-
-    config = tiny_config(model_dir, tmp_path, **{"train.steps": 2})
-    config.method, config.task = "qlora", "classification"
-    rows = "".join(f"{'great fun' if i % 2 else 'dull and slow'} {i}\t{i % 2}\n" for i in range(16))
-    (tmp_path / "cls.tsv").write_text("sentence\tlabel\n" + rows)
-    config.data.train = config.data.eval = str(tmp_path / "cls.tsv")
-    config.data.text_column = "sentence"
-    trainer = Trainer(config, log=quiet)
-    summary = trainer.run()
-    model, params, info = load_tuned(str(tmp_path / "run"), load_backbone(model_dir))
-    assert model.name == "qlora" and model.task == "classification" and info["task"] == "classification"
-    assert set(params["lora"]) == {"attn", "mlp"} and params["lora"]["attn"]["q"]["a"].shape[:2] == (4, 16)
-    assert trainer.evaluate(params) == pytest.approx(summary["eval_after"], rel=1e-6)
