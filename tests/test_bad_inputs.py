@@ -155,7 +155,36 @@ def _bad_prompts(root: pathlib.Path, text: str) -> pathlib.Path:
     return path
 
 
+def _truncated_weights(root: pathlib.Path, model_dir: pathlib.Path) -> pathlib.Path:
+    target = root / "truncated-weights"
+    if not target.exists():
+        shutil.copytree(model_dir, target)
+        weights = target / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return target
+
+
+def _truncated_gguf(root: pathlib.Path) -> pathlib.Path:
+    from qst_jax.data.offline import MissingPackageError, smollm2_gguf
+
+    try:
+        source = smollm2_gguf()
+    except MissingPackageError as err:
+        pytest.skip(str(err))
+    target = root / "truncated.gguf"
+    if not target.exists():
+        with open(source, "rb") as f:
+            target.write_bytes(f.read(2_000_000))
+    return target
+
+
 READ_CASES = [
+    ("eval: truncated model.safetensors", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(_truncated_weights(root, m)), "--data", str(root / "eval.txt")],
+     r"truncated-weights/model.safetensors: cannot read as safetensors .*; the file is truncated or corrupt$"),
+    ("eval: truncated GGUF", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(_truncated_gguf(root)), "--data", str(root / "eval.txt")],
+     r"truncated.gguf: cannot read as GGUF .*; the file is truncated or corrupt$"),
     ("eval: corrupt side.safetensors", eval_cli,
      lambda root, m: ["perplexity", "--model", str(m), "--side", str(_corrupt_side(root)), "--data", str(root / "eval.txt")],
      r"corrupt-side/side.safetensors: cannot read as safetensors"),

@@ -123,10 +123,18 @@ def test_sigkill_then_resume_is_bitwise_exact(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint(model_dir, tmp_path):
-    cfg = _config_file(tmp_path, model_dir, **{"train.steps": 400, "train.checkpoint_every": 3, "data.eval": ""})
+@pytest.mark.parametrize("checkpoint_every", [3, 0])
+def test_sigterm_saves_a_checkpoint(model_dir, tmp_path, checkpoint_every):
+    """Also with periodic checkpoints off: a stop always leaves one to resume from."""
+    cfg = _config_file(tmp_path, model_dir, **{"train.steps": 400, "train.checkpoint_every": checkpoint_every,
+                                               "data.eval": ""})
     proc = _cli(cfg)
-    _wait_for_checkpoint(tmp_path / "run", 3, proc)
+    if checkpoint_every:
+        _wait_for_checkpoint(tmp_path / "run", 3, proc)
+    else:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 240
+        while not (metrics.is_file() and '"train"' in metrics.read_text()) and time.time() < deadline:
+            time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output
