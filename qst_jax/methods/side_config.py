@@ -10,6 +10,8 @@ from qst_jax.models.config import ConfigError, ModelConfig
 
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
 OUTPUT_MIXES = ("gated", "residual")
+HEAD_LAYOUTS = ("wide", "official")
+WIDE_HEAD_DIM = 64
 TASKS = ("lm", "classification")
 
 
@@ -21,14 +23,18 @@ class SideConfig:
       reduction_factor: r; the side width is d / r.
       adapter_rank: k of the `adapter` and `lora` downsamplers.
       downsampler: one of DOWNSAMPLERS.
-      side_heads: attention heads of the side blocks (None: the backbone's,
-        as the official code; head_dim = d / r / side_heads).
+      side_heads: attention heads of the side blocks (None: as `head_layout` says).
+      head_layout: the side heads when `side_heads` is None: "wide" (the
+        default: heads of 64 dims, or one head over the whole width when it
+        is narrower) or "official" (the backbone's head count, as the
+        official code: head_dim 4 on SmolLM2, 8 on LLaMA-2).
       gate_init: initial per-layer gate logit z_i (sigmoid taken).
       output_gate_init: initial output gate logit z_out ("gated" mix).
       output_mix: how the side output meets the backbone's final state:
-        "gated" (the official code): o = a * Norm(h_L) + (1 - a) * Up(s),
-        a = sigmoid(z_out); "residual": o = Norm(h_L) + Up(s) with Up
-        initialised to zero, so the model starts exactly at the backbone.
+        "residual" (the default): o = Norm(h_L) + Up(s) with Up initialised
+        to zero, so the model starts exactly at the backbone (the paper's
+        intent); "gated" (the official code): o = a * Norm(h_L) + (1 - a) *
+        Up(s), a = sigmoid(z_out). docs/quality.md has the measurements.
       task: "lm" (frozen LM head) or "classification" (trainable score).
       num_labels: classes for classification (1: regression, MSE).
       init_std: standard deviation of the side linears' normal init.
@@ -38,9 +44,10 @@ class SideConfig:
     adapter_rank: int = 16
     downsampler: str = "adapter"
     side_heads: int | None = None
+    head_layout: str = "wide"
     gate_init: float = 0.5
     output_gate_init: float = 1.0
-    output_mix: str = "gated"
+    output_mix: str = "residual"
     task: str = "lm"
     num_labels: int = 2
     init_std: float = 0.02
@@ -48,6 +55,8 @@ class SideConfig:
     def __post_init__(self) -> None:
         if self.downsampler not in DOWNSAMPLERS:
             raise ConfigError(f"side.downsampler {self.downsampler!r} is not one of {DOWNSAMPLERS}")
+        if self.head_layout not in HEAD_LAYOUTS:
+            raise ConfigError(f"side.head_layout {self.head_layout!r} is not one of {HEAD_LAYOUTS}")
         if self.output_mix not in OUTPUT_MIXES:
             raise ConfigError(f"side.output_mix {self.output_mix!r} is not one of {OUTPUT_MIXES}")
         if self.task not in TASKS:
@@ -64,10 +73,13 @@ class SideConfig:
     def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> SideConfig:
         """A SideConfig from a config section or an export (other keys, such as `remat`, are ignored).
 
-        `side_heads` 0 (the config's "unset") means None: the backbone's count.
+        `side_heads` 0 (the config's "unset") means None. A record without
+        `head_layout` or `output_mix` (an export made before they existed)
+        gets the layout it was trained with: "official" and "gated".
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: values[k] for k in values if k in names}
+        kwargs = {"head_layout": "official", "output_mix": "gated"}
+        kwargs.update({k: values[k] for k in values if k in names})
         kwargs.update(overrides)
         kwargs["side_heads"] = kwargs.get("side_heads") or None
         return cls(**kwargs)
@@ -86,7 +98,14 @@ def side_model_config(backbone: ModelConfig, side: SideConfig) -> ModelConfig:
             f"reduction_factor {r} must divide hidden_size {d} and intermediate_size {backbone.intermediate_size}"
         )
     width = d // r
-    heads = side.side_heads or backbone.num_heads
+    if side.side_heads:
+        heads = side.side_heads
+    elif side.head_layout == "official":
+        heads = backbone.num_heads
+    else:
+        heads = max(1, width // WIDE_HEAD_DIM)
+        while width % heads:
+            heads -= 1
     if width % heads:
         raise ConfigError(f"side width {width} is not divisible by side_heads {heads}")
     head_dim = width // heads

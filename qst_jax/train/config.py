@@ -14,7 +14,7 @@ import ml_collections
 
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
-from qst_jax.methods.side_config import DOWNSAMPLERS, OUTPUT_MIXES
+from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, OUTPUT_MIXES
 from qst_jax.methods.side_network import HIDDEN_STORES
 from qst_jax.models.config import ConfigError
 from qst_jax.train.optim import SCHEDULES
@@ -42,10 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.reduction_factor = 16
     c.side.adapter_rank = 16
     c.side.downsampler = "adapter"  # adapter | lora | linear | maxpool | avgpool
-    c.side.side_heads = 0  # 0: the backbone's head count (official layout)
+    c.side.side_heads = 0  # 0: as head_layout says
+    c.side.head_layout = "wide"  # "wide": heads of 64 dims (one head if narrower); "official": the backbone's count
     c.side.gate_init = 0.5
     c.side.output_gate_init = 1.0
-    c.side.output_mix = "gated"  # "gated" (official: a * Norm(h_L) + (1 - a) * Up(s)) or "residual" (starts at the backbone)
+    c.side.output_mix = "residual"  # "residual": Norm(h_L) + Up(s), Up zero-init; "gated": the official a-mix
     c.side.init_std = 0.02
     c.side.remat = False  # recompute side blocks in the backward pass
     c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
@@ -185,6 +186,7 @@ def validate(c: Any, context: int | None = None) -> None:
     _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
     _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
     _enum(errors, "side.output_mix", c.side.output_mix, OUTPUT_MIXES)
+    _enum(errors, "side.head_layout", c.side.head_layout, HEAD_LAYOUTS)
     _enum(errors, "side.hidden_store", c.side.hidden_store, HIDDEN_STORES)
     for key in ("side.reduction_factor", "side.adapter_rank", "qlora.rank", "data.num_labels", "train.batch_size",
                 "train.micro_batches", "train.eval_batch_size", "train.keep_checkpoints", "train.ce_chunk",
@@ -225,7 +227,8 @@ def validate(c: Any, context: int | None = None) -> None:
 
 # Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.
 SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
-              "side.downsampler", "side.side_heads", "side.output_mix", "qlora.rank", "data.num_labels")
+              "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "qlora.rank",
+              "data.num_labels")
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
 
 

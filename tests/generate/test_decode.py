@@ -28,9 +28,8 @@ class _IdTokenizer:
 def _randomized_side(cfg, key=1):
     model = QSTModel(cfg, SideConfig(reduction_factor=8), dtype=jnp.float32)
     params = model.init(jax.random.PRNGKey(key))
-    # Non-trivial gates and a visible side contribution.
-    params["out_gate"] = jnp.full_like(params["out_gate"], -0.5)
-    params["up"]["w"] = params["up"]["w"] * 20
+    # A visible side contribution: the residual mix starts with Up at zero.
+    params["up"]["w"] = jax.random.normal(jax.random.PRNGKey(key + 1), params["up"]["w"].shape) * 0.4
     return model, params
 
 

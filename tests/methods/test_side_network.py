@@ -24,7 +24,7 @@ LLAMA2_7B = ModelConfig(
 
 
 def test_llama2_7b_trainable_count_matches_paper():
-    side = SideConfig(reduction_factor=16, adapter_rank=16)
+    side = SideConfig(reduction_factor=16, adapter_rank=16, head_layout="official", output_mix="gated")
     shapes = jax.eval_shape(lambda k: init_side_params(LLAMA2_7B, side, k), jax.random.PRNGKey(0))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     assert abs(n - 28.6e6) / 28.6e6 < 1e-3, n
@@ -33,8 +33,19 @@ def test_llama2_7b_trainable_count_matches_paper():
 
 
 def test_side_heads_configurable():
-    scfg = side_model_config(LLAMA2_7B, SideConfig(side_heads=4))
-    assert scfg.num_heads == 4 and scfg.head_dim == 64
+    scfg = side_model_config(LLAMA2_7B, SideConfig(side_heads=2))
+    assert scfg.num_heads == 2 and scfg.head_dim == 128
+    wide = side_model_config(LLAMA2_7B, SideConfig())  # the default: heads of 64 dims
+    assert (wide.num_heads, wide.head_dim) == (4, 64)
+    narrow = side_model_config(dataclasses.replace(LLAMA2_7B, hidden_size=576, intermediate_size=1536, num_heads=9,
+                                                   num_kv_heads=3, head_dim=64), SideConfig())
+    assert (narrow.hidden_size, narrow.num_heads, narrow.head_dim, narrow.num_kv_heads) == (36, 1, 36, 1)  # SmolLM2
+
+
+def test_exports_from_before_the_new_defaults_keep_their_layout():
+    old = SideConfig.from_dict({"reduction_factor": 16, "adapter_rank": 16, "downsampler": "adapter", "side_heads": None,
+                                "gate_init": 0.5, "output_gate_init": 1.0, "init_std": 0.02})
+    assert (old.head_layout, old.output_mix) == ("official", "gated")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,7 @@ def test_backbone_is_not_differentiable_state(backbone):
 
 
 def test_output_gate_starts_mixed_and_is_trained(backbone):
-    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8))
+    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8, output_mix="gated"))
     tx = adamw(1e-2)
     state = init_train_state(model, tx, jax.random.PRNGKey(0))
     z0 = np.asarray(state.params["out_gate"]).copy()
