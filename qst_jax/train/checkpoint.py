@@ -94,8 +94,13 @@ class Checkpointer:
         """Renames damaged checkpoints `<step>` to `<step>.damaged` (kept for inspection, out of the way)."""
         for step in steps:
             path = os.path.join(str(self.manager.directory), str(step))
-            os.replace(path, f"{path}.damaged")
+            if jax.process_index() == 0:  # one process renames what all processes share
+                os.replace(path, f"{path}.damaged")
             log(f"moved the damaged checkpoint to {path}.damaged")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("qst_jax: damaged checkpoints set aside")
         self.manager.reload()
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ def main() -> None:
         saver = Checkpointer(tmp)
         saver.save(2, states[(2, 2, 2)], {"note": "cross-mesh"})
         target = states[(8, 1, 1)]
-        restored, meta = Checkpointer(tmp).restore(target)
+        restored, meta, _ = Checkpointer(tmp).restore(target)
         same = all(
             np.array_equal(np.asarray(a), np.asarray(b))
             for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(states[(2, 2, 2)]))
