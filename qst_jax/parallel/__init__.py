@@ -7,8 +7,9 @@ from qst_jax.parallel.sharding import (
     batch_sharding,
     fsdp_shardings,
     make_mesh,
+    place_batch,
     replicated,
 )
 from qst_jax.parallel.placement import ShardedPlacement
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "ShardedPlacement", "backbone_shardings", "batch_sharding", "fsdp_shardings", "make_mesh", "replicated"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "ShardedPlacement", "backbone_shardings", "batch_sharding", "fsdp_shardings", "make_mesh", "place_batch", "replicated"]

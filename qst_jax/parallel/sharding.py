@@ -131,3 +131,19 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RU
     """Batches `[A, B, ...]`: the micro-batch axis whole, B over the batch rule's axes."""
     axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
     return NamedSharding(mesh, PartitionSpec(None, axes if axes else None))
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a global batch `[A, B, ...]`, as global arrays sharded by `batch_sharding`.
+
+    Every process holds the same host batch; process i contributes rows
+    `[i * B / P, (i + 1) * B / P)` of the batch axis.
+    """
+    sharding = batch_sharding(mesh)
+    count, index = jax.process_count(), jax.process_index()
+
+    def local(x: np.ndarray) -> jax.Array:
+        rows = x.shape[1] // count
+        return jax.make_array_from_process_local_data(sharding, x[:, index * rows : (index + 1) * rows])
+
+    return jax.tree.map(local, batch)

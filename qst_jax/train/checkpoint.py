@@ -59,6 +59,15 @@ class Checkpointer:
         """The JSON record of checkpoint `step` (raises if it is damaged)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def newest_meta(self) -> dict[str, Any] | None:
+        """The JSON record of the newest checkpoint whose record reads (None: none does)."""
+        for step in self.steps():
+            try:
+                return self.read_meta(step)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: `restore` names it and takes an older one
+                continue
+        return None
+
     def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())

@@ -21,13 +21,9 @@ non-finite params. SIGINT/SIGTERM save a checkpoint and stop.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -48,36 +44,12 @@ from qst_jax.train.config import resume_changes, validate
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError, plot_loss_curve
 from qst_jax.train.optim import make_optimizer
 from qst_jax.train.run_dir import RunDirectory
+from qst_jax.train.signals import Stop, catch_signals
 from qst_jax.train.step import TrainState, init_train_state, make_train_step
 
 
 class TrainingError(RuntimeError):
     """The run stopped (non-finite loss); the message says where."""
-
-
-@dataclasses.dataclass
-class _Stop:
-    signal: int | None = None
-
-
-@contextlib.contextmanager
-def _catch_signals() -> Iterator[_Stop]:
-    """SIGINT/SIGTERM set `stop.signal` instead of killing the run (main thread only)."""
-    stop, handlers = _Stop(), {}
-
-    def on_signal(signum, _frame):
-        stop.signal = signum
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield stop
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -122,17 +94,12 @@ class Trainer:
         """Compares the config with the newest readable checkpoint's: shape changes refused, others listed."""
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), self.config.train.keep_checkpoints)
         try:
-            for step in checkpointer.steps():
-                try:
-                    stored = checkpointer.read_meta(step)["config"]
-                except Exception:  # noqa: BLE001 - a damaged checkpoint: `run` names it and takes an older one
-                    continue
-                changed = resume_changes(stored, self.config.to_dict())  # raises on shape changes
-                if changed:
-                    self.log("resuming with changed settings: " + ", ".join(changed))
-                return
+            stored = checkpointer.newest_meta()
         finally:
             checkpointer.close()
+        changed = resume_changes(stored["config"], self.config.to_dict()) if stored else []  # raises on shapes
+        if changed:
+            self.log("resuming with changed settings: " + ", ".join(changed))
 
     def _build(self, path: str, tx: Any, schedule: Any, backbone: Backbone | None, tokenizer: Any) -> None:
         config = self.config
@@ -210,16 +177,9 @@ class Trainer:
         """On several processes: this process's rows of the global batch, as global arrays."""
         if self.mesh is None or jax.process_count() == 1:
             return batch
-        from qst_jax.parallel import batch_sharding
+        from qst_jax.parallel import place_batch
 
-        sharding = batch_sharding(self.mesh)
-        count, index = jax.process_count(), jax.process_index()
-
-        def local(x: np.ndarray) -> jax.Array:
-            rows = x.shape[1] // count
-            return jax.make_array_from_process_local_data(sharding, x[:, index * rows : (index + 1) * rows])
-
-        return jax.tree.map(local, batch)
+        return place_batch(batch, self.mesh)
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, params: Any, eval_step=None) -> dict[str, float]:
@@ -288,7 +248,7 @@ class Trainer:
         try:
             if t.eval_at_start:
                 self._evaluate_start(writer, state, summary)
-            with _catch_signals() as stop:
+            with catch_signals() as stop:
                 state = self._train(state, checkpointer, writer, stop)
             if stop.signal is not None:
                 summary.update(stopped_at=int(state.step), signal=stop.signal)
@@ -331,7 +291,7 @@ class Trainer:
         meta = {"data": self.train_data.state(), "config": self.config.to_dict()}
         checkpointer.save(int(state.step), state, json.loads(json.dumps(meta, default=str)))
 
-    def _train(self, state: TrainState, checkpointer: Checkpointer, writer: MetricsWriter, stop: _Stop) -> TrainState:
+    def _train(self, state: TrainState, checkpointer: Checkpointer, writer: MetricsWriter, stop: Stop) -> TrainState:
         """The loop: a step per batch, host work overlapping the device, a fetch per log window."""
         from tqdm import tqdm
 
