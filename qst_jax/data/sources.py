@@ -99,6 +99,11 @@ def load_records(paths: str | Sequence[str], *, format: str | None = None):
     return ds
 
 
+def _csv_dialect(kind: str) -> tuple[str, int]:
+    """(delimiter, quoting) of a "tsv" (GLUE: no quoting) or "csv" file, as `_load` reads them."""
+    return ("\t", csv.QUOTE_NONE) if kind == "tsv" else (",", csv.QUOTE_MINIMAL)
+
+
 def _check_text(path: str, kind: str) -> None:
     """Names the file and 1-based line of invalid UTF-8, JSON, or a row with the wrong field count."""
     if kind == "parquet":
@@ -123,7 +128,7 @@ def _check_text(path: str, kind: str) -> None:
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
     elif kind in ("csv", "tsv"):
-        delimiter, quoting = ("\t", csv.QUOTE_NONE) if kind == "tsv" else (",", csv.QUOTE_MINIMAL)
+        delimiter, quoting = _csv_dialect(kind)
         reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
         header = next(reader, None)
         for row in reader:
@@ -151,7 +156,7 @@ def _record_counts(kind: str, files: list[str]) -> list[int]:
             with open(path, encoding="utf-8") as f:
                 counts.append(sum(1 for line in f if line.strip()))
         else:
-            delimiter, quoting = ("\t", csv.QUOTE_NONE) if kind == "tsv" else (",", csv.QUOTE_MINIMAL)
+            delimiter, quoting = _csv_dialect(kind)
             with open(path, newline="", encoding="utf-8") as f:
                 counts.append(max(sum(1 for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row) - 1, 0))
     return counts
