@@ -21,6 +21,7 @@ activations.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -169,6 +170,43 @@ def qst_pass(
     input_ids: jax.Array,
     token_mask: jax.Array,
     *,
+    caches: Params | None = None,
+    **options: Any,
+) -> tuple[jax.Array, Params | None]:
+    """One joint pass of the backbone and one side network over `input_ids` `[B, T]`.
+
+    o = Norm(h_L) + Up(Norm_side(s_L)) ("residual" mix), or
+    o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out)
+    ("gated"): the final state that the frozen LM head (or the score head)
+    reads. `joint_pass` with one group; `options` are its keyword arguments.
+
+    Args:
+      caches: `{"backbone": kv, "side": kv}` stacked KV caches (decoding).
+
+    Returns:
+      (o `[B, T, d]`, updated caches or None).
+    """
+    group_caches = None if caches is None else {"backbone": caches["backbone"], "side": (caches["side"],)}
+    _, (o,), new = joint_pass(backbone_params, backbone_cfg, ((side, side_params, False),), input_ids, token_mask,
+                              caches=group_caches, **options)
+    return o, None if new is None else {"backbone": new["backbone"], "side": new["side"][0]}
+
+
+SideGroup = tuple[SideConfig, Params, bool]
+
+
+def _layer_major(tree: Params) -> Params:
+    """`[K, L, ...]` leaves (members first) as `[L, K, ...]`, for the scan over layers."""
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), tree)
+
+
+def joint_pass(
+    backbone_params: Params,
+    backbone_cfg: ModelConfig,
+    groups: tuple[SideGroup, ...],
+    input_ids: jax.Array,
+    token_mask: jax.Array,
+    *,
     positions: jax.Array | None = None,
     key_mask: jax.Array | None = None,
     caches: Params | None = None,
@@ -177,65 +215,101 @@ def qst_pass(
     attention_impl: str | None = None,
     remat_side: bool = False,
     hidden_store: str = "compute",
-) -> tuple[jax.Array, Params | None]:
-    """One joint pass of backbone and side network over `input_ids` `[B, T]`.
+) -> tuple[jax.Array, list[jax.Array], Params | None]:
+    """One backbone pass feeding any number of side networks.
 
-    o = a * Norm(h_L) + (1 - a) * Up(Norm_side(s_L)), a = sigmoid(z_out): the
-    mixed final state that the frozen LM head (or the score head) reads.
+    Backbone layer i runs once per scan step; every group's side layer i
+    reads its state h_i. A group is `(side config, params, stacked)`: with
+    `stacked`, every param leaf has a leading member axis K and the group's
+    members run under `vmap` with h_i shared (not copied); members of other
+    shapes are other groups, run one after another in the same scan step.
 
     Args:
+      groups: the side networks, a tuple of `(SideConfig, params, stacked)`.
       token_mask: `[B, T]` which of this pass's tokens are real.
       positions: `[B, T]` their positions (default: from `token_mask`).
       key_mask: `[B, S]` real key slots (S = T, or the cache length;
         default `token_mask`).
-      caches: `{"backbone": kv, "side": kv}` stacked KV caches (decoding),
-        written at `cache_index`.
+      caches: `{"backbone": kv, "side": (kv per group,)}` stacked KV caches
+        (a stacked group's leaves are `[L, K, ...]`), written at `cache_index`.
       hidden_store: how the backward pass keeps each h_i (`make_downsampler`).
 
     Returns:
-      (o `[B, T, d]`, updated caches or None).
+      (Norm(h_L) `[B, T, d]`: the frozen backbone's own final state, the
+      outputs o per group (`[K, B, T, d]` for a stacked group, else
+      `[B, T, d]`), updated caches or None).
     """
     if positions is None:
         positions = positions_from_mask(token_mask)
     if key_mask is None:
         key_mask = token_mask
-    scfg = side_model_config(backbone_cfg, side)
-    width = scfg.hidden_size
     bp = jax.lax.stop_gradient(backbone_params)
-    sp = cast_params(side_params, dtype)
     bctx = make_context(backbone_cfg, key_mask, positions, dtype, attention_impl, cache_index)
-    sctx = make_context(scfg, key_mask, positions, dtype, attention_impl, cache_index)
-    backbone_block, side_block = block_fn(backbone_cfg), block_fn(scfg)
-
+    backbone_block = block_fn(backbone_cfg)
     h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
-    down_fn = make_downsampler(side, width, hidden_store)
-    first_down = jax.tree.map(lambda x: x[0], sp["down"])
-    s0 = down_fn(first_down, h0)
 
-    def side_step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array, kv: Params | None):
+    steps, s0s, xs_side, finals = [], [], [], []
+    for side, params, stacked in groups:
+        scfg = side_model_config(backbone_cfg, side)
+        sp = cast_params(params, dtype)
+        down_fn = make_downsampler(side, scfg.hidden_size, hidden_store)
+        side_step = _side_step(down_fn, block_fn(scfg), scfg, make_context(scfg, key_mask, positions, dtype,
+                                                                         attention_impl, cache_index), dtype)
+        if remat_side:
+            side_step = jax.checkpoint(side_step)
+        first = jax.tree.map(lambda x: x[:, 0] if stacked else x[0], sp["down"])
+        per_layer = (sp["down"], sp["gates"], sp["layers"])
+        if stacked:
+            k = sp["gates"].shape[0]
+            side_step = jax.vmap(side_step, in_axes=(0, 0, 0, None, 0, 0), axis_size=k)
+            s0s.append(jax.vmap(down_fn, in_axes=(0, None), axis_size=k)(first, h0))
+            per_layer = _layer_major(per_layer)
+        else:
+            s0s.append(down_fn(first, h0))
+        steps.append(side_step)
+        xs_side.append(per_layer)
+        finals.append((side, scfg, sp, params, stacked))
+
+    def body(carry: tuple[jax.Array, tuple[jax.Array, ...]], xs: tuple[Any, ...]):
+        h, states = carry
+        b_layer, b_kv, side_xs, s_kvs = xs
+        h, b_kv = backbone_block(b_layer, h, backbone_cfg, bctx, b_kv)
+        h = jax.lax.stop_gradient(h)
+        out_states, out_kvs = [], []
+        for step, s, (down, gate, layer), kv in zip(steps, states, side_xs, s_kvs):
+            s, kv = step(layer, down, gate, h, s, kv)
+            out_states.append(s)
+            out_kvs.append(kv)
+        return (h, tuple(out_states)), (b_kv, tuple(out_kvs))
+
+    b_caches = None if caches is None else caches["backbone"]
+    s_caches = (None,) * len(groups) if caches is None else tuple(caches["side"])
+    xs = (bp["layers"], b_caches, tuple(xs_side), s_caches)
+    (h_last, s_lasts), (b_caches, s_caches) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
+    base = final_norm(bp, backbone_cfg, h_last)
+    outs = []
+    for (side, scfg, sp, params, stacked), s_last in zip(finals, s_lasts):
+        mix = functools.partial(_mix, side, scfg, base, dtype)
+        outs.append(jax.vmap(mix)(sp, params, s_last) if stacked else mix(sp, params, s_last))
+    new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
+    return base, outs, new_caches
+
+
+def _side_step(down_fn, side_block, scfg: ModelConfig, sctx: Any, dtype: Any):
+    """Side layer i: s_i = f_i((1 - b_i) * D_i(h_i) + b_i * s_{i-1}), b_i = sigmoid(z_i)."""
+
+    def step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array, kv: Params | None):
         b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
         return side_block(layer, (1 - b) * down_fn(down, h) + b * s, scfg, sctx, kv)
 
-    if remat_side:
-        side_step = jax.checkpoint(side_step)
+    return step
 
-    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Any, ...]):
-        h, s = carry
-        b_layer, down, gate, s_layer, b_kv, s_kv = xs
-        h, b_kv = backbone_block(b_layer, h, backbone_cfg, bctx, b_kv)
-        h = jax.lax.stop_gradient(h)
-        s, s_kv = side_step(s_layer, down, gate, h, s, s_kv)
-        return (h, s), (b_kv, s_kv)
 
-    b_caches = None if caches is None else caches["backbone"]
-    s_caches = None if caches is None else caches["side"]
-    xs = (bp["layers"], sp["down"], sp["gates"], sp["layers"], b_caches, s_caches)
-    (h_last, s_last), (b_caches, s_caches) = jax.lax.scan(body, (h0, s0), xs)
+def _mix(side: SideConfig, scfg: ModelConfig, base: jax.Array, dtype: Any, sp: Params, params: Params,
+         s_last: jax.Array) -> jax.Array:
+    """o from the backbone's final state `base` and one member's last side state."""
     side_out = linear(norm(sp["norm"], s_last, scfg.norm_eps), sp["up"]["w"], sp["up"]["b"])
     if side.output_mix == "residual":
-        o = final_norm(bp, backbone_cfg, h_last) + side_out
-    else:
-        a = jax.nn.sigmoid(side_params["out_gate"].astype(jnp.float32)).astype(dtype)
-        o = a * final_norm(bp, backbone_cfg, h_last) + (1 - a) * side_out
-    new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
-    return o, new_caches
+        return base + side_out
+    a = jax.nn.sigmoid(params["out_gate"].astype(jnp.float32)).astype(dtype)
+    return a * base + (1 - a) * side_out

@@ -24,6 +24,17 @@ EVALUATION_KINDS = ("", "mmlu", "classify")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 SIDE_PLACEMENTS = ("replicated", "fsdp")
 DTYPES = ("bfloat16", "float16", "float32")
+SWEEP_MODES = ("zip", "grid")
+# sweep.<key> -> the config key each member's value replaces ("seed": the member's init seed)
+SWEEP_KEYS = {
+    "lr": "optim.lr", "schedule": "optim.schedule", "warmup_steps": "optim.warmup_steps",
+    "warmup_ratio": "optim.warmup_ratio", "final_lr_fraction": "optim.final_lr_fraction",
+    "weight_decay": "optim.weight_decay", "b1": "optim.b1", "b2": "optim.b2", "eps": "optim.eps",
+    "clip_norm": "optim.clip_norm", "seed": "train.seed", "gate_init": "side.gate_init",
+    "output_gate_init": "side.output_gate_init", "init_std": "side.init_std",
+    "reduction_factor": "side.reduction_factor", "adapter_rank": "side.adapter_rank",
+    "downsampler": "side.downsampler", "side_heads": "side.side_heads",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -115,6 +126,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0
+
+    # A sweep: several QST side networks trained together on the same batches,
+    # the backbone run once per micro-batch (qst_jax/train/sweep.py). Each key
+    # takes comma-separated values ("" = not swept): --config.sweep.lr=1e-4,3e-4.
+    # "zip": the i-th values go together (lists of one value apply to all);
+    # "grid": every combination. seed: the members' init seeds (the batches
+    # follow train.seed for all of them).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.mode = "zip"
+    for key in SWEEP_KEYS:
+        setattr(c.sweep, key, "")
 
     c.lock()
     return c
@@ -221,6 +243,13 @@ def validate(c: Any, context: int | None = None) -> None:
     if not errors and c.parallel.data * c.parallel.fsdp > 1 and c.train.batch_size % (c.parallel.data * c.parallel.fsdp):
         errors.append(f"train.batch_size: {c.train.batch_size} must divide by parallel.data x parallel.fsdp = "
                       f"{c.parallel.data * c.parallel.fsdp}")
+    _enum(errors, "sweep.mode", c.sweep.mode, SWEEP_MODES)
+    swept = [k for k in SWEEP_KEYS if str(c.sweep[k]).strip()]
+    if swept and c.method != "qst":
+        errors.append(f"sweep.{swept[0]}: a sweep trains QST side networks (one backbone pass feeds them all); "
+                      f"method is {c.method!r}")
+    if swept and c.parallel.data * c.parallel.fsdp * c.parallel.tensor > 1:
+        errors.append(f"sweep.{swept[0]}: a sweep runs on one device (parallel.* must be 1)")
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  {e}" for e in errors))
 
@@ -229,6 +258,7 @@ def validate(c: Any, context: int | None = None) -> None:
 SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
               "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "qlora.rank",
               "data.num_labels")
+SHAPE_KEYS += tuple(f"sweep.{k}" for k in ("mode", *SWEEP_KEYS))  # which members a sweep has
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
 
 
@@ -249,7 +279,8 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
       ConfigError: a change of a key in SHAPE_KEYS (or switching gradient
         clipping on or off, which changes the optimizer state), naming each.
     """
-    old, new = _flat(stored), _flat(current)
+    defaults = _flat(base_config().to_dict())  # keys a stored config predates count as their defaults
+    old, new = {**defaults, **_flat(stored)}, {**defaults, **_flat(current)}
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in NOT_COMPARED_ON_RESUME]
     described = {k: f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys}
     refused = [k for k in keys if k in SHAPE_KEYS]
