@@ -34,15 +34,35 @@ def make_eval_step(model: Any) -> Callable:
     return jax.jit(evaluate)
 
 
+def make_sides_eval_step(sides: Any, include_base: bool = False) -> Callable:
+    """`make_eval_step` for a `SideSet`: loss sums `[K]` (`[K + 1]`, the frozen backbone's first, with
+    `include_base`), the shared weight, and `correct` `[K]`: one backbone pass per batch."""
+
+    def evaluate(params: Any, backbone_params: Any, batch: dict[str, jax.Array]):
+        return sides.losses(params, backbone_params, batch, include_base=include_base)
+
+    return jax.jit(evaluate)
+
+
 def evaluate_batches(eval_step: Callable, params: Any, backbone_params: Any, batches: Iterable[dict]) -> dict:
-    """Summed loss, weight and aux over batches (their micro-batch 0)."""
-    total = weight = correct = 0.0
+    """Summed loss, weight and aux over batches (their micro-batch 0); loss and correct are `[K]` for a SideSet."""
+    total = correct = np.zeros((), np.float64)
+    weight = 0.0
     for batch in batches:
         micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
         loss_sum, w, aux = eval_step(params, backbone_params, micro)
-        total, weight = total + float(loss_sum), weight + float(w)
-        correct += float(aux.get("correct", 0.0))
-    return {"loss_sum": total, "weight": weight, "correct": correct}
+        total, weight = total + np.asarray(loss_sum, np.float64), weight + float(w)
+        correct = correct + np.asarray(aux.get("correct", 0.0), np.float64)
+    plain = lambda x: float(x) if np.ndim(x) == 0 else x  # noqa: E731
+    return {"loss_sum": plain(total), "weight": weight, "correct": plain(correct)}
+
+
+def member_sums(sums: dict) -> list[dict]:
+    """`evaluate_batches`' sums of a SideSet as one scalar dict per member."""
+    k = np.size(sums["loss_sum"])
+    correct = np.broadcast_to(np.asarray(sums["correct"]), (k,))
+    return [{"loss_sum": float(np.ravel(sums["loss_sum"])[i]), "weight": sums["weight"], "correct": float(correct[i])}
+            for i in range(k)]
 
 
 def lm_result(sums: dict) -> dict[str, float]:
@@ -59,22 +79,26 @@ def perplexity(eval_step: Callable, params: Any, backbone_params: Any, examples:
 
 
 def classify(logits_fn: Callable, tokenizer: Any, task: GlueTask, path: str, *, seq_len: int = 128,
-             batch_size: int = 16) -> dict[str, Any]:
-    """GLUE-style classification: predictions of `logits_fn(ids, mask) -> [B, C]` scored by the task's metrics."""
+             batch_size: int = 16, members: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
+    """GLUE-style classification: predictions of `logits_fn(ids, mask) -> [B, C]` scored by the task's metrics.
+
+    With `members`, `logits_fn` gives `[K, B, C]` (a SideSet) and a result per member comes back.
+    """
     texts, pairs, gold = read_glue(path, task)
     enc = tokenizer(texts, pairs, truncation=True, max_length=seq_len)
     examples = Examples(tokens=[np.asarray(t, np.int32) for t in enc["input_ids"]], labels=gold)
     batcher = Batcher(examples, batch_size, buckets=bucket_lengths(seq_len), pad_id=pad_id(tokenizer), shuffle=False,
                       drop_remainder=False)
-    predictions = np.zeros(len(examples), np.float32 if not task.labels else np.int32)
-    batches = batcher.epoch_batches(0)
-    for members in batches:
-        batch = batcher.make_batch(members)
+    predictions = None
+    for rows in batcher.epoch_batches(0):
+        batch = batcher.make_batch(rows)
         logits = np.asarray(logits_fn(jnp.asarray(batch["input_ids"][0]), jnp.asarray(batch["attention_mask"][0])))
-        logits = logits[: len(members)]
-        predictions[members] = logits[:, 0] if not task.labels else np.argmax(logits, -1)
-    result: dict[str, Any] = {"task": task.name, "examples": len(gold), **score(task, predictions, gold)}
-    return result
+        logits = (logits if members else logits[None])[:, : len(rows)]
+        if predictions is None:
+            predictions = np.zeros((logits.shape[0], len(examples)), np.float32 if not task.labels else np.int32)
+        predictions[:, rows] = logits[..., 0] if not task.labels else np.argmax(logits, -1)
+    results = [{"task": task.name, "examples": len(gold), **score(task, p, gold)} for p in predictions]
+    return results if members else results[0]
 
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -95,12 +119,14 @@ def _format_question(row: list[str], with_answer: bool) -> str:
 
 
 def mmlu(last_logits_fn: Callable, tokenizer: Any, directory: str, *, shots: int = 5, max_len: int = 2048,
-         subjects: Iterable[str] | None = None, batch_size: int = 8) -> dict[str, Any]:
+         subjects: Iterable[str] | None = None, batch_size: int = 8,
+         members: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
     """k-shot multiple choice in the MMLU layout (`dev/X_dev.csv`, `test/X_test.csv`).
 
     The answer is the letter whose token (" A" ... " D") the model finds most
     likely after "Answer:". `last_logits_fn(ids, mask) -> [B, V]` scores the
-    last position of left-padded prompts.
+    last position of left-padded prompts; with `members` it gives `[K, B, V]`
+    and a result per member comes back.
     """
     test_files = sorted(glob.glob(os.path.join(directory, "test", "*_test.csv")))
     if not test_files:
@@ -110,7 +136,7 @@ def mmlu(last_logits_fn: Callable, tokenizer: Any, directory: str, *, shots: int
         ids = tokenizer(f" {letter}", add_special_tokens=False).input_ids
         letter_ids.append(ids[-1])
     wanted = set(subjects) if subjects else None
-    per_subject: dict[str, float] = {}
+    per_subject: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for test_file in test_files:
         subject = os.path.basename(test_file)[: -len("_test.csv")]
@@ -130,7 +156,7 @@ def mmlu(last_logits_fn: Callable, tokenizer: Any, directory: str, *, shots: int
                 k -= 1
             prompts.append(ids[-max_len:])
             gold.append(MMLU_LETTERS.index(row[5].strip()))
-        correct = 0
+        correct = np.zeros(1, np.int64)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             length = max(len(p) for p in chunk)
@@ -139,15 +165,16 @@ def mmlu(last_logits_fn: Callable, tokenizer: Any, directory: str, *, shots: int
             for i, p in enumerate(chunk):
                 ids[i, length - len(p) :], mask[i, length - len(p) :] = p, 1
             logits = np.asarray(last_logits_fn(jnp.asarray(ids), jnp.asarray(mask)))
-            choice = np.argmax(logits[:, letter_ids], axis=-1)
-            correct += int(np.sum(choice == np.asarray(gold[start : start + batch_size])))
+            choice = np.argmax((logits if members else logits[None])[..., letter_ids], axis=-1)  # [K, B]
+            correct = correct + np.sum(choice == np.asarray(gold[start : start + batch_size])[None], axis=-1)
         per_subject[subject] = correct / len(prompts)
         counts[subject] = len(prompts)
     if not per_subject:
         raise DataError(f"{directory}: none of the subjects {sorted(wanted or [])} found")
-    return {
-        "subjects": per_subject,
-        "average": float(np.mean(list(per_subject.values()))),
+    results = [{
+        "subjects": {s: float(v[i]) for s, v in per_subject.items()},
+        "average": float(np.mean([v[i] for v in per_subject.values()])),
         "questions": int(sum(counts.values())),
         "shots": shots,
-    }
+    } for i in range(len(next(iter(per_subject.values()))))]
+    return results if members else results[0]

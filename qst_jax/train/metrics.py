@@ -47,15 +47,20 @@ class MetricsWindow:
         self._metrics.append(metrics)
         self.tokens += tokens
 
+    def fetch_steps(self) -> tuple[list[int], list[dict[str, np.ndarray]]]:
+        """Every step's number and metrics, on the host (one transfer); the window is emptied."""
+        host = jax.device_get(self._metrics)
+        steps = self._steps
+        self._steps, self._metrics, self.tokens = [], [], 0.0
+        return steps, host
+
     def fetch(self) -> dict[str, float]:
         """The window's record (one device transfer); the window is emptied.
 
         Raises:
           NonFiniteError: the first step whose loss or gradient norm is not finite.
         """
-        host = jax.device_get(self._metrics)
-        steps = self._steps
-        self._steps, self._metrics, self.tokens = [], [], 0.0
+        steps, host = self.fetch_steps()
         for step, values in zip(steps, host):
             for key in MEAN_KEYS:
                 if key in values and not math.isfinite(float(values[key])):
@@ -66,6 +71,11 @@ class MetricsWindow:
             record[key] = float(column.mean() if key in MEAN_KEYS else column.sum())
         record["steps"] = float(len(steps))
         return record
+
+
+def tb_tag(split: str, key: str, member: str | None = None) -> str:
+    """A metric's TensorBoard tag: `split/key`, or `split/key/member` for a sweep member."""
+    return f"{split}/{key}" + ("" if member is None else f"/{member}")
 
 
 class MetricsWriter:
@@ -83,13 +93,15 @@ class MetricsWriter:
 
         self._tb = SummaryWriter(os.path.join(directory, "tb"))
 
-    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    def write(self, step: int, split: str, values: dict[str, Any], member: str | None = None) -> None:
+        """One record; a sweep member's carries `"member": name` (TensorBoard: `split/key/name`)."""
         if not self.enabled:
             return
-        record = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
+        tag = {} if member is None else {"member": member}
+        record = {"step": int(step), "split": split, **tag, **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in values.items():
-            self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
+            self._tb.add_scalar(tb_tag(split, key, member), float(value), int(step))
 
     def close(self) -> None:
         if not self.enabled:
@@ -99,7 +111,7 @@ class MetricsWriter:
 
 
 def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
-    """Train loss (and eval loss, if any) against step, as a PNG."""
+    """Train loss (and eval loss, if any) against step, as a PNG: a curve per split (and per sweep member)."""
     # The object-oriented API: no pyplot state, and the caller's backend (a
     # notebook's inline one, say) is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -110,7 +122,8 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
         for line in f:
             record = json.loads(line)
             if "loss" in record:
-                steps, losses = series.setdefault(record["split"], ([], []))
+                name = record["split"] if "member" not in record else f"{record['member']} {record['split']}"
+                steps, losses = series.setdefault(name, ([], []))
                 steps.append(record["step"])
                 losses.append(record["loss"])
     fig = Figure(figsize=(7, 4), dpi=100)
@@ -122,6 +135,6 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
     ax.set_ylabel("loss")
     ax.set_title("qst-train loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(series) > 4 else None)
     fig.tight_layout()
     fig.savefig(png_path)

@@ -133,12 +133,15 @@ class RunDirectory:
         if kept:
             from tensorboardX import SummaryWriter
 
+            from qst_jax.train.metrics import tb_tag
+
             with SummaryWriter(os.path.join(self.path, "tb")) as tb:
                 for line in kept:
                     record = json.loads(line)
                     for key, value in record.items():
-                        if key not in ("step", "split"):
-                            tb.add_scalar(f"{record['split']}/{key}", float(value), int(record["step"]))
+                        if key not in ("step", "split", "member"):
+                            tag = tb_tag(record["split"], key, record.get("member"))
+                            tb.add_scalar(tag, float(value), int(record["step"]))
         return len(lines) - len(kept)
 
 

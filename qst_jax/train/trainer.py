@@ -1,14 +1,13 @@
 """The training run behind `qst-train`: build, evaluate, train, checkpoint, export.
 
     trainer = Trainer(config)                  # or Trainer(config, tx=my_optax_tx, resume=True)
-    summary = trainer.run()
+    summary = trainer.run()                    # a sweep (tx=[...], config.sweep): sweep_trainer.py
 
 Order of a run: validate the config and claim the output directory (nothing
 is loaded before both pass: `run_dir.py` has the directory's rules); load the
-backbone and tokenizer, build the data, the method and the
-optimizer; restore the latest checkpoint when resuming; evaluate held-out
-data; train with a progress bar, periodic evaluation and checkpoints;
-evaluate again; export the trained params.
+backbone and tokenizer, build the data, the method and the optimizer; restore
+the latest checkpoint when resuming; evaluate held-out data; train with a
+progress bar, periodic evaluation and checkpoints; evaluate again; export.
 
 The loop does not wait on the device each step: step metrics stay on the
 device and are fetched once per `train.log_every` steps (and before every
@@ -57,8 +56,9 @@ class Trainer:
 
     Args:
       config: a ConfigDict like `base_config()`.
-      tx: your own optax GradientTransformation (replaces the configured one).
-      schedule: your own `step -> lr` for the configured AdamW.
+      tx: your own optax GradientTransformation (replaces the configured one); a list or a
+        name -> tx dict of them trains a sweep (`sweep_trainer.py`), as does `config.sweep`.
+      schedule: your own `step -> lr` for the configured AdamW (a list or dict: a sweep).
       backbone: an already loaded Backbone (skips loading `model.path`).
       tokenizer: its tokenizer (with `backbone`).
       resume: continue the run in `train.output_dir` from its newest intact checkpoint.
@@ -70,6 +70,14 @@ class Trainer:
         resumed run whose checkpoint has other param shapes; before anything is loaded.
       RunDirectoryError: the output directory is in use, holds another run, or has nothing to resume.
     """
+
+    def __new__(cls, config: Any, *, tx: Any = None, schedule: Any = None, **kwargs: Any):
+        """A sweep (`config.sweep`, or a list/dict of `tx` or `schedule`) is a `SweepTrainer`."""
+        from qst_jax.train.sweep import is_sweep
+        if cls is Trainer and is_sweep(config, tx, schedule):
+            from qst_jax.train.sweep_trainer import SweepTrainer
+            cls = SweepTrainer
+        return super().__new__(cls)
 
     def __init__(self, config: Any, *, tx: optax.GradientTransformation | None = None, schedule=None,
                  backbone: Backbone | None = None, tokenizer: Any = None, resume: bool = False,
@@ -107,9 +115,14 @@ class Trainer:
         self.backbone = backbone or self._load_backbone(path)
         self.tokenizer = tokenizer or load_tokenizer(path)
         self.train_data, self.eval_data = self._build_data()
+        epochs, steps = config.train.epochs, config.train.steps
+        self.total_steps = epochs * self.train_data.steps_per_epoch if epochs > 0 else steps
+        self._build_method(tx, schedule)
+
+    def _build_method(self, tx: Any, schedule: Any) -> None:
+        """The method, its optimizer and the jitted train and eval steps."""
+        config = self.config
         self.model = build_model(config, self.backbone.cfg, dtype=self.backbone.dtype)
-        t = config.train
-        self.total_steps = t.epochs * self.train_data.steps_per_epoch if t.epochs > 0 else t.steps
         if tx is None:
             tx, schedule = make_optimizer(config.optim, self.total_steps, schedule)
         self.tx, self.schedule = tx, schedule
@@ -123,7 +136,8 @@ class Trainer:
         self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, backbone_params, ids, mask))
         self.frozen_eval_step = None
         if config.task != "classification":
-            frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, t.ce_chunk, config.model.attention or None)
+            frozen = FrozenModel(self.backbone.cfg, self.backbone.dtype, config.train.ce_chunk,
+                                 config.model.attention or None)
             self.frozen_eval_step = make_eval_step(frozen)
 
     # -- building ------------------------------------------------------------------
@@ -132,7 +146,6 @@ class Trainer:
         if p.data * p.fsdp * p.tensor == 1:
             return None
         from qst_jax.parallel import make_mesh
-
         return make_mesh(p.data, p.fsdp, p.tensor)
 
     def _load_backbone(self, path: str) -> Backbone:
@@ -237,7 +250,7 @@ class Trainer:
         config, t = self.config, self.config.train
         checkpointer = Checkpointer(os.path.join(self.output_dir, "checkpoints"), t.keep_checkpoints)
         state = self._initial_state(checkpointer)
-        trainable = count_params(state.params)
+        trainable = self._trainable_params(state)
         self.log(
             f"{config.method} on {self.backbone.cfg.model_type} ({self.backbone.cfg.num_layers} layers, "
             f"{'NF4' if self.backbone.quantized else 'dense'}): {trainable:,} trainable parameters; "
@@ -266,6 +279,9 @@ class Trainer:
         self._write_outputs(state, summary)
         return summary
 
+    def _trainable_params(self, state: TrainState) -> int:
+        return count_params(state.params)
+
     def _evaluate_start(self, writer: MetricsWriter, state: TrainState, summary: dict[str, Any]) -> None:
         """The frozen backbone's and the starting params' held-out figures, into `summary`."""
         if self.eval_data is not None and self.frozen_eval_step is not None:
@@ -275,8 +291,11 @@ class Trainer:
         if "eval" in before:
             summary["eval_before"] = before["eval"]
 
+    def _fresh_state(self) -> TrainState:
+        return init_train_state(self.model, self.tx, jax.random.PRNGKey(self.config.train.seed))
+
     def _initial_state(self, checkpointer: Checkpointer) -> TrainState:
-        state = init_train_state(self.model, self.tx, jax.random.PRNGKey(self.config.train.seed))
+        state = self._fresh_state()
         if self.state_shardings is not None:
             state = jax.device_put(state, self.state_shardings)
         if self.resume:
@@ -365,7 +384,9 @@ class Trainer:
         plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
         with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        self.log(f"wrote {self.output_dir}/side.safetensors, qst_config.json, metrics.jsonl, loss.png, tb/")
+        self.log(f"wrote {self.output_dir}/{self.export_files}, summary.json, metrics.jsonl, loss.png, tb/")
+
+    export_files = "side.safetensors, qst_config.json"
 
     def export(self, state: TrainState, params: Any = None) -> None:
         """Writes side.safetensors + qst_config.json of `params` (default: `state.params`)."""

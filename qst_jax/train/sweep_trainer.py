@@ -1,0 +1,220 @@
+"""A sweep run behind `qst-train`: K side networks trained together, one backbone pass per micro-batch.
+
+    Trainer(config)                                # config.sweep.lr = "1e-4,3e-4,1e-3"
+    Trainer(config, tx=[tx_a, tx_b])               # your own optax transformations (or a name -> tx dict)
+    Trainer(config, schedule={"cos": f, "lin": g}) # your own schedules for the configured AdamW
+
+`Trainer` returns a `SweepTrainer` for these; the run's order, directory
+rules, checkpoints, signals and logging windows are the single run's
+(`trainer.py`). What differs:
+
+  members/<name>/      each member's export (side.safetensors, qst_config.json:
+                       loadable by qst-eval and qst-generate like a single run)
+  metrics.jsonl, tb/   a record per member, tagged `"member": name`
+  loss.png             every member's train (and eval) curve
+  summary.json         `members`: each member's held-out figures, ranked best
+                       first (lowest held-out loss, highest accuracy for
+                       classification), also printed as a table
+
+A member whose loss or gradient norm turns non-finite is frozen at its last
+finite params (inside the step), reported by name, and ranked last; the
+others train on. The sweep stops, as a single run does, only when every
+member has gone non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from qst_jax.eval.glue import GLUE_TASKS
+from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, make_sides_eval_step, member_sums, mmlu
+from qst_jax.methods import export_side
+from qst_jax.methods.build import method_options
+from qst_jax.methods.side_set import SideSet
+from qst_jax.tree import count_params
+from qst_jax.train.metrics import MetricsWindow, MetricsWriter
+from qst_jax.train.sweep import SweepState, init_sweep_state, make_sweep_step, plan_members
+from qst_jax.train.trainer import Trainer, TrainingError, _line
+
+
+class SweepTrainer(Trainer):
+    """K QST side networks in one run (see the module docstring); built by `Trainer(...)`."""
+
+    def __init__(self, config: Any, *, tx: Any = None, schedule: Any = None, **kwargs: Any):
+        from qst_jax.train.config import validate
+
+        validate(config)
+        plan_members(config, tx, schedule)  # a bad sweep value is refused before anything is loaded
+        super().__init__(config, tx=tx, schedule=schedule, **kwargs)
+
+    def _build_method(self, tx: Any, schedule: Any) -> None:
+        config = self.config
+        self.members = plan_members(config, tx, schedule, self.total_steps)
+        options = method_options(config)
+        self.sides = SideSet(self.backbone.cfg, tuple(m.side for m in self.members), dtype=self.backbone.dtype,
+                             ce_chunk=options["ce_chunk"], remat_side=options["remat_side"],
+                             attention_impl=options["attention_impl"], hidden_store=options["hidden_store"])
+        self.model, self.schedule, self.state_shardings = self.sides, None, None
+        self.train_step = make_sweep_step(self.sides, [m.tx for m in self.members])
+        self.eval_step = make_sides_eval_step(self.sides, include_base=self.sides.task == "lm")
+        sides, backbone_params = self.sides, self.backbone.params
+        self._task_logits = jax.jit(lambda p, ids, mask: sides.logits(p, backbone_params, ids, mask, last_only=True))
+        self.frozen_eval_step = None
+        self.diverged: dict[str, int] = {}  # member -> the step whose loss or gradient norm was not finite
+
+    def _fresh_state(self) -> SweepState:
+        return init_sweep_state(self.sides, [m.tx for m in self.members], [m.seed for m in self.members],
+                                self.config.train.seed)
+
+    def _initial_state(self, checkpointer: Any) -> SweepState:
+        state = super()._initial_state(checkpointer)
+        for member, alive in zip(self.members, np.asarray(state.alive)):
+            if not alive:
+                self.diverged.setdefault(member.name, -1)  # went non-finite before the resumed checkpoint
+        return state
+
+    def _trainable_params(self, state: SweepState) -> int:
+        self.log(f"sweep of {len(self.members)} members ({len(self.sides.groups)} shapes), one backbone pass "
+                 f"per micro-batch: {', '.join(m.name for m in self.members)}")
+        return count_params(state.params)
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluate(self, params: Any, eval_step: Any = None) -> dict[str, dict[str, float]]:
+        """Held-out figures per member (and of the frozen backbone, "frozen", for LM)."""
+        sums = member_sums(evaluate_batches(self.eval_step, params, self.backbone.params, self.eval_data.one_pass()))
+        names = (["frozen"] if self.sides.task == "lm" else []) + [m.name for m in self.members]
+        results = {}
+        for name, s in zip(names, sums):
+            if self.sides.task == "lm":
+                result = lm_result(s)
+                result.pop("tokens")
+            else:
+                result = {"loss": s["loss_sum"] / max(s["weight"], 1.0)}
+                if self.sides.num_labels > 1:
+                    result["accuracy"] = s["correct"] / max(s["weight"], 1.0)
+            results[name] = result
+        return results
+
+    def task_evaluation(self, params: Any) -> dict[str, dict[str, float]] | None:
+        e = self.config.evaluation
+        if not e.kind:
+            return None
+        fn = lambda ids, mask: self._task_logits(params, ids, mask)  # noqa: E731
+        if e.kind == "mmlu":
+            subjects = [s for s in e.subjects.split(",") if s] or None
+            results = mmlu(lambda ids, mask: fn(ids, mask)[1:, :, -1], self.tokenizer, e.data, shots=e.shots,
+                           max_len=e.max_len, subjects=subjects, members=True)
+            return {m.name: {"mmlu_average": r["average"], **{f"mmlu_{k}": v for k, v in r["subjects"].items()}}
+                    for m, r in zip(self.members, results)}
+        task = GLUE_TASKS[e.task]
+        results = classify(fn, self.tokenizer, task, e.data, seq_len=self.config.data.seq_len, members=True)
+        return {m.name: {f"{task.name}_{k}": v for k, v in r.items() if isinstance(v, float)}
+                for m, r in zip(self.members, results)}
+
+    def _evaluate_all(self, writer: MetricsWriter, state: SweepState, when: str, tasks: bool = True
+                      ) -> dict[str, Any]:
+        step, results = int(state.step), {}
+        if self.eval_data is not None:
+            results["eval"] = self.evaluate(state.params)
+            for name, result in results["eval"].items():
+                writer.write(step, "eval", result, member=name)
+                self.log(_line(f"held-out, {name} {when}", result))
+        task_result = self.task_evaluation(state.params) if tasks else None
+        if task_result:
+            results["task"] = task_result
+            for name, result in task_result.items():
+                writer.write(step, "task", result, member=name)
+                self.log(_line(f"{self.config.evaluation.kind}, {name} {when}", result))
+        return results
+
+    def _evaluate_start(self, writer: MetricsWriter, state: SweepState, summary: dict[str, Any]) -> None:
+        before = self._evaluate_all(writer, state, f"at step {int(state.step)}", tasks=False)
+        if "frozen" in before.get("eval", {}):
+            summary["eval_frozen"] = before["eval"]["frozen"]
+
+    # -- logging ---------------------------------------------------------------------
+    def _log_window(self, window: MetricsWindow, step: int, first_step: int, clock: float, writer: MetricsWriter,
+                    bar: Any, checkpointer: Any) -> float:
+        tokens = window.tokens
+        steps, host = window.fetch_steps()
+        for s, values in zip(steps, host):
+            for member, finite in zip(self.members, values["finite"]):
+                if not finite and member.name not in self.diverged:
+                    self.diverged[member.name] = s
+                    self.log(f"sweep member {member.name}: non-finite loss or gradient norm at step {s}; its params "
+                             f"stay those of step {s - 1} and it trains no further; the others go on")
+        if len(self.diverged) == len(self.members):
+            raise TrainingError(f"every sweep member went non-finite (steps {self.diverged}); stopped without saving")
+        now = time.perf_counter()
+        shared: dict[str, float] = {"steps": float(len(steps)), "weight": float(sum(v["weight"] for v in host))}
+        if step > first_step:
+            shared["tokens_per_s"] = tokens / max(now - clock, 1e-9)
+            timed_steps = len(steps) - (1 if step - len(steps) < first_step else 0)
+            self.timing = (self.timing[0] + now - clock, self.timing[1] + timed_steps)
+        losses = []
+        for i, member in enumerate(self.members):
+            if member.name in self.diverged:
+                continue
+            record = {key: float(np.mean([v[key][i] for v in host])) for key in ("loss", "grad_norm")}
+            if "correct" in host[0]:
+                record["correct"] = float(sum(v["correct"][i] for v in host))
+            if member.schedule is not None:
+                record["lr"] = float(member.schedule(step - 1))
+            writer.write(step, "train", {**record, **shared}, member=member.name)
+            losses.append(record["loss"])
+        bar.set_postfix(best_loss=f"{min(losses):.3f}", tok_s=f"{shared.get('tokens_per_s', 0.0):.0f}")
+        return now
+
+    # -- outputs ---------------------------------------------------------------------
+    def _write_outputs(self, state: SweepState, summary: dict[str, Any]) -> None:
+        after = {"eval": summary.pop("eval_after", None) or {}, "task": summary.pop("task_eval", None) or {}}
+        rows = []
+        for i, (member, params) in enumerate(zip(self.members, self.sides.unstack(state.params))):
+            row = {"member": member.name, **after["eval"].get(member.name, {}), **after["task"].get(member.name, {})}
+            if member.name in self.diverged:
+                row["diverged_at"] = self.diverged[member.name]
+            rows.append(row)
+            directory = os.path.join(self.output_dir, "members", member.name)
+            extra = {"task": self.config.task, "model_path": self.config.model.path,
+                     "seq_len": self.config.data.seq_len, "step": int(state.step), "config": member.config.to_dict(),
+                     "sweep_member": member.name, **({"diverged_at": row["diverged_at"]} if "diverged_at" in row else {})}
+            export_side(directory, self.sides.member(i), params, self.backbone.cfg, extra)
+        summary["members"] = rank(rows, self.sides.task == "classification" and self.sides.num_labels > 1)
+        summary["trainable_params_per_member"] = [count_params(p) for p in self.sides.unstack(state.params)]
+        for line in ranking_table(summary["members"]):
+            self.log(line)
+        super()._write_outputs(state, summary)
+
+    export_files = "members/<name>/ (side.safetensors, qst_config.json)"
+
+    def export(self, state: SweepState, params: Any = None) -> None:
+        """Nothing more: `_write_outputs` wrote each member's export under `members/`."""
+
+
+def rank(rows: list[dict[str, Any]], by_accuracy: bool) -> list[dict[str, Any]]:
+    """Members best first: highest held-out accuracy (classification) or lowest held-out loss; diverged last."""
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        value = row.get("accuracy" if by_accuracy else "loss", math.nan)
+        value = -value if by_accuracy else value
+        return (1 if "diverged_at" in row or math.isnan(value) else 0, value if not math.isnan(value) else 0.0)
+
+    return [{"rank": i + 1, **row} for i, row in enumerate(sorted(rows, key=key))]
+
+
+def ranking_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The ranked members as aligned text lines."""
+    keys = [k for k in ("loss", "perplexity", "accuracy") if any(k in r for r in rows)]
+    width = max([len("member")] + [len(r["member"]) for r in rows])
+    lines = [f"{'rank':>4}  {'member':<{width}}  " + "  ".join(f"{k:>10}" for k in keys)]
+    for r in rows:
+        cells = "  ".join(f"{r[k]:>10.4f}" if k in r else f"{'-':>10}" for k in keys)
+        note = f"  diverged at step {r['diverged_at']}" if "diverged_at" in r else ""
+        lines.append(f"{r['rank']:>4}  {r['member']:<{width}}  {cells}{note}")
+    return lines

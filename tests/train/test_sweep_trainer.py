@@ -1,0 +1,108 @@
+"""A sweep run end to end on the tiny fixture: outputs per member, ranking, resume, user's optax, errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+from qst_jax.methods import load_tuned
+from qst_jax.models import ConfigError, load_backbone
+from qst_jax.train.sweep_trainer import SweepTrainer
+from qst_jax.train.trainer import Trainer
+from tests.helpers import tiny_config, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(testdata, tmp_path_factory):
+    return tiny_model_dir(testdata, tmp_path_factory.mktemp("model"))
+
+
+def quiet(*_args):
+    pass
+
+
+def _sweep_config(model_dir, tmp_path, **overrides):
+    c = tiny_config(model_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 0, "train.log_every": 2,
+                                            "optim.schedule": "constant", **overrides})
+    c.sweep.lr = "1e-3,1e-2"
+    c.sweep.seed = "0,1"
+    return c
+
+
+def test_a_sweep_run_writes_each_members_outputs(model_dir, tmp_path):
+    lines = []
+    trainer = Trainer(_sweep_config(model_dir, tmp_path), log=lines.append)
+    assert isinstance(trainer, SweepTrainer)
+    summary = trainer.run()
+    run = tmp_path / "run"
+    names = ["lr=1e-3_seed=0", "lr=1e-2_seed=1"]
+    ranked = summary["members"]
+    assert sorted(r["member"] for r in ranked) == sorted(names)
+    assert [r["rank"] for r in ranked] == [1, 2] and ranked[0]["loss"] <= ranked[1]["loss"]
+    assert json.loads((run / "summary.json").read_text())["members"] == ranked
+    assert any(line.strip().startswith("1  " + ranked[0]["member"]) for line in lines)  # the printed table
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["split"], r.get("member")) for r in records} >= {("train", n) for n in names} | {("eval", "frozen")}
+    assert [r["step"] for r in records if r["split"] == "train" and r["member"] == names[0]] == [2, 4]
+    assert (run / "loss.png").stat().st_size > 0
+    backbone = load_backbone(model_dir)
+    trained = {}
+    for name in names:
+        model, params, info = load_tuned(str(run / "members" / name), backbone)
+        assert info["sweep_member"] == name and model.name == "qst"
+        trained[name] = params
+        member_eval = next(r for r in ranked if r["member"] == name)
+        logged = [r for r in records if r["split"] == "eval" and r.get("member") == name][-1]
+        assert logged["loss"] == pytest.approx(member_eval["loss"])
+    a, b = (jax.tree.leaves(trained[n]) for n in names)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_sweep_resume_is_bitwise_exact(model_dir, tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "cut").mkdir()
+    Trainer(_sweep_config(model_dir, tmp_path / "ref", **{"data.eval": ""}), log=quiet).run()
+    first = _sweep_config(model_dir, tmp_path / "cut", **{"data.eval": "", "train.steps": 2,
+                                                          "train.checkpoint_every": 2})
+    Trainer(first, log=quiet).run()
+    rest = _sweep_config(model_dir, tmp_path / "cut", **{"data.eval": "", "train.checkpoint_every": 2})
+    lines = []
+    Trainer(rest, resume=True, log=lines.append).run()
+    assert "resumed from step 2" in lines
+    for name in ("lr=1e-3_seed=0", "lr=1e-2_seed=1"):
+        a = load_file(str(tmp_path / "ref" / "run" / "members" / name / "side.safetensors"))
+        b = load_file(str(tmp_path / "cut" / "run" / "members" / name / "side.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].tobytes() == b[key].tobytes(), (name, key)
+
+
+def test_a_sweep_of_your_own_optax_where_one_diverges(model_dir, tmp_path):
+    """Members are your own optax transformations (named by the dict); the one that diverges is named, ranked last."""
+    c = tiny_config(model_dir, tmp_path, **{"train.steps": 3, "train.checkpoint_every": 0, "train.log_every": 3})
+    lines = []
+    summary = Trainer(c, tx={"ok": optax.adam(1e-3), "wild": optax.sgd(1e38)}, log=lines.append).run()
+    assert [r["member"] for r in summary["members"]] == ["ok", "wild"]
+    assert "diverged_at" in summary["members"][1] and "diverged_at" not in summary["members"][0]
+    assert any(line.startswith("sweep member wild: non-finite loss or gradient norm at step") for line in lines)
+    assert np.isfinite(summary["members"][0]["loss"])
+    params = load_file(str(tmp_path / "run" / "members" / "wild" / "side.safetensors"))
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_sweep_errors_come_before_loading(tmp_path):
+    c = tiny_config(tmp_path / "no-such-model", tmp_path)
+    c.sweep.lr = "1e-3,x"
+    with pytest.raises(ConfigError, match=r"sweep.lr: 'x' is not a float"):
+        Trainer(c, log=quiet)
+    assert not (tmp_path / "run").exists()
+    c.sweep.lr = "1e-3"
+    c.method = "qlora"
+    with pytest.raises(ConfigError, match=r"sweep.lr: a sweep trains QST side networks"):
+        Trainer(c, log=quiet)
