@@ -1,30 +1,54 @@
-"""What the command-line tools share: loading a backbone with an optional tuned model."""
+"""What the command-line tools share: loading a backbone with an optional tuned model, or several."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
 def add_model_args(parser: Any) -> None:
     parser.add_argument("--model", required=True, help="HF dir, bnb NF4 dir, .gguf file, or 'smollm2'")
-    parser.add_argument("--side", help="a qst-train output dir (side.safetensors + qst_config.json)")
+    parser.add_argument("--side", action="append", default=[],
+                        help="a qst-train output dir (side.safetensors + qst_config.json); repeat it for several "
+                             "QST side networks run from one backbone pass")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
 
 
+def side_names(sides: list[str]) -> list[str]:
+    """The name of each `--side`: the folder's name, or the path as given where two folders share a name."""
+    bases = [os.path.basename(os.path.normpath(s)) for s in sides]
+    return [b if bases.count(b) == 1 else s for b, s in zip(bases, sides)]
+
+
 def load_model(args: Any):
-    """(backbone, tokenizer, model, params, info): the frozen backbone's method and {} without --side."""
+    """(backbone, tokenizer, model, params, info): the frozen backbone's method and {} without --side.
+
+    With several `--side`, `model` is their `SideSet` (QST only, one
+    backbone pass for all), `params` its stacked params and `info` the
+    exports' records by name (`side_names`).
+    """
     import jax.numpy as jnp
 
     from qst_jax.data.specs import resolve_model_path
     from qst_jax.methods import FrozenModel, load_tuned
+    from qst_jax.methods.side_set import SideSet
     from qst_jax.models import load_backbone, load_tokenizer
 
     path = resolve_model_path(args.model)
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
+    if len(args.side) > 1:
+        loaded = [load_tuned(side, backbone) for side in args.side]
+        for side, (model, _, _) in zip(args.side, loaded):
+            if model.name != "qst":
+                raise ValueError(f"--side {side}: a {model.name} export; several side networks over one backbone "
+                                 "pass must all be QST")
+        sides = SideSet.of([m for m, _, _ in loaded])
+        infos = dict(zip(side_names(args.side), (info for _, _, info in loaded)))
+        return backbone, tokenizer, sides, sides.stack([p for _, p, _ in loaded]), infos
     if args.side:
-        model, params, info = load_tuned(args.side, backbone)
+        model, params, info = load_tuned(args.side[0], backbone)
     else:
         model, params, info = FrozenModel(backbone.cfg, backbone.dtype), {}, {}
     return backbone, tokenizer, model, params, info

@@ -3,10 +3,16 @@
     qst-eval perplexity --model smollm2 [--side runs/default] --data hamlet.txt [--seq-len N]
     qst-eval classify   --model M --side D --task sst2 --data dev.tsv
     qst-eval mmlu       --model M [--side D] --data /path/to/mmlu [--shots 5]
+    qst-eval perplexity --model M --side A --side B ... --data D   # several: one backbone pass, a row each
 
 Prints a table and writes the results as JSON (`--out`, default stdout only).
 `--seq-len` defaults to the run's `data.seq_len` with `--side` (so perplexity
 reproduces the figure training printed), else 128 (2048 for mmlu).
+
+Several `--side` (QST exports, e.g. a sweep's `members/*`) are evaluated
+together: one backbone pass per batch feeds every side network; the table
+has a row per side network (named by its folder) and, for perplexity and
+mmlu, one for the frozen backbone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,14 @@ def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
                           args.text_column, "--data")
     if args.max_windows:
         examples.tokens, examples.loss_masks = examples.tokens[: args.max_windows], examples.loss_masks[: args.max_windows]
+    if len(args.side) > 1:
+        from qst_jax.eval.tasks import make_sides_eval_step
+
+        if model.task != "lm":
+            raise ValueError("perplexity needs LM side networks; these were trained for classification")
+        result = perplexity(make_sides_eval_step(model, include_base=True), params, backbone.params, examples,
+                            batch_size=args.batch_size, pad_token=pad_id(tokenizer))
+        return _by_name(["frozen", *info], result)
     return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size,
                       pad_token=pad_id(tokenizer))
 
@@ -45,7 +59,10 @@ def _classify(args, backbone, tokenizer, model, params, info) -> dict:
         labels = tuple(str(i) for i in range(model.num_labels))
         task = GlueTask(args.task, args.text_column, args.text_pair_column, args.label_column, labels, ("accuracy",))
     fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask))
-    return classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size)
+    several = len(args.side) > 1
+    result = classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                      members=several)
+    return dict(zip(info, result)) if several else result
 
 
 def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
@@ -53,10 +70,37 @@ def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
 
     from qst_jax.eval.tasks import mmlu
 
-    fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask)[:, -1])
+    several = len(args.side) > 1
+    if model.task != "lm":
+        raise ValueError("mmlu needs LM side networks; these were trained for classification")
+    if several:
+        fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask, last_only=True)[:, :, -1])
+    else:
+        fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask)[:, -1])
     subjects = args.subjects.split(",") if args.subjects else None
-    return mmlu(fn, tokenizer, args.data, shots=args.shots, max_len=args.seq_len, subjects=subjects,
-                batch_size=args.batch_size)
+    result = mmlu(fn, tokenizer, args.data, shots=args.shots, max_len=args.seq_len, subjects=subjects,
+                  batch_size=args.batch_size, members=several)
+    return dict(zip(["frozen", *info], result)) if several else result
+
+
+def _by_name(names: list[str], result: dict) -> dict[str, dict]:
+    """A SideSet's perplexity result (arrays in member order) as one row per name."""
+    import numpy as np
+
+    return {n: {k: (float(np.ravel(v)[i]) if np.ndim(v) else v) for k, v in result.items()}
+            for i, n in enumerate(names)}
+
+
+def _print_rows(kind: str, rows: dict[str, dict]) -> None:
+    """One row per side network (several --side)."""
+    if kind == "mmlu":
+        rows = {n: {"average": r["average"], "questions": r["questions"]} for n, r in rows.items()}
+    keys = [k for k, v in next(iter(rows.values())).items() if isinstance(v, float | int) and k != "examples"]
+    width = max(len(n) for n in [*rows, "side"])
+    print(f"{'side':<{width}}  " + "  ".join(f"{k:>12}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{r[k]:>12.4f}" if isinstance(r[k], float) else f"{r[k]:>12}"
+                                                for k in keys))
 
 
 def _print(kind: str, result: dict) -> None:
@@ -106,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_model(args)
         if args.seq_len is None:
-            info = loaded[-1]
+            info = loaded[-1] if len(args.side) < 2 else next(iter(loaded[-1].values()))
             args.seq_len = 2048 if args.kind == "mmlu" else int(info.get("seq_len") or 128)
         result = {"perplexity": _perplexity, "classify": _classify, "mmlu": _mmlu}[args.kind](args, *loaded)
     except (CheckpointError, ConfigError, DataError, ExportError, ValueError, FileNotFoundError) as err:
         print(f"qst-eval: error: {err}", file=sys.stderr)
         return 1
-    _print(args.kind, result)
+    (_print_rows if len(args.side) > 1 else _print)(args.kind, result)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -6,7 +6,16 @@
 
 `--prompt` streams the continuation; `--chat` keeps the conversation (type
 /exit or end input to stop); `--file` reads jsonl records with `prompt` or
-`messages` and writes each with a `completion`.
+`messages` and writes each with a `completion`, `--batch-size` records
+decoding together.
+
+Several `--side` (QST exports) serve one file: each record names its side
+network in a `"side"` field (the folder's name; absent or null: the base
+model), and every batch decodes its rows together, one backbone pass per
+token:
+
+    qst-generate --model M --side runs/a --side runs/b --file prompts.jsonl
+    {"prompt": "...", "side": "a"}
 """
 
 from __future__ import annotations
@@ -56,6 +65,34 @@ def _records(path: str) -> list[tuple[int, dict]]:
     return records
 
 
+def _complete_file(gen, tokenizer, args, sampling) -> None:
+    """Completes every record of `--file`, `--batch-size` at a time, printing each with its completion in order."""
+    from qst_jax.generate.decode import GenerationError
+
+    jobs = []
+    for line_number, record in _records(args.file):
+        if "messages" in record:
+            prompt = gen.render_chat(record["messages"])
+        elif "prompt" in record:
+            prompt = tokenizer(record["prompt"]).input_ids
+        else:
+            raise GenerationError(f"{args.file}:{line_number}: a record needs 'prompt' or 'messages'; "
+                                  f"it has {sorted(record)}")
+        side = record.get("side")
+        if side is not None and side not in gen.side_names:
+            known = f"one of {gen.side_names} or null (the base model)" if gen.side_names else \
+                "given with several --side (this run has one model)"
+            raise GenerationError(f"{args.file}:{line_number}: side {side!r} is not {known}")
+        jobs.append((record, prompt, side))
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        texts = gen.generate([p for _, p, _ in chunk], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                             seed=args.seed, stop_strings=args.stop,
+                             side=[s for _, _, s in chunk] if gen.side_names else None)
+        for (record, _, _), text in zip(chunk, texts):
+            print(json.dumps({**record, "completion": text}), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-generate", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
@@ -70,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--batch-size", type=int, default=8, help="--file records decoded together")
     return parser
 
 
@@ -84,8 +122,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        backbone, tokenizer, model, params, _ = load_model(args)
-        gen = Generator(backbone, tokenizer, (model, params), log=lambda m: print(f"qst-generate: {m}", file=sys.stderr))
+        if len(args.side) > 1 and args.file is None:
+            raise GenerationError("several --side serve --file records, each naming its side network in a 'side' "
+                                  "field; --prompt and --chat take one --side")
+        if args.batch_size < 1:
+            raise GenerationError(f"--batch-size {args.batch_size} must be at least 1")
+        backbone, tokenizer, model, params, info = load_model(args)
+        note = lambda m: print(f"qst-generate: {m}", file=sys.stderr)  # noqa: E731
+        if len(args.side) > 1:  # `model` is the sides' SideSet, `info` their records by name
+            members = {name: (model.member(i), p) for i, (name, p) in enumerate(zip(info, model.unstack(params)))}
+            gen = Generator(backbone, tokenizer, log=note, sides=members)
+        else:
+            gen = Generator(backbone, tokenizer, (model, params), log=note)
         if args.prompt is not None:
             _stream(gen, tokenizer(args.prompt).input_ids, args, sampling)
         elif args.chat:
@@ -102,17 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 reply = _stream(gen, gen.render_chat(history), args, sampling)
                 history.append({"role": "assistant", "content": reply})
         else:
-            for line_number, record in _records(args.file):
-                if "messages" in record:
-                    prompt = gen.render_chat(record["messages"])
-                elif "prompt" in record:
-                    prompt = tokenizer(record["prompt"]).input_ids
-                else:
-                    raise GenerationError(f"{args.file}:{line_number}: a record needs 'prompt' or 'messages'; "
-                                          f"it has {sorted(record)}")
-                text = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    seed=args.seed, stop_strings=args.stop)[0]
-                print(json.dumps({**record, "completion": text}), flush=True)
+            _complete_file(gen, tokenizer, args, sampling)
     except (CheckpointError, ConfigError, ExportError, GenerationError, FileNotFoundError, ValueError) as err:
         print(f"qst-generate: error: {err}", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,9 +64,11 @@ def member_sums(sums: dict) -> list[dict]:
             for i in range(k)]
 
 
-def lm_result(sums: dict) -> dict[str, float]:
-    loss = sums["loss_sum"] / max(sums["weight"], 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums["weight"]}
+def lm_result(sums: dict) -> dict[str, Any]:
+    """Loss, perplexity and tokens from `evaluate_batches`' sums (arrays `[K]` for a SideSet)."""
+    loss = np.asarray(sums["loss_sum"], np.float64) / max(sums["weight"], 1.0)
+    plain = float if np.ndim(loss) == 0 else np.asarray
+    return {"loss": plain(loss), "perplexity": plain(np.exp(np.minimum(loss, 50.0))), "tokens": sums["weight"]}
 
 
 def perplexity(eval_step: Callable, params: Any, backbone_params: Any, examples: Examples, *, batch_size: int = 8,

@@ -10,13 +10,19 @@ are jitted; the decode step has one static shape for the whole generation.
     gen = Generator(backbone, tokenizer, tuned=(model, params))  # any method (QST, QLoRA, ...)
     texts = gen.generate(["The capital of France is"], max_new_tokens=8)
 
+    gen = Generator(backbone, tokenizer, sides={"a": (model_a, params_a), "b": (model_b, params_b)})
+    texts = gen.generate([p1, p2, p3], side=["a", None, "b"])   # None: the base model
+
+With `sides` (QST side networks), every row names its side network and all
+rows decode together, one backbone pass per token (`methods.RoutedSides`).
+
 The model is used only through the method interface (`qst_jax.methods.Method`):
 `init_caches`, `hidden` with caches, and `head`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +32,7 @@ import numpy as np
 from qst_jax.data.examples import CHAT_ROLES, pad_id
 from qst_jax.generate.sampling import SamplingConfig, sample
 from qst_jax.methods import FrozenModel
+from qst_jax.methods.side_set import RoutedSides, SideSet
 from qst_jax.models.layers import Params, positions_from_mask
 from qst_jax.models.loader import Backbone
 
@@ -41,14 +48,23 @@ class Generator:
       backbone: the frozen Backbone.
       tokenizer: its tokenizer (HF).
       tuned: (a method, its params), or None for the base model.
+      sides: several QST side networks, `{name: (model, params)}`; rows pick one with `side=`.
       log: where notices go (e.g. `max_new_tokens` cut by the context); None: silent.
     """
 
     def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, *, sides: Mapping[str, tuple[Any, Any]] | None = None):
         self.backbone, self.tokenizer, self.log = backbone, tokenizer, log
         self.cfg, self.dtype = backbone.cfg, backbone.dtype
         self.model, self.params = tuned if tuned is not None else (FrozenModel(backbone.cfg, backbone.dtype), {})
+        self.side_names: list[str] = []
+        if sides:
+            if tuned is not None:
+                raise GenerationError("give either tuned= (one model) or sides= (several), not both")
+            side_set = SideSet.of([model for model, _ in sides.values()])
+            self.side_names = list(sides)
+            self.model = RoutedSides(side_set)
+            self.params = {"sides": side_set.stack([params for _, params in sides.values()])}
         if self.model.task != "lm":
             raise GenerationError("a classification model cannot generate text")
         self._step = jax.jit(self._pass, static_argnames=("last_only",))
@@ -63,13 +79,30 @@ class Generator:
             hidden = hidden[:, -1:]
         return self.model.head(params, backbone_params, hidden, token_mask), caches
 
-    def full_logits(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+    def full_logits(self, ids: np.ndarray, mask: np.ndarray, side: Sequence[str | None] | None = None) -> jax.Array:
         """Uncached float32 logits `[B, T, V]` of the same model (the test oracle)."""
         ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
         logits, _ = jax.jit(self._pass, static_argnames=("last_only",))(
-            self.backbone.params, self.params, ids, mask, positions_from_mask(mask), mask, None, None, last_only=False
+            self.backbone.params, self._routed(side, len(ids)), ids, mask, positions_from_mask(mask), mask, None,
+            None, last_only=False,
         )
         return logits
+
+    def _routed(self, side: Sequence[str | None] | None, batch: int) -> Any:
+        """The params for a batch whose row i goes through side network `side[i]` (None: the base model)."""
+        if not self.side_names:
+            if side is not None and any(s is not None for s in side):
+                raise GenerationError(f"side {next(s for s in side if s is not None)!r}: this generator has no "
+                                      "named side networks (give sides=)")
+            return self.params
+        side = [None] * batch if side is None else list(side)
+        if len(side) != batch:
+            raise GenerationError(f"{len(side)} side names for {batch} prompts")
+        for s in side:
+            if s is not None and s not in self.side_names:
+                raise GenerationError(f"side {s!r} is not one of {self.side_names} (or None: the base model)")
+        route = [-1 if s is None else self.side_names.index(s) for s in side]
+        return {**self.params, "route": jnp.asarray(route, jnp.int32)}
 
     # -- prompts -----------------------------------------------------------------
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,9 +138,11 @@ class Generator:
         stop_strings: Sequence[str] = (),
         eos_ids: Sequence[int] | None = None,
         on_token: Callable[[int, list[str]], None] | None = None,
+        side: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
-        """New token ids per prompt (EOS and what follows a stop string removed)."""
+        """New token ids per prompt (EOS and what follows a stop string removed); `side`: each row's side network."""
         ids, mask = self.encode(prompts)
+        params = self._routed(side, len(ids))
         batch, p = ids.shape
         context = self.cfg.max_position_embeddings
         if p >= context:
@@ -127,7 +162,7 @@ class Generator:
         caches = self.model.init_caches(batch, length)
         positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
         logits, caches = self._step(
-            self.backbone.params, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
+            self.backbone.params, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
             jnp.asarray(key_mask), caches, jnp.int32(0),
         )
         key = jax.random.PRNGKey(seed)
@@ -153,7 +188,7 @@ class Generator:
                 break
             key_mask[:, p + i] = 1
             logits, caches = self._step(
-                self.backbone.params, self.params, jnp.asarray(token[:, None]), jnp.ones((batch, 1), jnp.int32),
+                self.backbone.params, params, jnp.asarray(token[:, None]), jnp.ones((batch, 1), jnp.int32),
                 jnp.asarray((lengths + i)[:, None].astype(np.int32)), jnp.asarray(key_mask), caches,
                 jnp.int32(p + i),
             )

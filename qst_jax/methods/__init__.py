@@ -3,6 +3,8 @@
   QSTModel     Quantized Side Tuning: a side network reads the backbone's states
   QLoRAModel   the QLoRA baseline: LoRA on every linear of the NF4 backbone
   FrozenModel  the backbone alone
+  SideSet      several QST side networks over one backbone pass (sweeps,
+               multi-side evaluation); RoutedSides: a row per side network
 
 Train, eval, generate and export use only the interface; `build_model` (a run
 config) and `load_tuned` (an export) are the two ways to get a method.
@@ -15,6 +17,7 @@ from qst_jax.methods.frozen import FrozenModel
 from qst_jax.methods.qlora import LORA_TARGETS, QLoRAModel
 from qst_jax.methods.qst import QSTModel
 from qst_jax.methods.side_config import DOWNSAMPLERS, SideConfig
+from qst_jax.methods.side_set import RoutedSides, SideSet
 
 __all__ = [
     "DOWNSAMPLERS",
@@ -25,7 +28,9 @@ __all__ = [
     "Method",
     "QLoRAModel",
     "QSTModel",
+    "RoutedSides",
     "SideConfig",
+    "SideSet",
     "build_model",
     "export_side",
     "load_side",

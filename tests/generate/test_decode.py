@@ -107,3 +107,23 @@ def test_smollm2_cached_equals_uncached_and_knows_paris():
     assert "Paris" in gen.generate(["The capital of France is"], max_new_tokens=6)[0]
     with pytest.raises(GenerationError, match="unknown chat role 'wizard'"):
         gen.render_chat([{"role": "wizard", "content": "hi"}])
+
+
+def test_a_mixed_batch_equals_each_row_generated_alone(testdata):
+    """Rows naming different side networks (two shapes, and the base model) decode together, one backbone pass."""
+    backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
+    a, b = _randomized_side(backbone.cfg, key=1), _randomized_side(backbone.cfg, key=5)
+    wide = QSTModel(backbone.cfg, SideConfig(reduction_factor=4, downsampler="avgpool"), dtype=jnp.float32)
+    wide_params = wide.init(jax.random.PRNGKey(9))
+    wide_params["up"]["w"] = jax.random.normal(jax.random.PRNGKey(10), wide_params["up"]["w"].shape) * 0.4
+    sides = {"a": a, "b": b, "wide": (wide, wide_params)}
+    mixed = Generator(backbone, _IdTokenizer(), sides=sides)
+    prompts = PROMPTS + [[5, 17, 99, 300, 42, 7, 8]]
+    route = ["b", None, "wide", "a"]
+    together = mixed.generate_ids(prompts, max_new_tokens=6, eos_ids=[], side=route)
+    for prompt, side, out in zip(prompts, route, together):
+        alone = Generator(backbone, _IdTokenizer(), sides[side] if side else None)
+        assert alone.generate_ids([prompt], max_new_tokens=6, eos_ids=[])[0] == out, side
+    assert together[0] != together[3]  # same prompt, other side network: other tokens
+    with pytest.raises(GenerationError, match=r"side 'c' is not one of \['a', 'b', 'wide'\]"):
+        mixed.generate_ids(prompts[:1], max_new_tokens=1, side=["c"])

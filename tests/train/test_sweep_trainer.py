@@ -106,3 +106,42 @@ def test_sweep_errors_come_before_loading(tmp_path):
     c.method = "qlora"
     with pytest.raises(ConfigError, match=r"sweep.lr: a sweep trains QST side networks"):
         Trainer(c, log=quiet)
+
+
+def test_the_members_serve_qst_eval_and_qst_generate_together(model_dir, tmp_path, capsys):
+    """A sweep's members evaluated with one backbone pass equal their separate evaluations; a file names sides."""
+    from qst_jax.cli import eval as qst_eval
+    from qst_jax.cli import generate as qst_generate
+
+    Trainer(_sweep_config(model_dir, tmp_path, **{"train.steps": 2, "data.eval": ""}), log=quiet).run()
+    a, b = (str(tmp_path / "run" / "members" / n) for n in ("lr=1e-3_seed=0", "lr=1e-2_seed=1"))
+    data = str(tmp_path / "eval.txt")
+    common = ["--model", str(model_dir), "--dtype", "float32", "--data", data, "--seq-len", "32"]
+    together = tmp_path / "together.json"
+    assert qst_eval.main(["perplexity", *common, "--side", a, "--side", b, "--out", str(together)]) == 0
+    rows = json.loads(together.read_text())
+    assert list(rows) == ["frozen", "lr=1e-3_seed=0", "lr=1e-2_seed=1"]
+    for name, side in (("frozen", None), ("lr=1e-3_seed=0", a), ("lr=1e-2_seed=1", b)):
+        alone = tmp_path / f"{name}.json"
+        assert qst_eval.main(["perplexity", *common, *(["--side", side] if side else []), "--out", str(alone)]) == 0
+        assert rows[name]["loss"] == pytest.approx(json.loads(alone.read_text())["loss"], rel=1e-5), name
+    assert "lr=1e-2_seed=1" in capsys.readouterr().out  # the table
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "To be, or not", "side": "lr=1e-2_seed=1"}, {"prompt": "To be, or not"},
+             {"prompt": "whether 'tis nobler", "side": "lr=1e-3_seed=0"}]
+    prompts.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    gen_args = ["--model", str(model_dir), "--dtype", "float32", "--max-new-tokens", "4"]
+    assert qst_generate.main([*gen_args, "--side", a, "--side", b, "--file", str(prompts)]) == 0
+    mixed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r.get("side") for r in mixed] == [r.get("side") for r in lines]
+    for record, out in zip(lines, mixed):
+        single = tmp_path / "one.jsonl"
+        single.write_text(json.dumps({"prompt": record["prompt"]}) + "\n")
+        side = {"lr=1e-3_seed=0": a, "lr=1e-2_seed=1": b}.get(record.get("side"))
+        assert qst_generate.main([*gen_args, *(["--side", side] if side else []), "--file", str(single)]) == 0
+        assert json.loads(capsys.readouterr().out)["completion"] == out["completion"]
+    prompts.write_text(json.dumps({"prompt": "x", "side": "nope"}) + "\n")
+    assert qst_generate.main([*gen_args, "--side", a, "--side", b, "--file", str(prompts)]) == 1
+    assert (f"{prompts}:1: side 'nope' is not one of ['lr=1e-3_seed=0', 'lr=1e-2_seed=1'] or null (the base model)"
+            in capsys.readouterr().err)
