@@ -12,11 +12,23 @@ after warm-up, tokens/s, peak device memory (`memory_stats`, where the
 backend reports it), trainable parameters, and whether the loss is finite and
 the gradient norm non-zero. One JSON line per measurement (also to `--out`),
 then a table.
+
+Sweeps (`--members 1,2,4,8`): K QST side networks (adapter, each with its own
+learning rate) trained by one sweep step, the backbone run once; K = 1 is the
+single-run step. `--task classification` trains score heads instead of the
+LM loss. `--shape smollm2` is the packaged SmolLM2-135M (NF4):
+
+    python scripts/benchmark.py --shape smollm2 --batch 4 --seq 128 --members 1,2,4,8 --task lm
+
+Memory: `peak GiB` where the backend reports it (GPU), and always XLA's own
+figure for the compiled step (`xla GiB`: arguments + outputs + temporaries,
+less what donation aliases).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -32,6 +44,8 @@ from qst_jax.methods import FrozenModel, QLoRAModel, QSTModel
 from qst_jax.tree import count_params
 from qst_jax.eval.tasks import make_eval_step
 from qst_jax.train.step import init_train_state, make_train_step
+from qst_jax.methods.side_set import SideSet
+from qst_jax.train.sweep import init_sweep_state, make_sweep_step
 
 ALL_METHODS = "forward,qst:adapter,qst:lora,qst:linear,qst:maxpool,qst:avgpool,qlora,qlora:noremat"
 
@@ -55,13 +69,53 @@ def peak_memory() -> int | None:
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
 
 
-def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args) -> dict:
-    model = build_model(method, cfg, args.ce_chunk, args.side_heads, args.attention or None)
+def xla_bytes(compiled) -> int | None:
+    """XLA's memory figure for a compiled step: arguments + outputs + temporaries - aliased (donated) bytes."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def make_batch(cfg, batch: int, seq: int, task: str) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (1, batch, seq)).astype(np.int32)
-    data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
-    record = {"shape": args.shape, "method": method, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind}
-    if method == "forward":
+    data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids)}
+    if task == "classification":
+        data["labels"] = jnp.asarray(rng.integers(0, 2, (1, batch)).astype(np.int32))
+        data["example_mask"] = jnp.ones((1, batch), jnp.float32)
+    else:
+        data["loss_mask"] = jnp.ones_like(ids)
+    return data
+
+
+def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, members: int = 0) -> dict:
+    model = build_model(method, cfg, args.ce_chunk, args.side_heads, args.attention or None)
+    if members and not method.startswith("qst"):
+        raise ValueError(f"--members needs qst methods, not {method!r}")
+    if args.task == "classification" and method.startswith("qst"):
+        model = QSTModel(cfg, dataclasses.replace(model.side, task="classification", num_labels=2),
+                         ce_chunk=args.ce_chunk, attention_impl=args.attention or None)
+    data = make_batch(cfg, batch, seq, args.task)
+    record = {"shape": args.shape, "method": method, "task": args.task, "batch": batch, "seq": seq,
+              "device": jax.devices()[0].device_kind}
+    if members > 1:
+        record["members"] = members
+        sides = SideSet.of([model] * members)
+        txs = [optax.adamw(1e-4 * (i + 1)) for i in range(members)]
+        state = init_sweep_state(sides, txs, list(range(members)), seed=0)
+        record["trainable_params"] = count_params(state.params)
+        step = make_sweep_step(sides, txs)
+        start = time.perf_counter()
+        compiled = step.lower(state, backbone, data).compile()
+        record["compile_s"] = time.perf_counter() - start
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], backbone, data)
+            return jnp.max(metrics["loss"]), jnp.min(metrics["grad_norm"])  # every member finite and non-zero
+    elif method == "forward":
         fn = make_eval_step(model)
         micro = jax.tree.map(lambda x: x[0], data)
         start = time.perf_counter()
@@ -77,6 +131,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args) 
         tx = optax.adamw(1e-4)
         state = init_train_state(model, tx, jax.random.PRNGKey(0))
         record["trainable_params"] = count_params(state.params)
+        record["members"] = 1 if members else None
         step = make_train_step(model, tx)
         start = time.perf_counter()
         compiled = step.lower(state, backbone, data).compile()
@@ -98,6 +153,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args) 
         step_s=median,
         tokens_per_s=batch * seq / median,
         peak_bytes=peak_memory(),
+        xla_bytes=xla_bytes(compiled),
         loss=float(loss),
         loss_finite=bool(np.isfinite(float(loss))),
         grad_norm_nonzero=bool(float(grad_norm) > 0),
@@ -107,7 +163,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args) 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "7b", "13b", "70b"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "7b", "13b", "70b", "smollm2"])
     parser.add_argument("--batch", default="16", help="comma-separated batch sizes")
     parser.add_argument("--seq", default="512", help="comma-separated sequence lengths")
     parser.add_argument("--methods", default=ALL_METHODS)
@@ -116,35 +172,57 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--side-heads", type=int, default=0, help="0: the backbone's (official layout)")
     parser.add_argument("--attention", default="", help="'', xla or cudnn")
     parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--members", default="", help="comma-separated sweep sizes K (qst methods), e.g. 1,2,4,8")
+    parser.add_argument("--task", default="lm", choices=["lm", "classification"])
     args = parser.parse_args(argv)
 
-    cfg = llama2_config(args.shape)
-    backbone = random_params(cfg, jax.random.PRNGKey(0))
+    if args.shape == "smollm2":
+        from qst_jax.data.specs import resolve_model_path
+        from qst_jax.models import load_backbone
+
+        loaded = load_backbone(resolve_model_path("smollm2"))
+        cfg, backbone = loaded.cfg, loaded.params
+    else:
+        cfg = llama2_config(args.shape)
+        backbone = random_params(cfg, jax.random.PRNGKey(0))
+    member_counts = [int(k) for k in args.members.split(",") if k] or [0]
     records = []
     for batch in (int(b) for b in args.batch.split(",")):
         for seq in (int(s) for s in args.seq.split(",")):
             for method in args.methods.split(","):
-                try:
-                    record = measure(method, cfg, backbone, batch, seq, args.steps, args)
-                except Exception as err:  # out of memory and the like: record it, go on
-                    record = {"shape": args.shape, "method": method, "batch": batch, "seq": seq,
-                              "error": f"{type(err).__name__}: {str(err)[:200]}"}
-                records.append(record)
-                line = json.dumps(record)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
-    print(f"\n{'method':<14} {'B x T':>9} {'compile s':>9} {'step s':>8} {'tok/s':>9} {'peak GiB':>8} {'trainable':>11} ok")
+                for k in member_counts:
+                    try:
+                        record = measure(method, cfg, backbone, batch, seq, args.steps, args, members=k)
+                    except Exception as err:  # out of memory and the like: record it, go on
+                        record = {"shape": args.shape, "method": method, "batch": batch, "seq": seq, "members": k,
+                                  "error": f"{type(err).__name__}: {str(err)[:200]}"}
+                    records.append(record)
+                    line = json.dumps(record)
+                    print(line, flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(line + "\n")
+    print_table(records)
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"\n{'method':<14} {'K':>2} {'B x T':>9} {'compile s':>9} {'step s':>8} {'vs K=1':>6} {'tok/s':>9} "
+          f"{'peak GiB':>8} {'xla GiB':>8} {'trainable':>11} ok")
+    single = {(r["method"], r["batch"], r["seq"]): r["step_s"] for r in records
+              if r.get("members") == 1 and "step_s" in r}
     for r in records:
+        k = r.get("members") or ""
         if "error" in r:
-            print(f"{r['method']:<14} {r['batch']:>4} x {r['seq']:<4} {r['error'][:60]}")
+            print(f"{r['method']:<14} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['error'][:60]}")
             continue
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "n/a"
+        xla = f"{r['xla_bytes'] / 2**30:.2f}" if r.get("xla_bytes") else "n/a"
+        base = single.get((r["method"], r["batch"], r["seq"]))
+        ratio = f"{r['step_s'] / base:.2f}" if base and k else ""
         ok = "yes" if r["loss_finite"] and r["grad_norm_nonzero"] else "NO"
-        print(f"{r['method']:<14} {r['batch']:>4} x {r['seq']:<4} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
-              f"{r['tokens_per_s']:>9.0f} {peak:>8} {r['trainable_params']:>11,} {ok}")
-    return records
+        print(f"{r['method']:<14} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
+              f"{ratio:>6} {r['tokens_per_s']:>9.0f} {peak:>8} {xla:>8} {r['trainable_params']:>11,} {ok}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert "held-out perplexity: frozen backbone" in text
     assert images >= 1  # the inline loss curve
     assert "{'loss':" in text and "'perplexity':" in text  # the bring-your-own-data run
+    assert "best: " in text and "rank  member" in text  # the sweep of four schedules and its ranking table
 
 
 def test_committed_notebook_shows_results():

@@ -35,49 +35,52 @@ def _sweep_config(model_dir, tmp_path, **overrides):
     return c
 
 
-def test_a_sweep_run_writes_each_members_outputs(model_dir, tmp_path):
+NAMES = ["lr=1e-3_seed=0", "lr=1e-2_seed=1"]
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(model_dir, tmp_path_factory):
+    """(reference: 4 steps straight, no eval; resumed: 2 steps, then --resume to 4, with eval) and the log."""
+    ref, cut = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("cut")
+    Trainer(_sweep_config(model_dir, ref, **{"data.eval": ""}), log=quiet).run()
+    Trainer(_sweep_config(model_dir, cut, **{"train.steps": 2, "train.checkpoint_every": 2}), log=quiet).run()
     lines = []
-    trainer = Trainer(_sweep_config(model_dir, tmp_path), log=lines.append)
+    trainer = Trainer(_sweep_config(model_dir, cut, **{"train.checkpoint_every": 2}), resume=True, log=lines.append)
     assert isinstance(trainer, SweepTrainer)
     summary = trainer.run()
-    run = tmp_path / "run"
-    names = ["lr=1e-3_seed=0", "lr=1e-2_seed=1"]
+    return ref / "run", cut / "run", summary, lines, cut
+
+
+def test_a_sweep_run_writes_each_members_outputs(model_dir, sweep_runs):
+    _, run, summary, lines, _ = sweep_runs
     ranked = summary["members"]
-    assert sorted(r["member"] for r in ranked) == sorted(names)
+    assert sorted(r["member"] for r in ranked) == sorted(NAMES)
     assert [r["rank"] for r in ranked] == [1, 2] and ranked[0]["loss"] <= ranked[1]["loss"]
     assert json.loads((run / "summary.json").read_text())["members"] == ranked
     assert any(line.strip().startswith("1  " + ranked[0]["member"]) for line in lines)  # the printed table
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {(r["split"], r.get("member")) for r in records} >= {("train", n) for n in names} | {("eval", "frozen")}
-    assert [r["step"] for r in records if r["split"] == "train" and r["member"] == names[0]] == [2, 4]
+    assert {(r["split"], r.get("member")) for r in records} >= {("train", n) for n in NAMES} | {("eval", "frozen")}
+    assert [r["step"] for r in records if r["split"] == "train" and r["member"] == NAMES[0]] == [2, 4]
     assert (run / "loss.png").stat().st_size > 0
     backbone = load_backbone(model_dir)
     trained = {}
-    for name in names:
+    for name in NAMES:
         model, params, info = load_tuned(str(run / "members" / name), backbone)
         assert info["sweep_member"] == name and model.name == "qst"
         trained[name] = params
         member_eval = next(r for r in ranked if r["member"] == name)
         logged = [r for r in records if r["split"] == "eval" and r.get("member") == name][-1]
         assert logged["loss"] == pytest.approx(member_eval["loss"])
-    a, b = (jax.tree.leaves(trained[n]) for n in names)
+    a, b = (jax.tree.leaves(trained[n]) for n in NAMES)
     assert any(not np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_sweep_resume_is_bitwise_exact(model_dir, tmp_path):
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "cut").mkdir()
-    Trainer(_sweep_config(model_dir, tmp_path / "ref", **{"data.eval": ""}), log=quiet).run()
-    first = _sweep_config(model_dir, tmp_path / "cut", **{"data.eval": "", "train.steps": 2,
-                                                          "train.checkpoint_every": 2})
-    Trainer(first, log=quiet).run()
-    rest = _sweep_config(model_dir, tmp_path / "cut", **{"data.eval": "", "train.checkpoint_every": 2})
-    lines = []
-    Trainer(rest, resume=True, log=lines.append).run()
+def test_sweep_resume_is_bitwise_exact(sweep_runs):
+    ref, run, _, lines, _ = sweep_runs
     assert "resumed from step 2" in lines
-    for name in ("lr=1e-3_seed=0", "lr=1e-2_seed=1"):
-        a = load_file(str(tmp_path / "ref" / "run" / "members" / name / "side.safetensors"))
-        b = load_file(str(tmp_path / "cut" / "run" / "members" / name / "side.safetensors"))
+    for name in NAMES:
+        a = load_file(str(ref / "members" / name / "side.safetensors"))
+        b = load_file(str(run / "members" / name / "side.safetensors"))
         assert a.keys() == b.keys()
         for key in a:
             assert a[key].tobytes() == b[key].tobytes(), (name, key)
@@ -108,14 +111,14 @@ def test_sweep_errors_come_before_loading(tmp_path):
         Trainer(c, log=quiet)
 
 
-def test_the_members_serve_qst_eval_and_qst_generate_together(model_dir, tmp_path, capsys):
+def test_the_members_serve_qst_eval_and_qst_generate_together(model_dir, sweep_runs, tmp_path, capsys):
     """A sweep's members evaluated with one backbone pass equal their separate evaluations; a file names sides."""
     from qst_jax.cli import eval as qst_eval
     from qst_jax.cli import generate as qst_generate
 
-    Trainer(_sweep_config(model_dir, tmp_path, **{"train.steps": 2, "data.eval": ""}), log=quiet).run()
-    a, b = (str(tmp_path / "run" / "members" / n) for n in ("lr=1e-3_seed=0", "lr=1e-2_seed=1"))
-    data = str(tmp_path / "eval.txt")
+    _, run, _, _, root = sweep_runs
+    a, b = (str(run / "members" / n) for n in NAMES)
+    data = str(root / "eval.txt")
     common = ["--model", str(model_dir), "--dtype", "float32", "--data", data, "--seq-len", "32"]
     together = tmp_path / "together.json"
     assert qst_eval.main(["perplexity", *common, "--side", a, "--side", b, "--out", str(together)]) == 0
