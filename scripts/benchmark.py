@@ -100,22 +100,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
     data = make_batch(cfg, batch, seq, args.task)
     record = {"shape": args.shape, "method": method, "task": args.task, "batch": batch, "seq": seq,
               "device": jax.devices()[0].device_kind}
-    if members > 1:
-        record["members"] = members
-        sides = SideSet.of([model] * members)
-        txs = [optax.adamw(1e-4 * (i + 1)) for i in range(members)]
-        state = init_sweep_state(sides, txs, list(range(members)), seed=0)
-        record["trainable_params"] = count_params(state.params)
-        step = make_sweep_step(sides, txs)
-        start = time.perf_counter()
-        compiled = step.lower(state, backbone, data).compile()
-        record["compile_s"] = time.perf_counter() - start
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = compiled(holder["state"], backbone, data)
-            return jnp.max(metrics["loss"]), jnp.min(metrics["grad_norm"])  # every member finite and non-zero
-    elif method == "forward":
+    if method == "forward":
         fn = make_eval_step(model)
         micro = jax.tree.map(lambda x: x[0], data)
         start = time.perf_counter()
@@ -128,11 +113,17 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
 
         record["trainable_params"] = 0
     else:
-        tx = optax.adamw(1e-4)
-        state = init_train_state(model, tx, jax.random.PRNGKey(0))
+        if members > 1:  # a sweep: K members with their own learning rates, one backbone pass
+            sides = SideSet.of([model] * members)
+            txs = [optax.adamw(1e-4 * (i + 1)) for i in range(members)]
+            state = init_sweep_state(sides, txs, list(range(members)), seed=0)
+            step = make_sweep_step(sides, txs)
+        else:
+            tx = optax.adamw(1e-4)
+            state = init_train_state(model, tx, jax.random.PRNGKey(0))
+            step = make_train_step(model, tx)
+        record["members"] = members or None
         record["trainable_params"] = count_params(state.params)
-        record["members"] = 1 if members else None
-        step = make_train_step(model, tx)
         start = time.perf_counter()
         compiled = step.lower(state, backbone, data).compile()
         record["compile_s"] = time.perf_counter() - start
@@ -140,7 +131,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
 
         def run():
             holder["state"], metrics = compiled(holder["state"], backbone, data)
-            return metrics["loss"], metrics["grad_norm"]
+            return jnp.max(metrics["loss"]), jnp.min(metrics["grad_norm"])  # every member finite and non-zero
 
     loss, grad_norm = jax.block_until_ready(run())  # warm-up
     times = []

@@ -104,7 +104,7 @@ class TaskHeads:
         if self.task == "lm":
             targets, weights = shift_targets(batch["input_ids"], batch["loss_mask"])
             head = lambda h: lm_head(backbone_params, self.cfg, h)  # noqa: E731
-            total, count = chunked_lm_loss(hidden, head, targets, weights, self.ce_chunk)
+            total, count = chunked_lm_loss(hidden, head, targets, weights, self.ce_chunk, frozen_head=True)
             return total, (count, {})
         logits = score(params, hidden, batch["attention_mask"])
         total, count = classification_loss(logits, batch["labels"], batch["example_mask"])

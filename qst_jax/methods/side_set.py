@@ -170,7 +170,7 @@ class SideSet:
         if self.task == "lm":
             targets, weights = shift_targets(batch["input_ids"], batch["loss_mask"])
             head = lambda h: lm_head(backbone_params, self.cfg, h)  # noqa: E731
-            member_loss = lambda o: chunked_lm_loss(o, head, targets, weights, self.ce_chunk)[0]  # noqa: E731
+            member_loss = lambda o: chunked_lm_loss(o, head, targets, weights, self.ce_chunk, True)[0]  # noqa: E731
             totals = self.in_member_order([jax.vmap(member_loss)(o) for o in outs])
             if include_base:
                 totals = jnp.concatenate([member_loss(base)[None], totals])

@@ -125,6 +125,15 @@ def plan_members(config: Any, tx: Any = None, schedule: Any = None, total_steps:
         a member whose config is invalid (named).
     """
     rows = _swept(config)
+    swept = set(rows[0]) if rows else set()
+    optim_keys = sorted(k for k in swept if SWEEP_KEYS[k].startswith("optim."))
+    schedule_keys = sorted(set(optim_keys) & {"lr", "schedule", "warmup_steps", "warmup_ratio", "final_lr_fraction"})
+    if tx is not None and optim_keys:
+        raise ConfigError(f"bad config:\n  sweep.{optim_keys[0]}: sweeps the configured optimizer, which tx= "
+                          "replaces; sweep your transformations as a list or dict instead")
+    if schedule is not None and schedule_keys:
+        raise ConfigError(f"bad config:\n  sweep.{schedule_keys[0]}: sweeps the configured schedule, which "
+                          "schedule= replaces; sweep your schedules as a list or dict instead")
     tx_names, txs = _as_list(tx, "tx")
     sched_names, schedules = _as_list(schedule, "schedule")
     lengths = {n: len(v) for n, v in (("config.sweep", rows), ("tx", txs), ("schedule", schedules)) if v}

@@ -67,6 +67,7 @@ class SweepTrainer(Trainer):
         self._task_logits = jax.jit(lambda p, ids, mask: sides.logits(p, backbone_params, ids, mask, last_only=True))
         self.frozen_eval_step = None
         self.diverged: dict[str, int] = {}  # member -> the step whose loss or gradient norm was not finite
+        self.train_loss: dict[str, float] = {}  # member -> mean train loss of the last logged window
 
     def _fresh_state(self) -> SweepState:
         return init_sweep_state(self.sides, [m.tx for m in self.members], [m.seed for m in self.members],
@@ -168,6 +169,7 @@ class SweepTrainer(Trainer):
                 record["lr"] = float(member.schedule(step - 1))
             writer.write(step, "train", {**record, **shared}, member=member.name)
             losses.append(record["loss"])
+            self.train_loss[member.name] = record["loss"]
         bar.set_postfix(best_loss=f"{min(losses):.3f}", tok_s=f"{shared.get('tokens_per_s', 0.0):.0f}")
         return now
 
@@ -177,6 +179,8 @@ class SweepTrainer(Trainer):
         rows = []
         for i, (member, params) in enumerate(zip(self.members, self.sides.unstack(state.params))):
             row = {"member": member.name, **after["eval"].get(member.name, {}), **after["task"].get(member.name, {})}
+            if member.name in self.train_loss:
+                row["train_loss"] = self.train_loss[member.name]
             if member.name in self.diverged:
                 row["diverged_at"] = self.diverged[member.name]
             rows.append(row)
@@ -198,11 +202,14 @@ class SweepTrainer(Trainer):
 
 
 def rank(rows: list[dict[str, Any]], by_accuracy: bool) -> list[dict[str, Any]]:
-    """Members best first: highest held-out accuracy (classification) or lowest held-out loss; diverged last."""
+    """Members best first: highest held-out accuracy (classification) or lowest held-out loss (the last
+    train loss without held-out data); diverged last."""
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
-        value = row.get("accuracy" if by_accuracy else "loss", math.nan)
-        value = -value if by_accuracy else value
+        if by_accuracy and "accuracy" in row:
+            value = -row["accuracy"]
+        else:
+            value = row.get("loss", row.get("train_loss", math.nan))
         return (1 if "diverged_at" in row or math.isnan(value) else 0, value if not math.isnan(value) else 0.0)
 
     return [{"rank": i + 1, **row} for i, row in enumerate(sorted(rows, key=key))]
@@ -210,7 +217,7 @@ def rank(rows: list[dict[str, Any]], by_accuracy: bool) -> list[dict[str, Any]]:
 
 def ranking_table(rows: list[dict[str, Any]]) -> list[str]:
     """The ranked members as aligned text lines."""
-    keys = [k for k in ("loss", "perplexity", "accuracy") if any(k in r for r in rows)]
+    keys = [k for k in ("loss", "perplexity", "accuracy", "train_loss") if any(k in r for r in rows)]
     width = max([len("member")] + [len(r["member"]) for r in rows])
     lines = [f"{'rank':>4}  {'member':<{width}}  " + "  ".join(f"{k:>10}" for k in keys)]
     for r in rows:

@@ -141,7 +141,8 @@ def test_bad_sweep_values_are_named():
     c.sweep.lr = "1e-4,-1"
     with pytest.raises(ConfigError, match=r"bad config of sweep member lr=-1:\n  optim.lr: -1.0 must be a finite"):
         plan_members(c, total_steps=10)
-    c.sweep.lr = "1e-4,1e-3"
+    c.sweep.lr = ""
+    c.sweep.seed = "1,2"
     with pytest.raises(ConfigError, match=r"config.sweep gives 2 members, tx gives 3 members"):
         plan_members(c, tx=_txs(), total_steps=10)
 
@@ -163,3 +164,15 @@ def test_a_member_that_goes_non_finite_is_frozen_and_the_others_train_on(backbon
     _assert_close(frozen, history[first_bad][1])  # the params of its last finite step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(frozen))
     assert all(finite[0] for finite, _ in history)
+
+
+def test_a_swept_optimizer_key_with_your_own_tx_is_refused():
+    c = base_config()
+    c.sweep.lr = "1e-4,3e-4"
+    with pytest.raises(ConfigError, match=r"sweep.lr: sweeps the configured optimizer, which tx= replaces"):
+        plan_members(c, tx=optax.adam(1e-3), total_steps=10)
+    with pytest.raises(ConfigError, match=r"sweep.lr: sweeps the configured schedule, which schedule= replaces"):
+        plan_members(c, schedule=[optax.constant_schedule(1e-3)] * 2, total_steps=10)
+    c.sweep.lr = ""
+    c.sweep.seed = "0,1"  # a swept init seed goes with your own tx
+    assert [m.seed for m in plan_members(c, tx=optax.adam(1e-3), total_steps=10)] == [0, 1]
