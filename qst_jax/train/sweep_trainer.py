@@ -125,7 +125,8 @@ class SweepTrainer(Trainer):
             results["eval"] = self.evaluate(state.params)
             for name, result in results["eval"].items():
                 writer.write(step, "eval", result, member=name)
-                self.log(_line(f"held-out, {name} {when}", result))
+                self.log(_line("held-out, frozen backbone alone" if name == "frozen" else f"held-out, {name} {when}",
+                               result))
         task_result = self.task_evaluation(state.params) if tasks else None
         if task_result:
             results["task"] = task_result
