@@ -35,13 +35,13 @@ def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
     if args.max_windows:
         examples.tokens, examples.loss_masks = examples.tokens[: args.max_windows], examples.loss_masks[: args.max_windows]
     if len(args.side) > 1:
-        from qst_jax.eval.tasks import make_sides_eval_step
+        from qst_jax.eval.tasks import make_sides_eval_step, split_members
 
         if model.task != "lm":
             raise ValueError("perplexity needs LM side networks; these were trained for classification")
         result = perplexity(make_sides_eval_step(model, include_base=True), params, backbone.params, examples,
                             batch_size=args.batch_size, pad_token=pad_id(tokenizer))
-        return _by_name(["frozen", *info], result)
+        return split_members(result, ["frozen", *info])
     return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size,
                       pad_token=pad_id(tokenizer))
 
@@ -81,14 +81,6 @@ def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
     result = mmlu(fn, tokenizer, args.data, shots=args.shots, max_len=args.seq_len, subjects=subjects,
                   batch_size=args.batch_size, members=several)
     return dict(zip(["frozen", *info], result)) if several else result
-
-
-def _by_name(names: list[str], result: dict) -> dict[str, dict]:
-    """A SideSet's perplexity result (arrays in member order) as one row per name."""
-    import numpy as np
-
-    return {n: {k: (float(np.ravel(v)[i]) if np.ndim(v) else v) for k, v in result.items()}
-            for i, n in enumerate(names)}
 
 
 def _print_rows(kind: str, rows: dict[str, dict]) -> None:

@@ -56,12 +56,10 @@ def evaluate_batches(eval_step: Callable, params: Any, backbone_params: Any, bat
     return {"loss_sum": plain(total), "weight": weight, "correct": plain(correct)}
 
 
-def member_sums(sums: dict) -> list[dict]:
-    """`evaluate_batches`' sums of a SideSet as one scalar dict per member."""
-    k = np.size(sums["loss_sum"])
-    correct = np.broadcast_to(np.asarray(sums["correct"]), (k,))
-    return [{"loss_sum": float(np.ravel(sums["loss_sum"])[i]), "weight": sums["weight"], "correct": float(correct[i])}
-            for i in range(k)]
+def split_members(result: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """A result whose values are `[K]` arrays (a SideSet's) as one row of scalars per name (member order)."""
+    return {n: {k: (float(np.ravel(v)[i]) if np.ndim(v) else v) for k, v in result.items()}
+            for i, n in enumerate(names)}
 
 
 def lm_result(sums: dict) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from qst_jax.eval.glue import GLUE_TASKS
-from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, make_sides_eval_step, member_sums, mmlu
+from qst_jax.eval.tasks import classify, make_sides_eval_step, mmlu, split_members
 from qst_jax.methods import export_side
 from qst_jax.methods.build import method_options
 from qst_jax.methods.side_set import SideSet
@@ -88,19 +88,8 @@ class SweepTrainer(Trainer):
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, params: Any, eval_step: Any = None) -> dict[str, dict[str, float]]:
         """Held-out figures per member (and of the frozen backbone, "frozen", for LM)."""
-        sums = member_sums(evaluate_batches(self.eval_step, params, self.backbone.params, self.eval_data.one_pass()))
         names = (["frozen"] if self.sides.task == "lm" else []) + [m.name for m in self.members]
-        results = {}
-        for name, s in zip(names, sums):
-            if self.sides.task == "lm":
-                result = lm_result(s)
-                result.pop("tokens")
-            else:
-                result = {"loss": s["loss_sum"] / max(s["weight"], 1.0)}
-                if self.sides.num_labels > 1:
-                    result["accuracy"] = s["correct"] / max(s["weight"], 1.0)
-            results[name] = result
-        return results
+        return split_members(super().evaluate(params), names)  # the single run's figures, arrays [K]
 
     def task_evaluation(self, params: Any) -> dict[str, dict[str, float]] | None:
         e = self.config.evaluation
