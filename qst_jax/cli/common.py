@@ -40,11 +40,7 @@ def load_model(args: Any):
     tokenizer = load_tokenizer(path)
     if len(args.side) > 1:
         loaded = [load_tuned(side, backbone) for side in args.side]
-        for side, (model, _, _) in zip(args.side, loaded):
-            if model.name != "qst":
-                raise ValueError(f"--side {side}: a {model.name} export; several side networks over one backbone "
-                                 "pass must all be QST")
-        sides = SideSet.of([m for m, _, _ in loaded])
+        sides = SideSet.of([m for m, _, _ in loaded], names=[f"--side {side}" for side in args.side])
         infos = dict(zip(side_names(args.side), (info for _, _, info in loaded)))
         return backbone, tokenizer, sides, sides.stack([p for _, p, _ in loaded]), infos
     if args.side:

@@ -74,17 +74,22 @@ class SideSet:
             raise ConfigError(f"side networks of one set must share the task and label count; got {sorted(kinds)}")
 
     @classmethod
-    def of(cls, models: Sequence[QSTModel]) -> SideSet:
-        """The set of already built QST models (one backbone, one set of runtime options)."""
+    def of(cls, models: Sequence[QSTModel], names: Sequence[str] | None = None) -> SideSet:
+        """The set of already built QST models (one backbone, one set of runtime options).
+
+        Args:
+          names: what to call each model in an error (default: "side network i").
+        """
         if not models:
             raise ConfigError("a SideSet needs at least one member")
+        names = list(names) if names is not None else [f"side network {i}" for i in range(len(models))]
         first = models[0]
-        for i, m in enumerate(models):
+        for name, m in zip(names, models, strict=True):
             if getattr(m, "name", None) != "qst":
-                raise ConfigError(f"side network {i} is a {getattr(m, 'name', type(m).__name__)!r} model; "
+                raise ConfigError(f"{name}: a {getattr(m, 'name', type(m).__name__)!r} model; "
                                   "several side networks over one backbone pass must all be QST")
             if m.cfg != first.cfg:
-                raise ConfigError(f"side network {i} was trained on another backbone than side network 0")
+                raise ConfigError(f"{name} was trained on another backbone than {names[0]}")
         return cls(first.cfg, tuple(m.side for m in models), first.dtype, first.ce_chunk, first.remat_side,
                    first.attention_impl, first.hidden_store)
 
@@ -175,9 +180,7 @@ class SideSet:
             if include_base:
                 totals = jnp.concatenate([member_loss(base)[None], totals])
             return totals, jnp.sum(weights), {}
-        logits = self.in_member_order([
-            jax.vmap(lambda p, o: score(p, o, batch["attention_mask"]))(p, o) for p, o in zip(params, outs)
-        ])
+        logits = self._class_logits(params, outs, batch["attention_mask"])
         totals, count = jax.vmap(lambda lg: classification_loss(lg, batch["labels"], batch["example_mask"]))(logits)
         if logits.shape[-1] > 1:
             hits = (jnp.argmax(logits, -1) == batch["labels"][None]) * batch["example_mask"][None]
@@ -196,6 +199,10 @@ class SideSet:
             if last_only:
                 states = states[:, :, -1:]
             return lm_head(backbone_params, self.cfg, states).astype(jnp.float32)
+        return self._class_logits(params, outs, mask)
+
+    def _class_logits(self, params: tuple[Params, ...], outs: list[jax.Array], mask: jax.Array) -> jax.Array:
+        """Every member's score head on its own output: float32 `[K, B, C]` in member order."""
         return self.in_member_order([jax.vmap(lambda p, o: score(p, o, mask))(p, o) for p, o in zip(params, outs)])
 
 

@@ -176,3 +176,12 @@ def test_a_swept_optimizer_key_with_your_own_tx_is_refused():
     c.sweep.lr = ""
     c.sweep.seed = "0,1"  # a swept init seed goes with your own tx
     assert [m.seed for m in plan_members(c, tx=optax.adam(1e-3), total_steps=10)] == [0, 1]
+
+
+def test_a_side_set_names_a_model_that_is_not_qst(backbone):
+    from qst_jax.methods import FrozenModel
+
+    qst = QSTModel(backbone.cfg, SideConfig(reduction_factor=8))
+    with pytest.raises(ConfigError, match=r"^--side runs/b: a 'frozen' model; several side networks over one "
+                                          r"backbone pass must all be QST$"):
+        SideSet.of([qst, FrozenModel(backbone.cfg)], names=["--side runs/a", "--side runs/b"])
