@@ -120,7 +120,7 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=250, help="SST-2 steps (0: skip SST-2)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train-rows", type=int, default=8000)
     parser.add_argument("--lm-steps", type=int, default=50, help="Shakespeare steps (0: skip)")
@@ -135,7 +135,7 @@ def main() -> None:
     shared: dict = {}
     rows = []
     for name, (method, overrides) in SST2_VARIANTS.items():
-        if not only or name in only:
+        if args.steps and (not only or name in only):
             rows.append(run_variant("sst2", name, method, overrides, args.steps, args.batch, args.output, shared,
                                     train_file))
     by_name = {r["variant"]: r for r in rows}

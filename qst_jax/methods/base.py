@@ -12,9 +12,12 @@ and export use only this interface, never the method's class:
                              the final states `o` `[B, T, d]` that the head
                              reads; with caches, one cached decoding pass
   init_caches(batch, length) -> empty KV caches for `hidden`
+  pool                       classification: which states the score reads,
+                             "last" (each row's last real token) or "mean"
+                             (the mean over its real tokens)
   head(params, backbone_params, o, mask) -> float32 logits: `[B, T, vocab]`
-                             (lm) or `[B, num_labels]` at each row's last
-                             real token (classification)
+                             (lm) or `[B, num_labels]` pooled as `pool`
+                             says (classification)
   logits(params, backbone_params, ids, mask) = head(hidden(...))
   loss(params, backbone_params, batch) -> (loss sum, (weight sum, aux))
   to_dict() / from_dict(d, backbone_cfg, **options): what the export holds
@@ -40,6 +43,7 @@ from qst_jax.quant.matmul import linear
 
 Batch = dict[str, jax.Array]
 TASKS = ("lm", "classification")
+POOLS = ("last", "mean")
 
 
 class Method(Protocol):
@@ -54,6 +58,9 @@ class Method(Protocol):
 
     @property
     def num_labels(self) -> int: ...
+
+    @property
+    def pool(self) -> str: ...
 
     def init(self, key: jax.Array) -> Params: ...
 
@@ -77,23 +84,35 @@ def score_init(key: jax.Array, num_labels: int, width: int, std: float = 0.02) -
     return {"score": {"w": jax.random.normal(key, (num_labels, width), jnp.float32) * std}}
 
 
-def score(params: Params, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-    """Float32 class logits `[B, C]` from each row's last real token of `hidden` `[B, T, d]`."""
-    last = last_token_index(mask)
-    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+def score(params: Params, hidden: jax.Array, mask: jax.Array, pool: str = "last") -> jax.Array:
+    """Float32 class logits `[B, C]` from `hidden` `[B, T, d]` pooled over each row's real tokens.
+
+    Args:
+      pool: "last" (each row's last real token) or "mean" (the mean over its
+        real tokens, summed in float32).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool {pool!r} is not one of {POOLS}")
+    if pool == "mean":
+        weights = mask.astype(jnp.float32)[..., None]
+        total = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
+        pooled = (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(hidden.dtype)
+    else:
+        last = last_token_index(mask)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return linear(pooled, params["score"]["w"].astype(hidden.dtype)).astype(jnp.float32)
 
 
 class TaskHeads:
     """`head`, `logits` and `loss` of a method, from its `hidden`.
 
-    Subclasses provide `cfg`, `task`, `ce_chunk` and `hidden`.
+    Subclasses provide `cfg`, `task`, `pool`, `ce_chunk` and `hidden`.
     """
 
     def head(self, params: Params, backbone_params: Params, hidden: jax.Array, mask: jax.Array) -> jax.Array:
         if self.task == "lm":
             return lm_head(backbone_params, self.cfg, hidden).astype(jnp.float32)
-        return score(params, hidden, mask)
+        return score(params, hidden, mask, self.pool)
 
     def logits(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
         hidden, _ = self.hidden(params, backbone_params, ids, mask)
@@ -106,7 +125,7 @@ class TaskHeads:
             head = lambda h: lm_head(backbone_params, self.cfg, h)  # noqa: E731
             total, count = chunked_lm_loss(hidden, head, targets, weights, self.ce_chunk, frozen_head=True)
             return total, (count, {})
-        logits = score(params, hidden, batch["attention_mask"])
+        logits = score(params, hidden, batch["attention_mask"], self.pool)
         total, count = classification_loss(logits, batch["labels"], batch["example_mask"])
         if logits.shape[-1] > 1:
             correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * batch["example_mask"])

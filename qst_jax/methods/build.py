@@ -32,14 +32,14 @@ def head_task(task: str) -> str:
 def method_record(config: Any) -> dict[str, Any]:
     """What defines the method's params (the export's `model` record) from a run config.
 
-    `config` has `method`, `task`, `data.num_labels` and the `side` or
+    `config` has `method`, `task`, `data.num_labels`, `data.pool` and the `side` or
     `qlora` section (a ConfigDict or nested dicts).
     """
     record: dict[str, Any] = {"method": config["method"], "task": head_task(config["task"]),
-                              "num_labels": int(config["data"]["num_labels"])}
+                              "num_labels": int(config["data"]["num_labels"]), "pool": config["data"]["pool"]}
     if config["method"] == "qst":
         record["side"] = SideConfig.from_dict(dict(config["side"]), task=record["task"],
-                                              num_labels=record["num_labels"]).to_dict()
+                                              num_labels=record["num_labels"], pool=record["pool"]).to_dict()
     elif config["method"] == "qlora":
         record["qlora"] = {"rank": int(config["qlora"]["rank"]), "alpha": float(config["qlora"]["alpha"])}
     return record

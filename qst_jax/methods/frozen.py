@@ -29,6 +29,7 @@ class FrozenModel(TaskHeads):
       dtype: compute dtype.
       task, num_labels: "lm" (nothing to train), or "classification" (a
         trainable score over `num_labels` classes).
+      pool: which states the score reads ("last" or "mean"; classification).
       ce_chunk: tokens per chunk of the LM cross-entropy.
       attention_impl: passed to `jax.nn.dot_product_attention`.
     """
@@ -40,6 +41,7 @@ class FrozenModel(TaskHeads):
     attention_impl: str | None = None
     task: str = "lm"
     num_labels: int = 0
+    pool: str = "last"
 
     def init(self, key: jax.Array) -> Params:
         if self.task == "classification":
@@ -58,8 +60,9 @@ class FrozenModel(TaskHeads):
         return init_caches(self.cfg, batch, length, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "task": self.task, "num_labels": self.num_labels}
+        return {"method": self.name, "task": self.task, "num_labels": self.num_labels, "pool": self.pool}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], cfg: ModelConfig, **options: Any) -> FrozenModel:
-        return cls(cfg, task=values.get("task", "lm"), num_labels=int(values.get("num_labels", 0)), **options)
+        return cls(cfg, task=values.get("task", "lm"), num_labels=int(values.get("num_labels", 0)),
+                   pool=values.get("pool", "last"), **options)

@@ -40,6 +40,7 @@ class QLoRAModel(TaskHeads):
       cfg: the backbone's ModelConfig.
       rank, alpha: LoRA's r and alpha (the update is scaled by alpha / r).
       task, num_labels: "lm" or "classification" over `num_labels` classes.
+      pool: which states the score reads ("last" or "mean"; classification).
       dtype, ce_chunk, attention_impl: as for QSTModel.
       remat: recompute each layer in the backward pass.
     """
@@ -50,6 +51,7 @@ class QLoRAModel(TaskHeads):
     alpha: float = 16.0
     task: str = "lm"
     num_labels: int = 2
+    pool: str = "last"
     dtype: Any = jnp.bfloat16
     ce_chunk: int = 1024
     remat: bool = True
@@ -94,14 +96,14 @@ class QLoRAModel(TaskHeads):
         return init_caches(self.cfg, batch, length, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "task": self.task, "num_labels": self.num_labels,
+        return {"method": self.name, "task": self.task, "num_labels": self.num_labels, "pool": self.pool,
                 "qlora": {"rank": self.rank, "alpha": self.alpha}}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], cfg: ModelConfig, **options: Any) -> QLoRAModel:
         q = values["qlora"]
         return cls(cfg, rank=int(q["rank"]), alpha=float(q["alpha"]), task=values["task"],
-                   num_labels=int(values["num_labels"]), **options)
+                   num_labels=int(values["num_labels"]), pool=values.get("pool", "last"), **options)
 
 
 def _layer_linear_shapes(cfg: ModelConfig) -> dict[tuple[str, str], tuple[int, int]]:

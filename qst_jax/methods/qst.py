@@ -52,6 +52,10 @@ class QSTModel(TaskHeads):
     def num_labels(self) -> int:
         return self.side.num_labels
 
+    @property
+    def pool(self) -> str:
+        return self.side.pool
+
     def init(self, key: jax.Array) -> Params:
         return init_side_params(self.cfg, self.side, key)
 
@@ -72,9 +76,11 @@ class QSTModel(TaskHeads):
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "task": self.task, "num_labels": self.num_labels, "side": self.side.to_dict()}
+        return {"method": self.name, "task": self.task, "num_labels": self.num_labels, "pool": self.pool,
+                "side": self.side.to_dict()}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], cfg: ModelConfig, **options: Any) -> QSTModel:
-        side = SideConfig.from_dict(values["side"], task=values["task"], num_labels=values["num_labels"])
+        side = SideConfig.from_dict(values["side"], task=values["task"], num_labels=values["num_labels"],
+                                    pool=values.get("pool", "last"))
         return cls(cfg, side, **options)

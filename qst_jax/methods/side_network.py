@@ -37,11 +37,13 @@ from qst_jax.methods.side_config import SideConfig, side_model_config
 from qst_jax.tree import set_path
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float | None) -> jax.Array:
+    """Normal init of a linear `[..., out, in]`; std None: 1 / sqrt(in) (fan-in)."""
+    std = shape[-1] ** -0.5 if std is None else std
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(jnp.float32)
 
 
-def _stacked_block_params(cfg: ModelConfig, num_layers: int, key: jax.Array, std: float) -> Params:
+def _stacked_block_params(cfg: ModelConfig, num_layers: int, key: jax.Array, std: float | None) -> Params:
     params: Params = {}
     specs = layer_specs(cfg)
     keys = jax.random.split(key, len(specs))
@@ -69,7 +71,7 @@ def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) ->
     scfg = side_model_config(backbone, side)
     d, w, k, n = backbone.hidden_size, scfg.hidden_size, side.adapter_rank, backbone.num_layers
     keys = jax.random.split(key, 6)
-    std = side.init_std
+    std = side.init_std if side.init_scheme == "fixed" else None
     if side.downsampler in ("adapter", "lora"):
         down: Params = {"wa": _normal(keys[0], (n, k, d), std), "wb": _normal(keys[1], (n, w, k), std)}
         if side.downsampler == "adapter":
@@ -83,14 +85,14 @@ def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) ->
         "gates": jnp.full((n, w), side.gate_init, jnp.float32),
         "layers": _stacked_block_params(scfg, n, keys[2], std),
         "norm": _norm_params(scfg, w),
-        "up": {"w": _normal(keys[3], (d, w), std), "b": jnp.zeros((d,), jnp.float32)},
+        "up": {"w": _normal(keys[3], (d, w), side.init_std), "b": jnp.zeros((d,), jnp.float32)},
     }
     if side.output_mix == "gated":
         params["out_gate"] = jnp.full((d,), side.output_gate_init, jnp.float32)
     else:  # residual: Up starts at zero, so o starts at the backbone's final state
         params["up"]["w"] = jnp.zeros((d, w), jnp.float32)
     if side.task == "classification":
-        params["score"] = {"w": _normal(keys[4], (side.num_labels, d), std)}
+        params["score"] = {"w": _normal(keys[4], (side.num_labels, d), side.init_std)}
     return params
 
 
@@ -244,12 +246,15 @@ def joint_pass(
     if key_mask is None:
         key_mask = token_mask
     bp = jax.lax.stop_gradient(backbone_params)
+    reader_norms = _reader_norms(bp, backbone_cfg, groups)
     bctx = make_context(backbone_cfg, key_mask, positions, dtype, attention_impl, cache_index)
     backbone_block = block_fn(backbone_cfg)
     h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
+    h0_normed = h0 if reader_norms is None else norm(reader_norms[0], h0, backbone_cfg.norm_eps)
 
     steps, s0s, xs_side, finals = [], [], [], []
     for side, params, stacked in groups:
+        read = h0_normed if side.input_norm == "backbone" else h0
         scfg = side_model_config(backbone_cfg, side)
         sp = cast_params(params, dtype)
         down_fn = make_downsampler(side, scfg.hidden_size, hidden_store)
@@ -262,29 +267,30 @@ def joint_pass(
         if stacked:
             k = sp["gates"].shape[0]
             side_step = jax.vmap(side_step, in_axes=(0, 0, 0, None, 0, 0), axis_size=k)
-            s0s.append(jax.vmap(down_fn, in_axes=(0, None), axis_size=k)(first, h0))
+            s0s.append(jax.vmap(down_fn, in_axes=(0, None), axis_size=k)(first, read))
             per_layer = _layer_major(per_layer)
         else:
-            s0s.append(down_fn(first, h0))
+            s0s.append(down_fn(first, read))
         steps.append(side_step)
         xs_side.append(per_layer)
         finals.append((side, scfg, sp, params, stacked))
 
     def body(carry: tuple[jax.Array, tuple[jax.Array, ...]], xs: tuple[Any, ...]):
         h, states = carry
-        b_layer, b_kv, side_xs, s_kvs = xs
+        b_layer, next_norm, b_kv, side_xs, s_kvs = xs
         h, b_kv = backbone_block(b_layer, h, backbone_cfg, bctx, b_kv)
         h = jax.lax.stop_gradient(h)
+        h_normed = h if next_norm is None else norm(next_norm, h, backbone_cfg.norm_eps)
         out_states, out_kvs = [], []
-        for step, s, (down, gate, layer), kv in zip(steps, states, side_xs, s_kvs):
-            s, kv = step(layer, down, gate, h, s, kv)
+        for (side, *_), step, s, (down, gate, layer), kv in zip(groups, steps, states, side_xs, s_kvs):
+            s, kv = step(layer, down, gate, h_normed if side.input_norm == "backbone" else h, s, kv)
             out_states.append(s)
             out_kvs.append(kv)
         return (h, tuple(out_states)), (b_kv, tuple(out_kvs))
 
     b_caches = None if caches is None else caches["backbone"]
     s_caches = (None,) * len(groups) if caches is None else tuple(caches["side"])
-    xs = (bp["layers"], b_caches, tuple(xs_side), s_caches)
+    xs = (bp["layers"], None if reader_norms is None else reader_norms[1], b_caches, tuple(xs_side), s_caches)
     (h_last, s_lasts), (b_caches, s_caches) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = []
@@ -293,6 +299,25 @@ def joint_pass(
         outs.append(jax.vmap(mix)(sp, params, s_last) if stacked else mix(sp, params, s_last))
     new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
     return base, outs, new_caches
+
+
+def _reader_norms(bp: Params, cfg: ModelConfig, groups: tuple[SideGroup, ...]) -> tuple[Params, Params] | None:
+    """The norms the backbone applies to h_0 and to each layer's output, for `input_norm="backbone"`.
+
+    Returns (layer 0's input norm, the stacked norms `[L, d]` read after
+    layer i: layer i+1's input norm, the final norm after the last), or None
+    when no group asks for them or the family's blocks are post-norm (their
+    states are normed already).
+    """
+    if all(side.input_norm == "none" for side, _, _ in groups):
+        return None
+    if cfg.family == "opt" and not cfg.do_layer_norm_before:
+        return None
+    attn_norms = bp["layers"]["attn_norm"]
+    final = bp["final_norm"]
+    first = jax.tree.map(lambda a: a[0], attn_norms)
+    after = jax.tree.map(lambda a, f: jnp.concatenate([a[1:], f[None].astype(a.dtype)]), attn_norms, final)
+    return first, after
 
 
 def _side_step(down_fn, side_block, scfg: ModelConfig, sctx: Any, dtype: Any):

@@ -36,12 +36,13 @@ from qst_jax.models.config import ConfigError, ModelConfig
 from qst_jax.models.decoder import init_caches, lm_head
 from qst_jax.models.layers import Params
 
-INIT_ONLY_FIELDS = ("gate_init", "output_gate_init", "init_std")  # change the init, never the forward
+INIT_ONLY_FIELDS = ("gate_init", "output_gate_init", "init_std", "init_scheme")  # change the init, never the forward
 
 
 def shape_of(side: SideConfig) -> SideConfig:
     """What decides a side network's forward and param shapes: `side` less its init-only fields."""
-    return dataclasses.replace(side, **{f: 0.0 for f in INIT_ONLY_FIELDS})
+    blank = {f: getattr(SideConfig, f) for f in INIT_ONLY_FIELDS}  # the defaults, so every shape's init is one
+    return dataclasses.replace(side, **blank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,14 @@ class SideSet:
     @property
     def num_labels(self) -> int:
         return self.members[0].num_labels
+
+    @property
+    def pool(self) -> str:
+        """The members' classification pooling (one for all; a group's members always share theirs)."""
+        pools = sorted({m.pool for m in self.members})
+        if len(pools) > 1:
+            raise ConfigError(f"these side networks pool differently ({', '.join(pools)}); route rows to one pooling")
+        return pools[0]
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -203,7 +212,9 @@ class SideSet:
 
     def _class_logits(self, params: tuple[Params, ...], outs: list[jax.Array], mask: jax.Array) -> jax.Array:
         """Every member's score head on its own output: float32 `[K, B, C]` in member order."""
-        return self.in_member_order([jax.vmap(lambda p, o: score(p, o, mask))(p, o) for p, o in zip(params, outs)])
+        pools = [self.members[g[0]].pool for g in self.groups]
+        return self.in_member_order([jax.vmap(lambda p, o, pool=pool: score(p, o, mask, pool))(p, o)
+                                     for p, o, pool in zip(params, outs, pools)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +239,10 @@ class RoutedSides(TaskHeads):
     @property
     def num_labels(self) -> int:
         return self.sides.num_labels
+
+    @property
+    def pool(self) -> str:
+        return self.sides.pool
 
     @property
     def ce_chunk(self) -> int:

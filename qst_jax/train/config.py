@@ -14,7 +14,7 @@ import ml_collections
 
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
-from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, OUTPUT_MIXES
+from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, INIT_SCHEMES, INPUT_NORMS, OUTPUT_MIXES, POOLS
 from qst_jax.methods.side_network import HIDDEN_STORES
 from qst_jax.models.config import ConfigError
 from qst_jax.train.optim import SCHEDULES
@@ -33,7 +33,9 @@ SWEEP_KEYS = {
     "clip_norm": "optim.clip_norm", "seed": "train.seed", "gate_init": "side.gate_init",
     "output_gate_init": "side.output_gate_init", "init_std": "side.init_std",
     "reduction_factor": "side.reduction_factor", "adapter_rank": "side.adapter_rank",
-    "downsampler": "side.downsampler", "side_heads": "side.side_heads",
+    "downsampler": "side.downsampler", "side_heads": "side.side_heads", "head_layout": "side.head_layout",
+    "output_mix": "side.output_mix", "input_norm": "side.input_norm", "init_scheme": "side.init_scheme",
+    "pool": "data.pool",
 }
 
 
@@ -58,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.gate_init = 0.5
     c.side.output_gate_init = 1.0
     c.side.output_mix = "residual"  # "residual": Norm(h_L) + Up(s), Up zero-init; "gated": the official a-mix
+    c.side.input_norm = "none"  # "backbone": D_i reads h_i through the backbone's next norm; "none": raw h_i
     c.side.init_std = 0.02
+    c.side.init_scheme = "fixed"  # "fan_in": side linears drawn with std 1/sqrt(input width); "fixed": init_std
     c.side.remat = False  # recompute side blocks in the backward pass
     c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
 
@@ -77,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_pair_column = ""
     c.data.label_column = "label"
     c.data.num_labels = 2  # classification classes (1: regression)
+    c.data.pool = "last"  # classification: the score reads each row's "last" real token or the "mean" of its tokens
     c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)
     c.data.eval_examples = 64  # cap on held-out examples/windows (0: all)
 
@@ -209,6 +214,9 @@ def validate(c: Any, context: int | None = None) -> None:
     _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
     _enum(errors, "side.output_mix", c.side.output_mix, OUTPUT_MIXES)
     _enum(errors, "side.head_layout", c.side.head_layout, HEAD_LAYOUTS)
+    _enum(errors, "side.input_norm", c.side.input_norm, INPUT_NORMS)
+    _enum(errors, "data.pool", c.data.pool, POOLS)
+    _enum(errors, "side.init_scheme", c.side.init_scheme, INIT_SCHEMES)
     _enum(errors, "side.hidden_store", c.side.hidden_store, HIDDEN_STORES)
     for key in ("side.reduction_factor", "side.adapter_rank", "qlora.rank", "data.num_labels", "train.batch_size",
                 "train.micro_batches", "train.eval_batch_size", "train.keep_checkpoints", "train.ce_chunk",
@@ -256,8 +264,8 @@ def validate(c: Any, context: int | None = None) -> None:
 
 # Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.
 SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
-              "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "qlora.rank",
-              "data.num_labels")
+              "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "side.input_norm",
+              "qlora.rank", "data.num_labels", "data.pool")
 SHAPE_KEYS += tuple(f"sweep.{k}" for k in ("mode", *SWEEP_KEYS))  # which members a sweep has
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
 

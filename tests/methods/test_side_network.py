@@ -195,4 +195,4 @@ def test_linear_probe_trains_only_a_score_head(backbone):
              "labels": jnp.asarray([0, 2]), "example_mask": jnp.ones(2)}
     grads = jax.grad(lambda p: model.loss(p, backbone.params, batch)[0])(params)
     assert float(jnp.abs(grads["score"]["w"]).sum()) > 0
-    assert model.to_dict() == {"method": "frozen", "task": "classification", "num_labels": 3}
+    assert model.to_dict() == {"method": "frozen", "task": "classification", "num_labels": 3, "pool": "last"}
