@@ -22,8 +22,10 @@ import json
 import os
 import pathlib
 import random
+import sys
 
 REPO = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 
 # name -> (method, overrides of the recipe, whose QST defaults are the new ones: residual mix, wide heads, SST-2 lr
 # 2e-3): the variants measured. "qst-old" is the official layout and the old default (gated mix, the backbone's head
@@ -38,6 +40,12 @@ SST2_VARIANTS = {
     "qst-residual-1head-lr5e-3": ("qst", {"optim.lr": 5e-3}),
     "qst-gated-1head-lr2e-3": ("qst", {"side.output_mix": "gated"}),
     "qst-new": ("qst", {}),
+    "qst-input-norm": ("qst", {"side.input_norm": "backbone"}),
+    "qst-pool-mean": ("qst", {"data.pool": "mean"}),
+    "qst-pool-mean-gate2": ("qst", {"data.pool": "mean", "side.gate_init": 2.0}),
+    "qst-fan-in-lr1e-3": ("qst", {"side.init_scheme": "fan_in", "optim.lr": 1e-3}),
+    "qst-official": ("qst", {"side.head_layout": "official"}),
+    "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
     "qlora": ("qlora", {"optim.lr": 4e-4}),
 }
 LM_VARIANTS = {
@@ -83,6 +91,23 @@ def _last_window(metrics_path: str, steps: int) -> dict[str, float]:
     return result
 
 
+def _pruned_init_trainer():
+    """A Trainer whose side blocks start pruned from the backbone's (scripts/side_prune.py)."""
+    import dataclasses
+
+    from qst_jax.train.trainer import Trainer
+    from side_prune import pruned_side_layers
+
+    class PrunedInitTrainer(Trainer):
+        def _fresh_state(self):
+            state = super()._fresh_state()
+            layers, final = pruned_side_layers(self.backbone.params, self.backbone.cfg, self.model.side)
+            params = {**state.params, "layers": layers, "norm": final}
+            return dataclasses.replace(state, params=params, opt_state=self.tx.init(params))
+
+    return PrunedInitTrainer
+
+
 def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, batch: int, out_dir: str,
                 shared: dict, train_file: str | None) -> dict:
     from qst_jax.train.trainer import Trainer
@@ -101,10 +126,12 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
     else:
         config.data.eval_examples = 32
     for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    trainer = Trainer(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"), overwrite=True,
-                      log=lambda *a: None)
+        if key != "pruned":
+            section, field = key.split(".")
+            config[section][field] = value
+    trainer_class = _pruned_init_trainer() if overrides.get("pruned") else Trainer
+    trainer = trainer_class(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"),
+                            overwrite=True, log=lambda *a: None)
     shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
     summary = trainer.run()
     row = {"task": task, "variant": name, "method": method, "steps": steps, "params": summary["trainable_params"],
@@ -116,6 +143,19 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
         row["frozen"] = summary["eval_frozen"]["perplexity"]
     print(json.dumps(row), flush=True)
     return row
+
+
+def _equal_time_qlora(rows: list[dict], task: str, steps: int, batch: int, out_dir: str, shared: dict,
+                      train_file: str | None) -> list[dict]:
+    """QLoRA re-run for as many steps as fit in the new QST default's wall-clock time (its measured step times)."""
+    by_name = {r["variant"]: r for r in rows if r["task"] == task}
+    if not {"qst-new", "qlora"} <= set(by_name):
+        return []
+    budget = steps * by_name["qst-new"]["step_s"]
+    qlora_steps = max(int(budget / by_name["qlora"]["step_s"]), 1)
+    variants = SST2_VARIANTS if task == "sst2" else LM_VARIANTS
+    return [run_variant(task, "qlora-equal-time", *variants["qlora"], qlora_steps, batch, out_dir, shared,
+                        train_file)]
 
 
 def main() -> None:
@@ -138,16 +178,14 @@ def main() -> None:
         if args.steps and (not only or name in only):
             rows.append(run_variant("sst2", name, method, overrides, args.steps, args.batch, args.output, shared,
                                     train_file))
-    by_name = {r["variant"]: r for r in rows}
-    if not args.no_wallclock and {"qst-new", "qlora"} <= set(by_name):
-        budget = args.steps * by_name["qst-new"]["step_s"]
-        steps = max(int(budget / by_name["qlora"]["step_s"]), 1)
-        rows.append(run_variant("sst2", "qlora-equal-time", *SST2_VARIANTS["qlora"], steps, args.batch, args.output,
-                                shared, train_file))
+    if not args.no_wallclock:
+        rows += _equal_time_qlora(rows, "sst2", args.steps, args.batch, args.output, shared, train_file)
     if args.lm_steps:
         for name, (method, overrides) in LM_VARIANTS.items():
             if not only or name in only:
                 rows.append(run_variant("lm", name, method, overrides, args.lm_steps, 4, args.output, shared, None))
+        if not args.no_wallclock:
+            rows += _equal_time_qlora(rows, "lm", args.lm_steps, 4, args.output, shared, None)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"\n{'task':<6} {'variant':<28} {'steps':>5} {'trainable':>10} {'step s':>7} {'held-out':>9} "
