@@ -43,6 +43,7 @@ def layer_features(backbone, token_ids: list[list[int]], seq_len: int = 64, batc
     """
     from qst_jax.models.blocks import block_fn
     from qst_jax.models.decoder import embed, make_context
+    from qst_jax.methods.side_network import reader_norms
     from qst_jax.models.layers import norm, positions_from_mask
 
     cfg, params = backbone.cfg, backbone.params
@@ -52,8 +53,7 @@ def layer_features(backbone, token_ids: list[list[int]], seq_len: int = 64, batc
     def run(ids, mask):
         pos = positions_from_mask(mask)
         ctx = make_context(cfg, mask, pos, backbone.dtype)
-        nxt = jax.tree.map(lambda a, f: jnp.concatenate([a[1:], f[None]]), params["layers"]["attn_norm"],
-                           params["final_norm"])
+        _, nxt = reader_norms(params, cfg)
         last = jnp.sum(mask, 1) - 1
         weights = mask.astype(jnp.float32)[..., None]
 

@@ -246,11 +246,12 @@ def joint_pass(
     if key_mask is None:
         key_mask = token_mask
     bp = jax.lax.stop_gradient(backbone_params)
-    reader_norms = _reader_norms(bp, backbone_cfg, groups)
+    wanted = any(side.input_norm == "backbone" for side, _, _ in groups)
+    norms_after = reader_norms(bp, backbone_cfg) if wanted else None
     bctx = make_context(backbone_cfg, key_mask, positions, dtype, attention_impl, cache_index)
     backbone_block = block_fn(backbone_cfg)
     h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
-    h0_normed = h0 if reader_norms is None else norm(reader_norms[0], h0, backbone_cfg.norm_eps)
+    h0_normed = h0 if norms_after is None else norm(norms_after[0], h0, backbone_cfg.norm_eps)
 
     steps, s0s, xs_side, finals = [], [], [], []
     for side, params, stacked in groups:
@@ -290,7 +291,7 @@ def joint_pass(
 
     b_caches = None if caches is None else caches["backbone"]
     s_caches = (None,) * len(groups) if caches is None else tuple(caches["side"])
-    xs = (bp["layers"], None if reader_norms is None else reader_norms[1], b_caches, tuple(xs_side), s_caches)
+    xs = (bp["layers"], None if norms_after is None else norms_after[1], b_caches, tuple(xs_side), s_caches)
     (h_last, s_lasts), (b_caches, s_caches) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = []
@@ -301,22 +302,19 @@ def joint_pass(
     return base, outs, new_caches
 
 
-def _reader_norms(bp: Params, cfg: ModelConfig, groups: tuple[SideGroup, ...]) -> tuple[Params, Params] | None:
-    """The norms the backbone applies to h_0 and to each layer's output, for `input_norm="backbone"`.
+def reader_norms(bp: Params, cfg: ModelConfig) -> tuple[Params, Params] | None:
+    """The norms the backbone applies to h_0 and to each layer's output (what `input_norm="backbone"` reads).
 
     Returns (layer 0's input norm, the stacked norms `[L, d]` read after
     layer i: layer i+1's input norm, the final norm after the last), or None
-    when no group asks for them or the family's blocks are post-norm (their
-    states are normed already).
+    when the family's blocks are post-norm (their states are normed already).
     """
-    if all(side.input_norm == "none" for side, _, _ in groups):
-        return None
     if cfg.family == "opt" and not cfg.do_layer_norm_before:
         return None
     attn_norms = bp["layers"]["attn_norm"]
-    final = bp["final_norm"]
     first = jax.tree.map(lambda a: a[0], attn_norms)
-    after = jax.tree.map(lambda a, f: jnp.concatenate([a[1:], f[None].astype(a.dtype)]), attn_norms, final)
+    after = jax.tree.map(lambda a, f: jnp.concatenate([a[1:], f[None].astype(a.dtype)]), attn_norms,
+                         bp["final_norm"])
     return first, after
 
 
