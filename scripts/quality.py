@@ -46,7 +46,7 @@ SST2_VARIANTS = {
     "qst-fan-in-lr1e-3": ("qst", {"side.init_scheme": "fan_in", "optim.lr": 1e-3}),
     "qst-official": ("qst", {"side.head_layout": "official"}),
     "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
-    "qst-head-lr1e-2": ("qst", {"head_lr": 1e-2}),
+    "qst-head-lr1e-2": ("qst", {"optim.readout_lr": 1e-2}),
     "qlora": ("qlora", {"optim.lr": 4e-4}),
 }
 LM_VARIANTS = {
@@ -109,28 +109,6 @@ def _pruned_init_trainer():
     return PrunedInitTrainer
 
 
-def _head_lr_tx(config, steps: int, head_lr: float):
-    """The recipe's optimizer with its own peak lr for the read-out (`score`, `up`) and `optim.lr` for the rest."""
-    import jax
-    import optax
-
-    from qst_jax.train.optim import decay_mask, make_schedule
-
-    o = config.optim
-    warmup = int(o.warmup_steps or round(o.warmup_ratio * steps))
-
-    def adamw(lr: float):
-        schedule = make_schedule(o.schedule, lr, steps, warmup, o.final_lr_fraction)
-        return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: "head" if path[0].key in ("score", "up") else "side",
-                                                params)
-
-    clip = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
-    return optax.chain(*clip, optax.multi_transform({"head": adamw(head_lr), "side": adamw(o.lr)}, labels))
-
-
 def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, batch: int, out_dir: str,
                 shared: dict, train_file: str | None) -> dict:
     from qst_jax.train.trainer import Trainer
@@ -153,8 +131,7 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
             section, field = key.split(".")
             config[section][field] = value
     trainer_class = _pruned_init_trainer() if overrides.get("pruned") else Trainer
-    tx = _head_lr_tx(config, steps, overrides["head_lr"]) if "head_lr" in overrides else None
-    trainer = trainer_class(config, tx=tx, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"),
+    trainer = trainer_class(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"),
                             overwrite=True, log=lambda *a: None)
     shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
     summary = trainer.run()

@@ -30,7 +30,8 @@ SWEEP_KEYS = {
     "lr": "optim.lr", "schedule": "optim.schedule", "warmup_steps": "optim.warmup_steps",
     "warmup_ratio": "optim.warmup_ratio", "final_lr_fraction": "optim.final_lr_fraction",
     "weight_decay": "optim.weight_decay", "b1": "optim.b1", "b2": "optim.b2", "eps": "optim.eps",
-    "clip_norm": "optim.clip_norm", "seed": "train.seed", "gate_init": "side.gate_init",
+    "clip_norm": "optim.clip_norm", "readout_lr": "optim.readout_lr", "gate_lr": "optim.gate_lr",
+    "seed": "train.seed", "gate_init": "side.gate_init",
     "output_gate_init": "side.output_gate_init", "init_std": "side.init_std",
     "reduction_factor": "side.reduction_factor", "adapter_rank": "side.adapter_rank",
     "downsampler": "side.downsampler", "side_heads": "side.side_heads", "head_layout": "side.head_layout",
@@ -131,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0
+    c.optim.readout_lr = 0.0  # > 0: peak lr of the score head and QST's up-projection (0: optim.lr)
+    c.optim.gate_lr = 0.0  # > 0: peak lr of QST's gates (0: optim.lr)
 
     # A sweep: several QST side networks trained together on the same batches,
     # the backbone run once per micro-batch (qst_jax/train/sweep.py). Each key
@@ -238,7 +241,8 @@ def validate(c: Any, context: int | None = None) -> None:
     _enum(errors, "optim.schedule", c.optim.schedule, SCHEDULES)
     if not 0 <= c.optim.warmup_ratio < 1:
         errors.append(f"optim.warmup_ratio: {c.optim.warmup_ratio!r} must be in [0, 1)")
-    for key in ("optim.weight_decay", "optim.clip_norm", "optim.final_lr_fraction"):
+    for key in ("optim.weight_decay", "optim.clip_norm", "optim.final_lr_fraction", "optim.readout_lr",
+                "optim.gate_lr"):
         value = c.optim[key.split(".")[1]]
         if not math.isfinite(value) or value < 0:
             errors.append(f"{key}: {value!r} must be a finite number >= 0")
@@ -268,6 +272,8 @@ SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_
               "qlora.rank", "data.num_labels", "data.pool")
 SHAPE_KEYS += tuple(f"sweep.{k}" for k in ("mode", *SWEEP_KEYS))  # which members a sweep has
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
+# Keys that add a part to the optimizer (its state) when > 0: clipping, a parameter group's own learning rate.
+OPTIMIZER_PARTS = ("optim.clip_norm", "optim.readout_lr", "optim.gate_lr")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -284,17 +290,17 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     """`"key old -> new"` for each setting a resumed run changes.
 
     Raises:
-      ConfigError: a change of a key in SHAPE_KEYS (or switching gradient
-        clipping on or off, which changes the optimizer state), naming each.
+      ConfigError: a change of a key in SHAPE_KEYS (or switching a key of
+        OPTIMIZER_PARTS on or off, which changes the optimizer state), naming each.
     """
     defaults = _flat(base_config().to_dict())  # keys a stored config predates count as their defaults
     old, new = {**defaults, **_flat(stored)}, {**defaults, **_flat(current)}
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in NOT_COMPARED_ON_RESUME]
     described = {k: f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys}
     refused = [k for k in keys if k in SHAPE_KEYS]
-    if "optim.clip_norm" in keys and (float(old.get("optim.clip_norm") or 0) > 0) != (
-            float(new.get("optim.clip_norm") or 0) > 0):
-        refused.append("optim.clip_norm")
+    for key in OPTIMIZER_PARTS:  # on or off changes the optimizer state's structure
+        if key in keys and (float(old.get(key) or 0) > 0) != (float(new.get(key) or 0) > 0):
+            refused.append(key)
     if refused:
         raise ConfigError(
             f"--resume: {', '.join(described[k] for k in refused)}: the checkpoint's params or optimizer state "

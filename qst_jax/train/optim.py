@@ -8,6 +8,11 @@
 
 and pass `tx` to `make_train_step` / `Trainer`. Any `optax.GradientTransformation`
 works; schedules are plain `step -> lr` callables.
+
+Parameter groups: `optim.readout_lr` (the score head and QST's up-projection)
+and `optim.gate_lr` (QST's gates), when > 0, give that group its own peak
+learning rate: the same schedule scaled by `group_lr / optim.lr`, through
+`optax.multi_transform`. 0 (the default) keeps one AdamW for every param.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from qst_jax.tree import path_names
 
 SCHEDULES = ("constant", "linear", "cosine")
 NO_DECAY = ("scale", "bias", "b", "gates", "out_gate")
+# group -> (its optim key, the top-level param keys it holds); every other param is in "rest"
+PARAM_GROUPS = {"readout": ("readout_lr", ("score", "up")), "gates": ("gate_lr", ("gates", "out_gate"))}
 
 
 class OptimizerConfigError(ValueError):
@@ -55,6 +62,22 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def param_groups(params: Any) -> Any:
+    """Each leaf's group name: "readout", "gates" (PARAM_GROUPS, by top-level key) or "rest"."""
+
+    def group(path: tuple[Any, ...], _: Any) -> str:
+        top = path_names(path)[0]
+        return next((g for g, (_, keys) in PARAM_GROUPS.items() if top in keys), "rest")
+
+    return jax.tree_util.tree_map_with_path(group, params)
+
+
+def group_lrs(optim: Any) -> dict[str, float]:
+    """The groups given their own peak learning rate (`optim.<group>_lr` > 0), by group name."""
+    rates = {g: float(getattr(optim, key, 0.0) or 0.0) for g, (key, _) in PARAM_GROUPS.items()}
+    return {g: lr for g, lr in rates.items() if lr > 0}
+
+
 def make_optimizer(optim: Any, total_steps: int, schedule: Callable[[Any], Any] | None = None):
     """AdamW + clipping from an `optim` config section.
 
@@ -62,18 +85,35 @@ def make_optimizer(optim: Any, total_steps: int, schedule: Callable[[Any], Any] 
       optim: has `lr`, `schedule`, `warmup_steps` (or `warmup_ratio`),
         `final_lr_fraction`, `weight_decay`, `b1`, `b2`, `eps`, `clip_norm`.
       total_steps: optimizer steps of the run (for decaying schedules).
-      schedule: your own `step -> lr`; overrides the configured one.
+      schedule: your own `step -> lr`; overrides the configured one. A
+        group with its own rate (`readout_lr`, `gate_lr`) follows it scaled
+        by `group_lr / optim.lr`.
 
     Returns:
-      (optax.GradientTransformation, the schedule).
+      (optax.GradientTransformation, the schedule of the "rest" group). The
+      clipping is over the global norm of every group's gradient together.
     """
     warmup = int(optim.warmup_steps or round(optim.warmup_ratio * total_steps))
     if schedule is None:
         schedule = make_schedule(optim.schedule, optim.lr, total_steps, warmup, optim.final_lr_fraction)
+
+    def adamw(sched: Callable[[Any], Any]) -> optax.GradientTransformation:
+        return optax.adamw(sched, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                           mask=decay_mask)
+
     parts = []
     if optim.clip_norm and optim.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))
-    parts.append(
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
-    )
+    own = group_lrs(optim)
+    if own:
+        scaled = {g: _scaled(schedule, lr / optim.lr) for g, lr in own.items()}
+        parts.append(optax.multi_transform({"rest": adamw(schedule), **{g: adamw(s) for g, s in scaled.items()}},
+                                           lambda params: jax.tree.map(lambda g: g if g in own else "rest",
+                                                                       param_groups(params))))
+    else:
+        parts.append(adamw(schedule))
     return optax.chain(*parts), schedule
+
+
+def _scaled(schedule: Callable[[Any], Any], factor: float) -> Callable[[Any], Any]:
+    return lambda step: schedule(step) * factor
