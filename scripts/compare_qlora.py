@@ -25,12 +25,15 @@ def load_config(path: str):
 
 
 def compare(config_path: str, steps: int, output_root: str, eval_examples: int | None = None, log=print,
-            qlora_steps: int | None = None):
-    """Rows of held-out perplexity for QST then QLoRA (`qlora_steps` defaults to `steps`)."""
+            qlora_steps: int | None = None, backbone=None, tokenizer=None):
+    """Rows of held-out perplexity for QST then QLoRA (`qlora_steps` defaults to `steps`).
+
+    `backbone` and `tokenizer`, when given, are the loaded `config.model.path`
+    (else it is loaded once for both runs).
+    """
     from qst_jax.train.trainer import Trainer
 
     rows = []
-    backbone = tokenizer = None
     for method in ("qst", "qlora"):
         config = load_config(config_path)
         config.method = method
