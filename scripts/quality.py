@@ -47,6 +47,7 @@ SST2_VARIANTS = {
     "qst-official": ("qst", {"side.head_layout": "official"}),
     "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
     "qst-head-lr1e-2": ("qst", {"optim.readout_lr": 1e-2}),
+    "qst-gate-lr2e-2": ("qst", {"optim.gate_lr": 2e-2}),
     "qlora": ("qlora", {"optim.lr": 4e-4}),
 }
 LM_VARIANTS = {

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.files import write_atomic, write_json_atomic
 from qst_jax.methods.base import Method
 from qst_jax.methods.build import head_task, model_from_dict
 from qst_jax.models.config import ModelConfig
@@ -42,12 +43,6 @@ def backbone_fingerprint(cfg: ModelConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_side(directory: str, model: Method, params: Any, backbone_cfg: ModelConfig,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes `side.safetensors` and `qst_config.json` (each atomically); returns the record written."""
@@ -62,13 +57,8 @@ def export_side(directory: str, model: Method, params: Any, backbone_cfg: ModelC
         **(extra or {}),
     }
     flat = {key: np.asarray(leaf, np.float32) for key, leaf in flatten(params).items()}
-    _write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(flat, p, metadata={"format": "qst_jax"}))
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(info, f, indent=2, default=str)
-
-    _write_atomic(os.path.join(directory, CONFIG_FILE), write_json)
+    write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(flat, p, metadata={"format": "qst_jax"}))
+    write_json_atomic(os.path.join(directory, CONFIG_FILE), info, indent=2, default=str)
     return info
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 
+from qst_jax.files import write_atomic
 from qst_jax.quant.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_TABLE, NF4Weight, QuantizationError
 
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
@@ -218,13 +219,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> Non
             flat.update(to_bnb_tensors(key.removesuffix(".weight"), value))
         else:
             flat[key] = np.ascontiguousarray(np.asarray(value))
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
-        save_file(flat, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import os
 import shutil
 from typing import Any
 
+from qst_jax.files import write_text_atomic
+
 RUN_FILES = ("side.safetensors", "qst_config.json", "metrics.jsonl", "summary.json", "loss.png")
 RUN_FOLDERS = ("checkpoints", "tb")
 LOCK_FILE = ".lock"
@@ -125,10 +127,7 @@ class RunDirectory:
         with open(path) as f:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] <= step]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
         shutil.rmtree(os.path.join(self.path, "tb"), ignore_errors=True)
         if kept:
             from tensorboardX import SummaryWriter

@@ -35,6 +35,7 @@ from qst_jax.data.examples import pad_id
 from qst_jax.data.specs import build_examples, resolve_model_path
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, make_eval_step, mmlu
+from qst_jax.files import write_json_atomic
 from qst_jax.methods import FrozenModel, build_model, export_side
 from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
 from qst_jax.tree import count_params
@@ -382,8 +383,7 @@ class Trainer:
             return
         self.export(state, params)
         plot_loss_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "loss.png"))
-        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary, indent=2)
         self.log(f"wrote {self.output_dir}/{self.export_files}, summary.json, metrics.jsonl, loss.png, tb/")
 
     export_files = "side.safetensors, qst_config.json"
