@@ -53,6 +53,8 @@ SST2_VARIANTS = {
 LM_VARIANTS = {
     "qst-old": ("qst", {"side.output_mix": "gated", "side.head_layout": "official"}),
     "qst-new": ("qst", {}),
+    "qst-official": ("qst", {"side.head_layout": "official"}),
+    "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
     "qlora": ("qlora", {}),
 }
 
