@@ -41,13 +41,11 @@ def layer_features(backbone, token_ids: list[list[int]], seq_len: int = 64, batc
     next (the last layer's: the final norm), as the side network's
     `input_norm="backbone"` reads it. Rows are cut to `seq_len` tokens.
     """
-    from qst_jax.models.blocks import block_fn
-    from qst_jax.models.decoder import embed, make_context
     from qst_jax.methods.side_network import reader_norms
+    from qst_jax.models.decoder import embed, make_context, scan_layers
     from qst_jax.models.layers import norm, positions_from_mask
 
     cfg, params = backbone.cfg, backbone.params
-    block = block_fn(cfg)
 
     @jax.jit
     def run(ids, mask):
@@ -57,15 +55,13 @@ def layer_features(backbone, token_ids: list[list[int]], seq_len: int = 64, batc
         last = jnp.sum(mask, 1) - 1
         weights = mask.astype(jnp.float32)[..., None]
 
-        def body(h, xs):
-            layer, after = xs
-            h, _ = block(layer, h, cfg, ctx, None)
-            normed = norm(after, h, cfg.norm_eps).astype(jnp.float32)
+        def pooled(i, h):
+            normed = norm(jax.tree.map(lambda a: a[i], nxt), h, cfg.norm_eps).astype(jnp.float32)
             at_last = jnp.take_along_axis(normed, last[:, None, None], 1)[:, 0]
-            return h, (at_last, jnp.sum(normed * weights, 1) / jnp.sum(weights, 1))
+            return at_last, jnp.sum(normed * weights, 1) / jnp.sum(weights, 1)
 
-        _, out = jax.lax.scan(body, embed(params, cfg, ids, pos, mask, backbone.dtype), (params["layers"], nxt))
-        return out
+        h0 = embed(params, cfg, ids, pos, mask, backbone.dtype)
+        return scan_layers(params["layers"], h0, cfg, ctx, collect=pooled)[2]
 
     lasts, means = [], []
     for start in range(0, len(token_ids), batch):

@@ -79,26 +79,33 @@ def scan_layers(
     *,
     remat: bool = False,
     caches: Params | None = None,
-) -> tuple[jax.Array, Params | None]:
+    collect: Callable[[jax.Array, jax.Array], Any] | None = None,
+) -> tuple[jax.Array, Params | None] | tuple[jax.Array, Params | None, Any]:
     """Runs the stacked layers.
 
     Args:
       remat: recompute each layer in the backward pass (only matters when
         something differentiates through the layers, as QLoRA does).
       caches: stacked KV caches `{"k","v"}` `[L, B, S, K, H]` (decoding).
+      collect: `(i, h_i) -> pytree`, called on layer i's output (i from 0, a
+        traced int32) inside the scan; what it returns comes back stacked on
+        a leading `[L]` axis (per-layer diagnostics without a second loop).
 
     Returns:
-      (h_L, updated caches or None).
+      (h_L, updated caches or None); with `collect`, also its stacked results.
     """
     block = block_fn(cfg)
     if remat:
         block = jax.checkpoint(block, static_argnums=(2,))
 
-    def body(carry: jax.Array, xs: tuple[Params, Params | None]):
-        layer, kv = xs
-        return block(layer, carry, cfg, ctx, kv)
+    def body(carry: jax.Array, xs: tuple[Params, Params | None, jax.Array]):
+        layer, kv, index = xs
+        out, kv = block(layer, carry, cfg, ctx, kv)
+        return out, (kv, None if collect is None else collect(index, out))
 
-    return jax.lax.scan(body, h, (layers, caches))
+    indices = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
+    h, (caches, collected) = jax.lax.scan(body, h, (layers, caches, indices))
+    return (h, caches) if collect is None else (h, caches, collected)
 
 
 def final_norm(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:

@@ -85,6 +85,28 @@ def test_forward_with_caches_equals_the_uncached_pass(testdata):
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), np.asarray(full), atol=2e-4, rtol=2e-4)
 
 
+def test_scan_layers_collects_each_layer_output(testdata):
+    """`collect` sees layer i's output with its index; the last one is the state the final norm reads."""
+    from qst_jax.models.decoder import embed, final_norm, make_context, scan_layers
+    from qst_jax.models.layers import positions_from_mask
+
+    backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
+    cfg, params = backbone.cfg, backbone.params
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 3, cfg.vocab_size)
+    mask = jnp.ones(ids.shape, jnp.int32)
+    pos = positions_from_mask(mask)
+    ctx = make_context(cfg, mask, pos, jnp.float32)
+    h0 = embed(params, cfg, ids, pos, mask, jnp.float32)
+    plain = scan_layers(params["layers"], h0, cfg, ctx)
+    h_last, caches, (index, states) = scan_layers(params["layers"], h0, cfg, ctx, collect=lambda i, h: (i, h))
+    assert len(plain) == 2 and caches is None
+    assert index.tolist() == list(range(cfg.num_layers)) and states.shape == (cfg.num_layers, 2, 6, cfg.hidden_size)
+    np.testing.assert_array_equal(states[-1], h_last)
+    np.testing.assert_array_equal(h_last, plain[0])
+    full, _ = forward(params, cfg, ids, dtype=jnp.float32)
+    np.testing.assert_allclose(final_norm(params, cfg, states[-1]), full, atol=1e-5, rtol=1e-5)
+
+
 def test_logical_axes_cover_every_weight(testdata):
     backbone = load_backbone(testdata / "tiny-llama-nf4")
     axes = backbone.axes
