@@ -1,6 +1,7 @@
 """Linear probes of every backbone layer on SST-2: how much sentiment each frozen state holds.
 
     python scripts/probe_layers.py [--train-rows 4000] [--every 3]
+    python scripts/probe_layers.py --seq-len 96 --template $'Review: {sentence}\nIs the sentiment of this review positive or negative? Answer:'
 
 Runs the packaged SmolLM2-135M-Instruct (NF4) once over a fixed slice of the
 SST-2 train split (the slice `scripts/quality.py` trains on, seed 0) and the
@@ -9,6 +10,8 @@ applies next (the last token's and the mean over real tokens), and fits an
 L2-regularised logistic regression (L-BFGS, standardised features) per layer.
 Prints dev accuracy per layer and pooling: the ceiling of a linear read-out
 of one frozen state, for comparison with QST and QLoRA (docs/quality.md).
+`--template` writes each row into a prompt first (rows are cut to
+`--seq-len` tokens from the end, so keep the prompt's tail inside it).
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=4000, help="train rows probed (the slice's first)")
     parser.add_argument("--every", type=int, default=3, help="probe every n-th layer (and the last)")
     parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--template", default="{sentence}",
+                        help="how each row is written, {sentence} its text (e.g. a task prompt)")
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--output", default="runs/probe")
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
@@ -121,8 +127,9 @@ def main() -> None:
     dev_texts, dev_labels = _rows(str(REPO / "data" / "glue" / "sst2" / "dev.tsv"))
     path = resolve_model_path("smollm2")
     backbone, tokenizer = load_backbone(path), load_tokenizer(path)
-    train_last, train_mean = layer_features(backbone, [tokenizer.encode(t) for t in texts])
-    dev_last, dev_mean = layer_features(backbone, [tokenizer.encode(t) for t in dev_texts])
+    encode = lambda t: tokenizer.encode(args.template.format(sentence=t))  # noqa: E731
+    train_last, train_mean = layer_features(backbone, [encode(t) for t in texts], args.seq_len)
+    dev_last, dev_mean = layer_features(backbone, [encode(t) for t in dev_texts], args.seq_len)
     layers = backbone.cfg.num_layers
     print(f"{'layer':>5} {'last token':>10} {'mean':>6}   (SST-2 dev accuracy, {len(texts)} train rows, l2 {args.l2})")
     for i in range(layers):

@@ -49,6 +49,7 @@ SST2_VARIANTS = {
     "qst-head-lr1e-2": ("qst", {"optim.readout_lr": 1e-2}),
     "qst-gate-lr2e-2": ("qst", {"optim.gate_lr": 2e-2}),
     "qlora": ("qlora", {"optim.lr": 4e-4}),
+    "qlora-last3": ("qlora", {"optim.lr": 4e-4, "lora_last_layers": 3}),  # LoRA in the last 3 layers only
 }
 LM_VARIANTS = {
     "qst-old": ("qst", {"side.output_mix": "gated", "side.head_layout": "official"}),
@@ -56,6 +57,10 @@ LM_VARIANTS = {
     "qst-official": ("qst", {"side.head_layout": "official"}),
     "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
     "qlora": ("qlora", {}),
+    # LoRA updates only in the backbone's last n layers (B stays zero below): how deep must adaptation reach?
+    "qlora-last1": ("qlora", {"lora_last_layers": 1}),
+    "qlora-last3": ("qlora", {"lora_last_layers": 3}),
+    "qlora-last10": ("qlora", {"lora_last_layers": 10}),
 }
 
 
@@ -112,6 +117,30 @@ def _pruned_init_trainer():
     return PrunedInitTrainer
 
 
+def _only_last_layers(count: int):
+    """An optax transformation that zeroes the LoRA updates of every layer but the last `count`.
+
+    LoRA's B starts at zero, so the layers below keep the frozen backbone's
+    weights: LoRA on the last `count` layers only (the rest still runs and
+    is backpropagated through).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def update(updates, state, params=None):
+        def keep(path, u):
+            if "lora" not in [getattr(p, "key", None) for p in path]:
+                return u
+            layers = u.shape[0]
+            mask = (jnp.arange(layers) >= layers - count).astype(u.dtype)
+            return u * mask.reshape((-1,) + (1,) * (u.ndim - 1))
+
+        return jax.tree_util.tree_map_with_path(keep, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, batch: int, out_dir: str,
                 shared: dict, train_file: str | None) -> dict:
     from qst_jax.train.trainer import Trainer
@@ -134,8 +163,16 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
             section, field = key.split(".")
             config[section][field] = value
     trainer_class = _pruned_init_trainer() if overrides.get("pruned") else Trainer
-    trainer = trainer_class(config, backbone=shared.get("backbone"), tokenizer=shared.get("tokenizer"),
-                            overwrite=True, log=lambda *a: None)
+    tx = schedule = None
+    if overrides.get("lora_last_layers"):
+        import optax
+
+        from qst_jax.train.optim import make_optimizer
+
+        tx, schedule = make_optimizer(config.optim, steps)
+        tx = optax.chain(tx, _only_last_layers(overrides["lora_last_layers"]))
+    trainer = trainer_class(config, tx=tx, schedule=schedule, backbone=shared.get("backbone"),
+                            tokenizer=shared.get("tokenizer"), overwrite=True, log=lambda *a: None)
     shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
     summary = trainer.run()
     row = {"task": task, "variant": name, "method": method, "steps": steps, "params": summary["trainable_params"],
