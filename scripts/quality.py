@@ -46,6 +46,8 @@ SST2_VARIANTS = {
     "qst-fan-in-lr1e-3": ("qst", {"side.init_scheme": "fan_in", "optim.lr": 1e-3}),
     "qst-official": ("qst", {"side.head_layout": "official"}),
     "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
+    # + linear downsamplers that start by picking the pruned dims of each h_i
+    "qst-pruned-select": ("qst", {"side.head_layout": "official", "side.downsampler": "linear", "pruned": True}),
     "qst-head-lr1e-2": ("qst", {"optim.readout_lr": 1e-2}),
     "qst-gate-lr2e-2": ("qst", {"optim.gate_lr": 2e-2}),
     "qlora": ("qlora", {"optim.lr": 4e-4}),
@@ -56,6 +58,7 @@ LM_VARIANTS = {
     "qst-new": ("qst", {}),
     "qst-official": ("qst", {"side.head_layout": "official"}),
     "qst-pruned-official": ("qst", {"side.head_layout": "official", "pruned": True}),
+    "qst-pruned-select": ("qst", {"side.head_layout": "official", "side.downsampler": "linear", "pruned": True}),
     "qlora": ("qlora", {}),
     # LoRA updates only in the backbone's last n layers (B stays zero below): how deep must adaptation reach?
     "qlora-last1": ("qlora", {"lora_last_layers": 1}),
@@ -105,13 +108,17 @@ def _pruned_init_trainer():
     import dataclasses
 
     from qst_jax.train.trainer import Trainer
-    from side_prune import pruned_side_layers
+    from side_prune import pruned_dims, pruned_side_layers, selecting_downsamplers
 
     class PrunedInitTrainer(Trainer):
         def _fresh_state(self):
             state = super()._fresh_state()
-            layers, final = pruned_side_layers(self.backbone.params, self.backbone.cfg, self.model.side)
+            cfg, side = self.backbone.cfg, self.model.side
+            layers, final = pruned_side_layers(self.backbone.params, cfg, side)
             params = {**state.params, "layers": layers, "norm": final}
+            if side.downsampler == "linear":  # D_i picks the pruned dims: the side stream starts as h_i's
+                dims = pruned_dims(self.backbone.params, final["scale"].shape[0])
+                params["down"] = selecting_downsamplers(dims, cfg.num_layers, cfg.hidden_size)
             return dataclasses.replace(state, params=params, opt_state=self.tx.init(params))
 
     return PrunedInitTrainer

@@ -16,7 +16,10 @@ Each side block i is backbone block i cut down to the side's widths:
   MLP units    per layer, the I/r units with the largest
                |gate row| * |up row| * |down column|.
 Norm scales are the backbone's at S. Downsamplers, gates and Up keep their
-random (or zero) init. LLaMA family only.
+random (or zero) init; `selecting_downsamplers` gives `linear` downsamplers
+that start by picking S of each h_i, so the side stream starts in the space
+its pruned blocks were cut for (`quality.py --only qst-pruned-select`).
+LLaMA family only.
 """
 
 from __future__ import annotations
@@ -44,6 +47,30 @@ def _head_rows(heads: list[int], backbone_dim: int, side_dim: int) -> np.ndarray
     return np.array([h * backbone_dim + j for h in heads for j in within])
 
 
+def _dense_weights(backbone_params: Params) -> dict[str, np.ndarray]:
+    layers = backbone_params["layers"]
+    return {name: _dense(layers[mod][name]["w"]) for mod, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+            for name in names}
+
+
+def pruned_dims(backbone_params: Params, width: int, weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """S: the `width` hidden dims with the largest input-weight norms over every layer, in order."""
+    w = _dense_weights(backbone_params) if weights is None else weights
+    layers = backbone_params["layers"]
+    attn_scale = np.asarray(layers["attn_norm"]["scale"], np.float32)
+    mlp_scale = np.asarray(layers["mlp_norm"]["scale"], np.float32)
+    importance = (np.linalg.norm(w["q"], axis=1) + np.linalg.norm(w["k"], axis=1) + np.linalg.norm(w["v"], axis=1)) \
+        * np.abs(attn_scale) + (np.linalg.norm(w["gate"], axis=1) + np.linalg.norm(w["up"], axis=1)) * np.abs(mlp_scale)
+    return np.sort(np.argsort(-importance.sum(0))[:width])
+
+
+def selecting_downsamplers(dims: np.ndarray, num_layers: int, hidden_size: int) -> Params:
+    """`linear` downsampler params `{w [L, |S|, d]}` that pick the dims S of every h_i (one-hot rows)."""
+    w = np.zeros((num_layers, len(dims), hidden_size), np.float32)
+    w[:, np.arange(len(dims)), dims] = 1.0
+    return {"w": jnp.asarray(w)}
+
+
 def pruned_side_layers(backbone_params: Params, cfg: ModelConfig, side: SideConfig) -> tuple[Params, Params]:
     """The side blocks (stacked `[L, ...]`, float32) and the side final norm pruned from the backbone.
 
@@ -56,14 +83,11 @@ def pruned_side_layers(backbone_params: Params, cfg: ModelConfig, side: SideConf
     if cfg.head_dim % scfg.head_dim or scfg.head_dim % 2:
         raise ConfigError(f"side.init_scheme 'pruned' needs the side head_dim ({scfg.head_dim}) to divide the "
                           f"backbone's ({cfg.head_dim}); try side.head_layout=official")
+    w = _dense_weights(backbone_params)
     layers = backbone_params["layers"]
-    w = {name: _dense(layers[mod][name]["w"]) for mod, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
-         for name in names}
     attn_scale = np.asarray(layers["attn_norm"]["scale"], np.float32)
     mlp_scale = np.asarray(layers["mlp_norm"]["scale"], np.float32)
-    importance = (np.linalg.norm(w["q"], axis=1) + np.linalg.norm(w["k"], axis=1) + np.linalg.norm(w["v"], axis=1)) \
-        * np.abs(attn_scale) + (np.linalg.norm(w["gate"], axis=1) + np.linalg.norm(w["up"], axis=1)) * np.abs(mlp_scale)
-    dims = np.sort(np.argsort(-importance.sum(0))[:scfg.hidden_size])
+    dims = pruned_dims(backbone_params, scfg.hidden_size, w)
     q_heads = [int(round(x)) for x in np.linspace(0, cfg.num_heads - 1, scfg.num_heads)] \
         if scfg.num_heads < cfg.num_heads else list(range(cfg.num_heads))
     group = cfg.num_heads // cfg.num_kv_heads

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qst_jax.methods.side_config import SideConfig, side_model_config
-from qst_jax.methods.side_network import init_side_params
+from qst_jax.methods.side_network import downsample, init_side_params
 from qst_jax.models import load_backbone
 from qst_jax.models.config import ConfigError
 from qst_jax.models.layers import rope_cos_sin
@@ -21,11 +21,15 @@ from qst_jax.quant.nf4 import NF4Weight
 REPO = pathlib.Path(__file__).parents[1]
 
 
-def pruned_side_layers(*args):
+def _module():
     spec = importlib.util.spec_from_file_location("side_prune", REPO / "scripts" / "side_prune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.pruned_side_layers(*args)
+    return module
+
+
+def pruned_side_layers(*args):
+    return _module().pruned_side_layers(*args)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,22 @@ def test_pruning_is_refused_where_heads_cannot_map(backbone):
     opt = dataclasses.replace(backbone.cfg, family="opt")
     with pytest.raises(ConfigError, match="needs a LLaMA-family backbone, not 'opt'"):
         pruned_side_layers(backbone.params, opt, SideConfig(reduction_factor=4, head_layout="official"))
+
+
+def test_the_selecting_downsamplers_pick_the_pruned_dims(backbone):
+    module = _module()
+    side = SideConfig(reduction_factor=4, head_layout="official", downsampler="linear")
+    cfg = backbone.cfg
+    width = side_model_config(cfg, side).hidden_size
+    dims = module.pruned_dims(backbone.params, width)
+    layers, final = module.pruned_side_layers(backbone.params, cfg, side)
+    np.testing.assert_array_equal(np.asarray(final["scale"]),
+                                  np.asarray(backbone.params["final_norm"]["scale"])[dims])
+    np.testing.assert_array_equal(np.asarray(layers["attn_norm"]["scale"]),
+                                  np.asarray(backbone.params["layers"]["attn_norm"]["scale"])[:, dims])
+    down = module.selecting_downsamplers(dims, cfg.num_layers, cfg.hidden_size)
+    assert down["w"].shape == (cfg.num_layers, width, cfg.hidden_size)
+    h = jax.random.normal(jax.random.PRNGKey(1), (2, 5, cfg.hidden_size))
+    for i in range(cfg.num_layers):
+        picked = downsample(jax.tree.map(lambda x: x[i], down), h, side, width)
+        np.testing.assert_array_equal(np.asarray(picked), np.asarray(h)[..., dims])
