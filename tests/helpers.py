@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import types
+
 import numpy as np
 import optax
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def script(name: str) -> types.ModuleType:
+    """`scripts/<name>.py` loaded as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def adamw(lr: float) -> optax.GradientTransformation:

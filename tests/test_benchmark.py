@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import numpy as np
 
 from qst_jax.models.random_init import llama2_config, random_nf4, random_params
 from qst_jax.quant import NF4Weight
-
-REPO = pathlib.Path(__file__).parents[1]
+from tests.helpers import script
 
 
 def test_random_nf4_is_valid():
@@ -23,9 +20,7 @@ def test_random_nf4_is_valid():
 
 
 def test_benchmark_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("benchmark")
     out = tmp_path / "bench.jsonl"
     records = module.main(["--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
                            "--methods", "forward,qst:adapter,qst:maxpool", "--out", str(out)])
@@ -46,9 +41,7 @@ def test_random_backbone_layout_matches_loader():
 
 def test_kernel_benchmark_tiny_interpret(capsys):
     """The fused-kernel benchmark runs (interpret mode on CPU) and its two paths agree."""
-    spec = importlib.util.spec_from_file_location("kernel_benchmark", REPO / "scripts" / "kernel_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("kernel_benchmark")
     records = module.main(["--shape", "tiny", "--interpret", "--tokens", "4", "--steps", "1", "--skip-forward"])
     assert [(r["layer"], r["path"]) for r in records] == [
         (layer, path) for layer in ("q", "gate", "down") for path in ("reference", "fused")

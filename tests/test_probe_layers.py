@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 
 from qst_jax.models import load_backbone
 from qst_jax.models.decoder import forward
-
-REPO = pathlib.Path(__file__).parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("probe_layers", REPO / "scripts" / "probe_layers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import script
 
 
 def test_last_layer_features_are_the_backbones_final_states(testdata):
     backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
     rows = [[5, 9, 13, 2, 7], [11, 4], [3, 8, 6]]
-    last, mean = _module().layer_features(backbone, rows, seq_len=8, batch=2)
+    last, mean = script("probe_layers").layer_features(backbone, rows, seq_len=8, batch=2)
     layers, d = backbone.cfg.num_layers, backbone.cfg.hidden_size
     assert last.shape == mean.shape == (layers, 3, d)
     for i, ids in enumerate(rows):
@@ -34,7 +24,7 @@ def test_last_layer_features_are_the_backbones_final_states(testdata):
 
 
 def test_probe_separates_what_is_separable_and_not_noise():
-    probe = _module().probe_accuracy
+    probe = script("probe_layers").probe_accuracy
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 8))
     y = (x[:, 2] - 0.5 * x[:, 5] > 0).astype(int)

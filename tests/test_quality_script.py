@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("quality", REPO / "scripts" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import script
 
 
 def test_only_the_last_layers_lora_updates_pass():
-    mask = _module()._only_last_layers(2)
+    mask = script("quality")._only_last_layers(2)
     updates = {
         "lora": {"attn": {"q": {"a": jnp.ones((5, 3, 4)), "b": jnp.full((5, 4, 3), 2.0)}}},
         "score": {"w": jnp.full((2, 4), 3.0)},

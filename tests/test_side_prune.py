@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +15,11 @@ from qst_jax.models import load_backbone
 from qst_jax.models.config import ConfigError
 from qst_jax.models.layers import rope_cos_sin
 from qst_jax.quant.nf4 import NF4Weight
-
-REPO = pathlib.Path(__file__).parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("side_prune", REPO / "scripts" / "side_prune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import script
 
 
 def pruned_side_layers(*args):
-    return _module().pruned_side_layers(*args)
+    return script("side_prune").pruned_side_layers(*args)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def test_pruning_is_refused_where_heads_cannot_map(backbone):
 
 
 def test_the_selecting_downsamplers_pick_the_pruned_dims(backbone):
-    module = _module()
+    module = script("side_prune")
     side = SideConfig(reduction_factor=4, head_layout="official", downsampler="linear")
     cfg = backbone.cfg
     width = side_model_config(cfg, side).hidden_size

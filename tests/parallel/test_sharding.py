@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.helpers import script
+
 HERE = pathlib.Path(__file__).parent
 
 
@@ -61,15 +63,11 @@ def test_fsdp_side_state_is_split(result):
 
 
 def test_memory_plan_splits_the_backbone():
-    import importlib.util
-
     import jax
 
-    spec = importlib.util.spec_from_file_location("memory_plan", HERE.parents[1] / "scripts" / "memory_plan.py")
-    plan = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plan)
     from qst_jax.models.random_init import llama2_config, random_params
 
+    plan = script("memory_plan")
     params = jax.eval_shape(lambda k: random_params(llama2_config("70b"), k), jax.random.PRNGKey(0))
     one = plan.backbone_bytes_per_device(params, plan._Sizes(1, 1, 1))
     eight = plan.backbone_bytes_per_device(params, plan._Sizes(1, 8, 1))
@@ -80,15 +78,11 @@ def test_memory_plan_splits_the_backbone():
 @pytest.mark.slow
 def test_two_processes_train_and_checkpoint(testdata, tmp_path):
     """Two jax.distributed processes on localhost (CPU, gloo), side state split between them (fsdp)."""
-    import importlib.util
-
     from tests.helpers import TEXT, tiny_model_dir
 
     model_dir = tiny_model_dir(testdata, tmp_path)
     (tmp_path / "train.txt").write_text(TEXT * 30)
-    spec = importlib.util.spec_from_file_location("two_process", HERE.parents[1] / "scripts" / "two_process_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("two_process_train")
     out = tmp_path / "out"
     code = module.main(["--model", str(model_dir), "--data", str(tmp_path / "train.txt"), "--seq-len", "32",
                         "--side", "fsdp", "--out", str(out)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
@@ -11,16 +10,10 @@ import jax
 import pytest
 
 from qst_jax.data.offline import MissingPackageError
+from tests.helpers import script
 
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).parents[2]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def smollm2():
 def test_qst_lowers_held_out_perplexity_and_qlora_is_printed(smollm2, tmp_path):
     backbone, tokenizer = smollm2
     # QLoRA's steps cost about 3x QST's on CPU; 8 of them already beat the frozen backbone.
-    rows = _script("compare_qlora").compare(str(REPO / "configs" / "default.py"), steps=24,
+    rows = script("compare_qlora").compare(str(REPO / "configs" / "default.py"), steps=24,
                                             output_root=str(tmp_path), eval_examples=16, qlora_steps=8,
                                             backbone=backbone, tokenizer=tokenizer)
     qst, qlora = rows
