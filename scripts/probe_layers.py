@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--template", default="{sentence}",
                         help="how each row is written, {sentence} its text (e.g. a task prompt)")
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens kept per row (its first)")
     parser.add_argument("--output", default="runs/probe")
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
