@@ -10,8 +10,8 @@ applies next (the last token's and the mean over real tokens), and fits an
 L2-regularised logistic regression (L-BFGS, standardised features) per layer.
 Prints dev accuracy per layer and pooling: the ceiling of a linear read-out
 of one frozen state, for comparison with QST and QLoRA (docs/quality.md).
-`--template` writes each row into a prompt first (rows are cut to
-`--seq-len` tokens from the end, so keep the prompt's tail inside it).
+`--template` writes each row into a prompt first; each row keeps its first
+`--seq-len` tokens, so a prompt that ends the row must fit inside them.
 """
 
 from __future__ import annotations
