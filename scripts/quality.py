@@ -108,16 +108,17 @@ def _pruned_init_trainer():
     import dataclasses
 
     from qst_jax.train.trainer import Trainer
-    from side_prune import pruned_dims, pruned_side_layers, selecting_downsamplers
+    from side_prune import dense_weights, pruned_dims, pruned_side_layers, selecting_downsamplers
 
     class PrunedInitTrainer(Trainer):
         def _fresh_state(self):
             state = super()._fresh_state()
             cfg, side = self.backbone.cfg, self.model.side
-            layers, final = pruned_side_layers(self.backbone.params, cfg, side)
+            weights = dense_weights(self.backbone.params)  # dequantized once, for both
+            layers, final = pruned_side_layers(self.backbone.params, cfg, side, weights)
             params = {**state.params, "layers": layers, "norm": final}
             if side.downsampler == "linear":  # D_i picks the pruned dims: the side stream starts as h_i's
-                dims = pruned_dims(self.backbone.params, final["scale"].shape[0])
+                dims = pruned_dims(self.backbone.params, final["scale"].shape[0], weights)
                 params["down"] = selecting_downsamplers(dims, cfg.num_layers, cfg.hidden_size)
             return dataclasses.replace(state, params=params, opt_state=self.tx.init(params))
 

@@ -47,7 +47,8 @@ def _head_rows(heads: list[int], backbone_dim: int, side_dim: int) -> np.ndarray
     return np.array([h * backbone_dim + j for h in heads for j in within])
 
 
-def _dense_weights(backbone_params: Params) -> dict[str, np.ndarray]:
+def dense_weights(backbone_params: Params) -> dict[str, np.ndarray]:
+    """Every layer's q, k, v, o, gate, up, down weights, dequantized: `{name: float32 [L, out, in]}`."""
     layers = backbone_params["layers"]
     return {name: _dense(layers[mod][name]["w"]) for mod, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
             for name in names}
@@ -55,7 +56,7 @@ def _dense_weights(backbone_params: Params) -> dict[str, np.ndarray]:
 
 def pruned_dims(backbone_params: Params, width: int, weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """S: the `width` hidden dims with the largest input-weight norms over every layer, in order."""
-    w = _dense_weights(backbone_params) if weights is None else weights
+    w = dense_weights(backbone_params) if weights is None else weights
     layers = backbone_params["layers"]
     attn_scale = np.asarray(layers["attn_norm"]["scale"], np.float32)
     mlp_scale = np.asarray(layers["mlp_norm"]["scale"], np.float32)
@@ -71,8 +72,11 @@ def selecting_downsamplers(dims: np.ndarray, num_layers: int, hidden_size: int) 
     return {"w": jnp.asarray(w)}
 
 
-def pruned_side_layers(backbone_params: Params, cfg: ModelConfig, side: SideConfig) -> tuple[Params, Params]:
+def pruned_side_layers(backbone_params: Params, cfg: ModelConfig, side: SideConfig,
+                       weights: dict[str, np.ndarray] | None = None) -> tuple[Params, Params]:
     """The side blocks (stacked `[L, ...]`, float32) and the side final norm pruned from the backbone.
+
+    `weights` (from `dense_weights`) saves dequantizing the backbone again when the caller has them.
 
     Raises:
       ConfigError: a non-LLaMA backbone, or a side head_dim that does not divide the backbone's.
@@ -83,7 +87,7 @@ def pruned_side_layers(backbone_params: Params, cfg: ModelConfig, side: SideConf
     if cfg.head_dim % scfg.head_dim or scfg.head_dim % 2:
         raise ConfigError(f"side.init_scheme 'pruned' needs the side head_dim ({scfg.head_dim}) to divide the "
                           f"backbone's ({cfg.head_dim}); try side.head_layout=official")
-    w = _dense_weights(backbone_params)
+    w = dense_weights(backbone_params) if weights is None else weights
     layers = backbone_params["layers"]
     attn_scale = np.asarray(layers["attn_norm"]["scale"], np.float32)
     mlp_scale = np.asarray(layers["mlp_norm"]["scale"], np.float32)

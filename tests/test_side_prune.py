@@ -69,6 +69,10 @@ def test_the_selecting_downsamplers_pick_the_pruned_dims(backbone):
     width = side_model_config(cfg, side).hidden_size
     dims = module.pruned_dims(backbone.params, width)
     layers, final = module.pruned_side_layers(backbone.params, cfg, side)
+    weights = module.dense_weights(backbone.params)  # dequantized once and passed in: the same result
+    np.testing.assert_array_equal(module.pruned_dims(backbone.params, width, weights), dims)
+    jax.tree.map(np.testing.assert_array_equal, module.pruned_side_layers(backbone.params, cfg, side, weights),
+                 (layers, final))
     np.testing.assert_array_equal(np.asarray(final["scale"]),
                                   np.asarray(backbone.params["final_norm"]["scale"])[dims])
     np.testing.assert_array_equal(np.asarray(layers["attn_norm"]["scale"]),
