@@ -96,3 +96,54 @@ def test_bad_readout_settings_are_refused():
         SideConfig(input_norm="rms")
     with pytest.raises(ConfigError, match=r"pool 'max' is not one of \('last', 'mean'\)"):
         SideConfig(pool="max")
+
+
+def _layer_means(backbone, ids, mask):
+    """m_i `[L, B, d]`: each layer's output through the backbone's next norm, averaged over the real tokens."""
+    cfg, bp = backbone.cfg, backbone.params
+    pos = positions_from_mask(mask)
+    bctx = make_context(cfg, mask, pos, jnp.float32)
+    h = embed(bp, cfg, ids, pos, mask, jnp.float32)
+    w = np.asarray(mask, np.float32)[..., None]
+    means = []
+    for i in range(cfg.num_layers):
+        h, _ = block_fn(cfg)(jax.tree.map(lambda x: x[i], bp["layers"]), h, cfg, bctx, None)
+        after = jax.tree.map(lambda x: x[i + 1], bp["layers"]["attn_norm"]) if i + 1 < cfg.num_layers \
+            else bp["final_norm"]
+        means.append((np.asarray(norm(after, h, cfg.norm_eps)) * w).sum(1) / w.sum(1))
+    return np.stack(means)
+
+
+def test_layer_readout_adds_every_layers_mean_state_to_each_token(backbone):
+    side = SideConfig(reduction_factor=8, task="classification", layer_readout=True)
+    plain_side = SideConfig(reduction_factor=8, task="classification")
+    params = QSTModel(backbone.cfg, side).init(jax.random.PRNGKey(0))
+    assert params["layer_read"]["scale"].shape == (backbone.cfg.num_layers, backbone.cfg.hidden_size)
+    plain_params = {k: v for k, v in params.items() if k != "layer_read"}
+    ids = jnp.asarray(lm_batch()["input_ids"][0])
+    mask = jnp.ones_like(ids).at[1, :3].set(0)  # the second row left-padded: its pads are not averaged
+    run = lambda p, s: qst_pass(p, backbone.params, backbone.cfg, s, ids, mask, dtype=jnp.float32)[0]  # noqa
+    plain = np.asarray(run(plain_params, plain_side))
+    np.testing.assert_array_equal(np.asarray(run(params, side)), plain)  # D_i = 0: no change at init
+    params["layer_read"]["scale"] = jax.random.normal(jax.random.PRNGKey(2), params["layer_read"]["scale"].shape)
+    read = np.einsum("lbd,ld->bd", _layer_means(backbone, ids, mask), np.asarray(params["layer_read"]["scale"]))
+    np.testing.assert_allclose(np.asarray(run(params, side)) - plain, np.broadcast_to(read[:, None], plain.shape),
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_layer_readout_is_trained(backbone):
+    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8, task="classification", layer_readout=True))
+    params = model.init(jax.random.PRNGKey(0))
+    ids = jnp.asarray(lm_batch()["input_ids"][0])
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": jnp.array([0, 1]),
+             "example_mask": jnp.ones((2,), jnp.float32)}
+    grads = jax.grad(lambda p: model.loss(p, backbone.params, batch)[0])(params)
+    assert float(jnp.max(jnp.abs(grads["layer_read"]["scale"]))) > 0
+    rebuilt = model_from_dict(model.to_dict(), backbone.cfg)
+    assert rebuilt == model and rebuilt.side.layer_readout
+
+
+def test_layer_readout_needs_a_classification_head():
+    with pytest.raises(ConfigError, match=r"^side.layer_readout needs task 'classification' \(it pools over the "
+                                          r"whole row\)$"):
+        SideConfig(layer_readout=True)
