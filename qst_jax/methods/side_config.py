@@ -54,12 +54,6 @@ class SideConfig:
         `init_std`) or "fan_in" (each side-block and downsampler linear drawn
         with std 1 / sqrt(its input width), so narrow side blocks start as
         working layers rather than near-identities).
-      layer_readout: classification only: o also gets, at every token,
-        sum_i D_i * m_i, where m_i `[d]` is the mean over the row's real
-        tokens of backbone layer i's state through the backbone's next norm
-        (what `input_norm="backbone"` reads) and D_i `[d]` (params
-        `layer_read.scale [L, d]`) start at zero, so the score head also
-        reads every layer's pooled state linearly (docs/quality.md).
     """
 
     reduction_factor: int = 16
@@ -76,7 +70,6 @@ class SideConfig:
     pool: str = "last"
     init_std: float = 0.02
     init_scheme: str = "fixed"
-    layer_readout: bool = False
 
     def __post_init__(self) -> None:
         if self.downsampler not in DOWNSAMPLERS:
@@ -95,8 +88,6 @@ class SideConfig:
             raise ConfigError(f"pool {self.pool!r} is not one of {POOLS}")
         if self.reduction_factor < 1 or self.adapter_rank < 1:
             raise ConfigError("side.reduction_factor and side.adapter_rank must be positive")
-        if self.layer_readout and self.task != "classification":
-            raise ConfigError("side.layer_readout needs task 'classification' (it pools over the whole row)")
         if self.task == "classification" and self.num_labels < 1:
             raise ConfigError("side.num_labels must be >= 1 (1 means regression)")
 

@@ -11,7 +11,6 @@ Side params (float32 master copy, cast to the compute dtype inside the step):
   up:       {w [d, d/r], b [d]} (zeros at init with the "residual" mix)
   out_gate: [d] output gate logit z_out ("gated" mix only)
   score:    {w [num_labels, d]} (classification only)
-  layer_read: {scale [L, d]} zeros at init (`layer_readout` only)
 
 The forward pass runs backbone layer i and side layer i in one `lax.scan`
 step. The backbone runs under `stop_gradient` and its params are never
@@ -94,8 +93,6 @@ def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) ->
         params["up"]["w"] = jnp.zeros((d, w), jnp.float32)
     if side.task == "classification":
         params["score"] = {"w": _normal(keys[4], (side.num_labels, d), side.init_std)}
-    if side.layer_readout:
-        params["layer_read"] = {"scale": jnp.zeros((n, d), jnp.float32)}
     return params
 
 
@@ -249,11 +246,8 @@ def joint_pass(
     if key_mask is None:
         key_mask = token_mask
     bp = jax.lax.stop_gradient(backbone_params)
-    pool_layers = any(side.layer_readout for side, _, _ in groups)
-    wanted = pool_layers or any(side.input_norm == "backbone" for side, _, _ in groups)
+    wanted = any(side.input_norm == "backbone" for side, _, _ in groups)
     norms_after = reader_norms(bp, backbone_cfg) if wanted else None
-    weights = token_mask.astype(jnp.float32)[..., None]
-    count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     bctx = make_context(backbone_cfg, key_mask, positions, dtype, attention_impl, cache_index)
     backbone_block = block_fn(backbone_cfg)
     h0 = jax.lax.stop_gradient(embed(bp, backbone_cfg, input_ids, positions, token_mask, dtype))
@@ -293,17 +287,16 @@ def joint_pass(
             s, kv = step(layer, down, gate, h_normed if side.input_norm == "backbone" else h, s, kv)
             out_states.append(s)
             out_kvs.append(kv)
-        mean = jnp.sum(h_normed.astype(jnp.float32) * weights, axis=1) / count if pool_layers else None
-        return (h, tuple(out_states)), (b_kv, tuple(out_kvs), mean)
+        return (h, tuple(out_states)), (b_kv, tuple(out_kvs))
 
     b_caches = None if caches is None else caches["backbone"]
     s_caches = (None,) * len(groups) if caches is None else tuple(caches["side"])
     xs = (bp["layers"], None if norms_after is None else norms_after[1], b_caches, tuple(xs_side), s_caches)
-    (h_last, s_lasts), (b_caches, s_caches, layer_means) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
+    (h_last, s_lasts), (b_caches, s_caches) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = []
     for (side, scfg, sp, params, stacked), s_last in zip(finals, s_lasts):
-        mix = functools.partial(_mix, side, scfg, base, layer_means, dtype)
+        mix = functools.partial(_mix, side, scfg, base, dtype)
         outs.append(jax.vmap(mix)(sp, params, s_last) if stacked else mix(sp, params, s_last))
     new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
     return base, outs, new_caches
@@ -335,17 +328,10 @@ def _side_step(down_fn, side_block, scfg: ModelConfig, sctx: Any, dtype: Any):
     return step
 
 
-def _mix(side: SideConfig, scfg: ModelConfig, base: jax.Array, layer_means: jax.Array | None, dtype: Any,
-         sp: Params, params: Params, s_last: jax.Array) -> jax.Array:
-    """o from the backbone's final state `base` and one member's last side state.
-
-    With `side.layer_readout`, sum_i D_i * m_i (`layer_means` `[L, B, d]`,
-    float32, summed in float32) is added to the side output at every token.
-    """
+def _mix(side: SideConfig, scfg: ModelConfig, base: jax.Array, dtype: Any, sp: Params, params: Params,
+         s_last: jax.Array) -> jax.Array:
+    """o from the backbone's final state `base` and one member's last side state."""
     side_out = linear(norm(sp["norm"], s_last, scfg.norm_eps), sp["up"]["w"], sp["up"]["b"])
-    if side.layer_readout:
-        read = jnp.einsum("lbd,ld->bd", layer_means, params["layer_read"]["scale"].astype(jnp.float32))
-        side_out = side_out + read[:, None, :].astype(side_out.dtype)
     if side.output_mix == "residual":
         return base + side_out
     a = jax.nn.sigmoid(params["out_gate"].astype(jnp.float32)).astype(dtype)

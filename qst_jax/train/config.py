@@ -36,7 +36,7 @@ SWEEP_KEYS = {
     "reduction_factor": "side.reduction_factor", "adapter_rank": "side.adapter_rank",
     "downsampler": "side.downsampler", "side_heads": "side.side_heads", "head_layout": "side.head_layout",
     "output_mix": "side.output_mix", "input_norm": "side.input_norm", "init_scheme": "side.init_scheme",
-    "layer_readout": "side.layer_readout", "pool": "data.pool",
+    "pool": "data.pool",
 }
 
 
@@ -64,7 +64,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.input_norm = "none"  # "backbone": D_i reads h_i through the backbone's next norm; "none": raw h_i
     c.side.init_std = 0.02
     c.side.init_scheme = "fixed"  # "fan_in": side linears drawn with std 1/sqrt(input width); "fixed": init_std
-    c.side.layer_readout = False  # classification: the score also reads every layer's mean state (zero-init D_i)
     c.side.remat = False  # recompute side blocks in the backward pass
     c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
 
@@ -133,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0
-    c.optim.readout_lr = 0.0  # > 0: peak lr of the score head, QST's up-projection and layer read-out (0: optim.lr)
+    c.optim.readout_lr = 0.0  # > 0: peak lr of the score head and QST's up-projection (0: optim.lr)
     c.optim.gate_lr = 0.0  # > 0: peak lr of QST's gates (0: optim.lr)
 
     # A sweep: several QST side networks trained together on the same batches,
@@ -207,9 +206,6 @@ def validate(c: Any, context: int | None = None) -> None:
     errors: list[str] = []
     _enum(errors, "method", c.method, TRAINABLE_METHODS)
     _enum(errors, "task", c.task, DATA_TASKS)
-    if c.side.layer_readout and c.task != "classification":
-        errors.append("side.layer_readout: reads a pooled score, so it needs task='classification' "
-                      f"(task is {c.task!r})")
     if c.method == "frozen" and c.task != "classification":
         errors.append("method: 'frozen' trains only a score head, so it needs task='classification' (a linear probe)")
     for key in ("model.path", "data.train"):
@@ -273,7 +269,7 @@ def validate(c: Any, context: int | None = None) -> None:
 # Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.
 SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
               "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "side.input_norm",
-              "side.layer_readout", "qlora.rank", "data.num_labels", "data.pool")
+              "qlora.rank", "data.num_labels", "data.pool")
 SHAPE_KEYS += tuple(f"sweep.{k}" for k in ("mode", *SWEEP_KEYS))  # which members a sweep has
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
 # Keys that add a part to the optimizer (its state) when > 0: clipping, a parameter group's own learning rate.

@@ -9,7 +9,7 @@
 and pass `tx` to `make_train_step` / `Trainer`. Any `optax.GradientTransformation`
 works; schedules are plain `step -> lr` callables.
 
-Parameter groups: `optim.readout_lr` (the score head, QST's up-projection and layer read-out)
+Parameter groups: `optim.readout_lr` (the score head and QST's up-projection)
 and `optim.gate_lr` (QST's gates), when > 0, give that group its own peak
 learning rate: the same schedule scaled by `group_lr / optim.lr`, through
 `optax.multi_transform`. 0 (the default) keeps one AdamW for every param.
@@ -28,7 +28,7 @@ from qst_jax.tree import path_names
 SCHEDULES = ("constant", "linear", "cosine")
 NO_DECAY = ("scale", "bias", "b", "gates", "out_gate")
 # group -> (its optim key, the top-level param keys it holds); every other param is in "rest"
-PARAM_GROUPS = {"readout": ("readout_lr", ("score", "up", "layer_read")), "gates": ("gate_lr", ("gates", "out_gate"))}
+PARAM_GROUPS = {"readout": ("readout_lr", ("score", "up")), "gates": ("gate_lr", ("gates", "out_gate"))}
 
 
 class OptimizerConfigError(ValueError):

@@ -78,11 +78,8 @@ def _parse(key: str, text: str, like: Any) -> list[Any]:
         if not item:
             raise ConfigError(f"bad config:\n  sweep.{key}: {text!r} has an empty value")
         try:
-            if isinstance(like, bool):
-                values.append({"true": True, "1": True, "false": False, "0": False}[item.lower()])
-            else:
-                values.append(float(item) if isinstance(like, float) else type(like)(item))
-        except (ValueError, KeyError):
+            values.append(type(like)(item) if not isinstance(like, bool | float) else float(item))
+        except ValueError:
             raise ConfigError(f"bad config:\n  sweep.{key}: {item!r} is not a {type(like).__name__}") from None
     return values
 
