@@ -9,7 +9,9 @@ whole dev split, keeps each layer's state through the norm the backbone
 applies next (the last token's and the mean over real tokens), and fits an
 L2-regularised logistic regression (L-BFGS, standardised features) per layer.
 Prints dev accuracy per layer and pooling: the ceiling of a linear read-out
-of one frozen state, for comparison with QST and QLoRA (docs/quality.md).
+of one frozen state, for comparison with QST and QLoRA (docs/quality.md);
+then one probe of every layer's states side by side (2 x L x d features):
+what a linear read-out of all the frozen states reaches.
 `--template` writes each row into a prompt first; each row keeps its first
 `--seq-len` tokens, so a prompt that ends the row must fit inside them.
 """
@@ -80,6 +82,11 @@ def layer_features(backbone, token_ids: list[list[int]], seq_len: int = 64, batc
     return np.concatenate(lasts, 1), np.concatenate(means, 1)
 
 
+def every_layer(last: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """`[N, 2 * L * d]`: each row's last-token and mean states of every layer (`[L, N, d]` each), side by side."""
+    return np.concatenate([np.moveaxis(x, 0, 1).reshape(x.shape[1], -1) for x in (last, mean)], axis=1)
+
+
 def probe_accuracy(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndarray, l2: float = 1e-1,
                    iterations: int = 300) -> float:
     """Dev accuracy of an L2-regularised logistic regression on standardised features (L-BFGS)."""
@@ -137,6 +144,9 @@ def main() -> None:
             acc_last = probe_accuracy(train_last[i], labels, dev_last[i], dev_labels, args.l2)
             acc_mean = probe_accuracy(train_mean[i], labels, dev_mean[i], dev_labels, args.l2)
             print(f"{i + 1:>5} {100 * acc_last:>10.1f} {100 * acc_mean:>6.1f}", flush=True)
+    both = probe_accuracy(every_layer(train_last, train_mean), labels, every_layer(dev_last, dev_mean), dev_labels,
+                          args.l2)
+    print(f"every layer's last-token and mean states in one probe: {100 * both:.1f}")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,11 @@ def test_probe_separates_what_is_separable_and_not_noise():
     assert probe(x[:300], y[:300], x[300:], y[300:], l2=1e-3, iterations=50) > 0.95
     noise = rng.integers(0, 2, 400)
     assert probe(x[:300], noise[:300], x[300:], noise[300:], l2=1e-3, iterations=50) < 0.65
+
+
+def test_every_layer_puts_each_rows_states_side_by_side():
+    last = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [L, N, d]
+    mean = -last
+    both = script("probe_layers").every_layer(last, mean)
+    assert both.shape == (3, 16)
+    np.testing.assert_array_equal(both[1], np.concatenate([last[0, 1], last[1, 1], mean[0, 1], mean[1, 1]]))
