@@ -16,12 +16,10 @@ import math
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from qst_jax.models.random_init import llama2_config, random_params
-from qst_jax.parallel.sharding import DEFAULT_RULES, fit_spec, mesh_axes_of
-from qst_jax.models.axes import axes_for
-from qst_jax.tree import path_names
-from qst_jax.quant.nf4 import NF4Weight
+from qst_jax.parallel.sharding import backbone_specs
 from qst_jax.methods.side_config import SideConfig
 from qst_jax.methods.side_network import init_side_params
 
@@ -34,23 +32,11 @@ class _Sizes:
 
 
 def backbone_bytes_per_device(params, sizes: _Sizes) -> int:
-    total = 0
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, NF4Weight))
-    for path, leaf in flat:
-        names = path_names(path)
-        if isinstance(leaf, NF4Weight):
-            lead = len(leaf.lead_shape)
-            axes = mesh_axes_of(axes_for(names, lead + 2), DEFAULT_RULES)
-            spec_axes = [()] * lead + [axes[lead] + axes[lead + 1], ()]
-            for array in (leaf.packed, leaf.absmax):
-                total += _sharded_bytes(array, fit_spec(spec_axes, array.shape, sizes), sizes)
-            for array in (leaf.nested_absmax, leaf.offset):
-                if array is not None:
-                    total += int(np.prod(array.shape)) * array.dtype.itemsize
-        else:
-            spec = fit_spec(mesh_axes_of(axes_for(names, len(leaf.shape)), DEFAULT_RULES), leaf.shape, sizes)
-            total += _sharded_bytes(leaf, spec, sizes)
-    return total
+    """Bytes of `params` (arrays or shape structs) on one device, sharded as `backbone_specs` says."""
+    specs = backbone_specs(params, sizes)
+    per_leaf = jax.tree.map(lambda spec, leaf: _sharded_bytes(leaf, spec, sizes), specs, params,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sum(jax.tree_util.tree_leaves(per_leaf))
 
 
 def _sharded_bytes(array, spec, sizes: _Sizes) -> int:

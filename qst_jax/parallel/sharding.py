@@ -75,27 +75,34 @@ def fit_spec(spec_axes: list[tuple[str, ...]], shape: tuple[int, ...], mesh: Mes
     return PartitionSpec(*parts)
 
 
-def backbone_shardings(params: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for a backbone param tree (NF4Weight leaves included)."""
+def backbone_specs(params: Any, mesh: Any, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> Any:
+    """PartitionSpecs for a backbone param tree, from the rule table; `mesh` needs only `.shape`.
+
+    An NF4Weight leaf gets an NF4Weight of specs: `packed` and `absmax`
+    split by rows (the in-axis's mesh axes move onto `out`), the nested
+    absmax and offset (a few floats) replicated. Works on arrays and on
+    `jax.ShapeDtypeStruct`s alike (`scripts/memory_plan.py`).
+    """
 
     def one(path: tuple[Any, ...], leaf: Any) -> Any:
         names = path_names(path)
         if isinstance(leaf, NF4Weight):
             lead = len(leaf.lead_shape)
             axes = mesh_axes_of(axes_for(names, lead + 2), rules)
-            rows = axes[lead] + axes[lead + 1]  # the in-axis's mesh axes move onto `out`
-            row_spec = [()] * lead + [rows, ()]
-            packed = NamedSharding(mesh, fit_spec(row_spec, leaf.packed.shape, mesh))
-            absmax = NamedSharding(mesh, fit_spec(row_spec, leaf.absmax.shape, mesh))
-            replicated = NamedSharding(mesh, PartitionSpec())
-            nested = None if leaf.nested_absmax is None else replicated
-            offset = None if leaf.offset is None else replicated
-            return NF4Weight(packed, absmax, nested, offset, shape=leaf.shape, blocksize=leaf.blocksize,
-                             dtype=leaf.dtype)
-        axes = mesh_axes_of(axes_for(names, len(leaf.shape)), rules)
-        return NamedSharding(mesh, fit_spec(axes, leaf.shape, mesh))
+            row_spec = [()] * lead + [axes[lead] + axes[lead + 1], ()]
+            nested = None if leaf.nested_absmax is None else PartitionSpec()
+            offset = None if leaf.offset is None else PartitionSpec()
+            return NF4Weight(fit_spec(row_spec, leaf.packed.shape, mesh), fit_spec(row_spec, leaf.absmax.shape, mesh),
+                             nested, offset, shape=leaf.shape, blocksize=leaf.blocksize, dtype=leaf.dtype)
+        return fit_spec(mesh_axes_of(axes_for(names, len(leaf.shape)), rules), leaf.shape, mesh)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, NF4Weight))
+
+
+def backbone_shardings(params: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a backbone param tree (NF4Weight leaves included): `backbone_specs` on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), backbone_specs(params, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def replicated(tree: Any, mesh: Mesh) -> Any:
