@@ -136,9 +136,11 @@ def _only_last_layers(count: int):
     import jax.numpy as jnp
     import optax
 
+    from qst_jax.tree import path_names
+
     def update(updates, state, params=None):
         def keep(path, u):
-            if "lora" not in [getattr(p, "key", None) for p in path]:
+            if "lora" not in path_names(path):
                 return u
             layers = u.shape[0]
             mask = (jnp.arange(layers) >= layers - count).astype(u.dtype)
