@@ -15,6 +15,7 @@ def get_config():
     c = base_config()
     c.task = "chat"
     c.model.path = ""  # required: a local 70B model
+    c.model.shape = "llama2-70b"  # what `--plan h100` compiles while model.path is unset
     c.data.train = ""  # required: chat records
     c.data.eval = ""
     c.data.seq_len = 512
@@ -25,7 +26,6 @@ def get_config():
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
     c.train.output_dir = "runs/chat_70b"
-    c.side.remat = True
     c.optim.lr = 1e-4
     c.optim.schedule = "constant"
     c.optim.warmup_ratio = 0.03

@@ -4,12 +4,33 @@ Importing any part of qst_jax sets the offline defaults once, here: nothing
 reaches a model or dataset hub (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`), and
 transformers stays quiet about the frameworks it does not find. A value the
 user already set is kept.
+
+A CUDA plugin installed for compiling to a GPU on a machine without one
+(`scripts/setup.sh aot`, `qst-train --plan`) would make jax try CUDA at every
+start and log a traceback before it falls back to the CPU: on a machine with
+no NVIDIA driver, `JAX_PLATFORMS` defaults to "cpu" (the deviceless compile
+works under it).
 """
 
+import importlib.util
 import os
 
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 for _name, _value in OFFLINE_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
+
+
+
+def _cuda_plugin_without_driver() -> bool:
+    plugins = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
+    try:
+        installed = any(importlib.util.find_spec(name) is not None for name in plugins)
+    except ImportError:  # no jax_plugins namespace at all
+        installed = False
+    return installed and not os.path.exists("/proc/driver/nvidia/version")
+
+
+if "JAX_PLATFORMS" not in os.environ and _cuda_plugin_without_driver():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 __version__ = "0.1.0"

@@ -50,6 +50,10 @@ SST2_VARIANTS = {
     "qst-pruned-select": ("qst", {"side.head_layout": "official", "side.downsampler": "linear", "pruned": True}),
     "qst-head-lr1e-2": ("qst", {"optim.readout_lr": 1e-2}),
     "qst-gate-lr2e-2": ("qst", {"optim.gate_lr": 2e-2}),
+    # what the backward keeps (issue 23): the old default (bf16 states, no side remat) against the lean one
+    # (fp8 states, side remat), each over init seeds 0-2
+    **{f"qst-{store}-s{seed}": ("qst", {"side.hidden_store": store, "side.remat": store == "fp8", "train.seed": seed})
+       for store in ("compute", "fp8") for seed in range(3)},
     "qlora": ("qlora", {"optim.lr": 4e-4}),
     "qlora-last3": ("qlora", {"optim.lr": 4e-4, "lora_last_layers": 3}),  # LoRA in the last 3 layers only
 }

@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
+import qst_jax  # noqa: E402,F401  (before jax starts: no CUDA attempt where only the compile plugin is installed)
+
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 
 

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).parents[1] / "qst_jax"
 
 # Which rooms each room may import (besides itself and the package root). Downward only:
-# {tree, files} <- quant <- models <- methods <- {eval, generate} <- train <- cli; data and parallel beside them.
+# {tree, files} <- quant <- models <- methods <- {eval, generate} <- train <- aot <- cli; data and parallel beside them.
 BOTTOM = {"tree", "files"}
 ALLOWED = {
     "tree": set(),
@@ -23,7 +23,8 @@ ALLOWED = {
     "eval": {"data", "methods", "models", "quant"} | BOTTOM,
     "generate": {"data", "methods", "models", "quant"} | BOTTOM,
     "train": {"data", "eval", "methods", "models", "parallel", "quant"} | BOTTOM,
-    "cli": {"data", "eval", "generate", "methods", "models", "parallel", "quant", "train"} | BOTTOM,
+    "aot": {"data", "eval", "generate", "methods", "models", "parallel", "quant", "train"} | BOTTOM,
+    "cli": {"aot", "data", "eval", "generate", "methods", "models", "parallel", "quant", "train"} | BOTTOM,
 }
 METHOD_CLASSES = {"QSTModel", "QLoRAModel", "FrozenModel"}
 

@@ -1,4 +1,4 @@
-"""`qst-train --config configs/X.py [--config.train.lr=...] [--resume | --overwrite]`.
+"""`qst-train --config configs/X.py [--config.train.lr=...] [--resume | --overwrite | --plan h100]`.
 
 Trains a QST side network (or the QLoRA baseline) as the config says; see
 README for the configs, data formats and the outputs of a run.
@@ -13,6 +13,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in train.output_dir from its newest intact checkpoint")
+_PLAN = flags.DEFINE_string("plan", None, "compile the run's train step for this GPU (t4, l4, a100-40, a100-80, h100, "
+                             "h200) without one, print its memory, flops and a roofline estimate, and exit")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete the run in train.output_dir first, then start over")
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str]) -> int:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    if _PLAN.value:
+        return _plan(config, _PLAN.value)
     try:
         trainer = Trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
         summary = trainer.run()
@@ -97,6 +101,27 @@ def main(argv: list[str]) -> int:
             f"held-out perplexity: frozen backbone {frozen['perplexity']:.2f} -> "
             f"{summary['method']} {after['perplexity']:.2f} after {summary['steps']} steps"
         )
+    return 0
+
+
+def _plan(config, name: str) -> int:
+    """`--plan NAME`: the compiled step's figures for one GPU; nothing is loaded, nothing written."""
+    from qst_jax.aot.targets import AotUnavailable, target
+    from qst_jax.models import ConfigError
+    from qst_jax.train.config import validate
+
+    try:
+        target(name)
+        validate(config, planning=True)
+        from qst_jax.aot.plan import plan_run
+
+        report, notes = plan_run(config, name)
+    except (AotUnavailable, ConfigError, ValueError) as err:
+        print(f"qst-train: error: {err}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(note)
+    print(report.lines())
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from qst_jax.models import loops
 
 
 def shift_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -126,7 +127,7 @@ def chunked_lm_loss(
     def body(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (flat_h, flat_t, flat_w))
+    total, _ = loops.scan(body, jnp.zeros((), jnp.float32), (flat_h, flat_t, flat_w))
     return total, jnp.sum(weights)
 
 

@@ -40,9 +40,9 @@ class QSTModel(TaskHeads):
     side: SideConfig
     dtype: Any = jnp.bfloat16
     ce_chunk: int = 1024
-    remat_side: bool = False
+    remat_side: bool = True
     attention_impl: str | None = None
-    hidden_store: str = "compute"
+    hidden_store: str = "fp8"
 
     @property
     def task(self) -> str:

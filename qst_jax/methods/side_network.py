@@ -35,6 +35,7 @@ from qst_jax.models.loader import layer_specs
 from qst_jax.quant.matmul import linear
 from qst_jax.methods.side_config import SideConfig, side_model_config
 from qst_jax.tree import set_path
+from qst_jax.models import loops
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], std: float | None) -> jax.Array:
@@ -195,6 +196,12 @@ def qst_pass(
 
 
 SideGroup = tuple[SideConfig, Params, bool]
+_PER_LAYER = ("down", "gates", "layers")  # side params stacked on the layer axis, scanned over
+
+
+def _cast_inputs(fn, dtype: Any):
+    """`fn(p, *args)` with its params `p` cast to the compute dtype first."""
+    return lambda p, *args: fn(cast_params(p, dtype), *args)
 
 
 def _layer_major(tree: Params) -> Params:
@@ -215,8 +222,8 @@ def joint_pass(
     cache_index: jax.Array | None = None,
     dtype: Any = jnp.bfloat16,
     attention_impl: str | None = None,
-    remat_side: bool = False,
-    hidden_store: str = "compute",
+    remat_side: bool = True,
+    hidden_store: str = "fp8",
 ) -> tuple[jax.Array, list[jax.Array], Params | None]:
     """One backbone pass feeding any number of side networks.
 
@@ -257,16 +264,17 @@ def joint_pass(
     for side, params, stacked in groups:
         read = h0_normed if side.input_norm == "backbone" else h0
         scfg = side_model_config(backbone_cfg, side)
-        sp = cast_params(params, dtype)
-        down_fn = make_downsampler(side, scfg.hidden_size, hidden_store)
+        # The per-layer params stay float32 into the scan and are cast one layer at a time inside its step, so
+        # no bf16 copy of every layer's side weights lives across the pass (70B: 0.6 GiB).
+        sp = cast_params({k: v for k, v in params.items() if k not in _PER_LAYER}, dtype)
+        down_fn = _cast_inputs(make_downsampler(side, scfg.hidden_size, hidden_store), dtype)
         side_step = _side_step(down_fn, block_fn(scfg), scfg, make_context(scfg, key_mask, positions, dtype,
-                                                                         attention_impl, cache_index), dtype)
-        if remat_side:
-            side_step = jax.checkpoint(side_step)
-        first = jax.tree.map(lambda x: x[:, 0] if stacked else x[0], sp["down"])
-        per_layer = (sp["down"], sp["gates"], sp["layers"])
+                                                                         attention_impl, cache_index), dtype,
+                               remat_side)
+        first = jax.tree.map(lambda x: x[:, 0] if stacked else x[0], params["down"])
+        per_layer = tuple(params[k] for k in _PER_LAYER)
         if stacked:
-            k = sp["gates"].shape[0]
+            k = params["gates"].shape[0]
             side_step = jax.vmap(side_step, in_axes=(0, 0, 0, None, 0, 0), axis_size=k)
             s0s.append(jax.vmap(down_fn, in_axes=(0, None), axis_size=k)(first, read))
             per_layer = _layer_major(per_layer)
@@ -292,7 +300,7 @@ def joint_pass(
     b_caches = None if caches is None else caches["backbone"]
     s_caches = (None,) * len(groups) if caches is None else tuple(caches["side"])
     xs = (bp["layers"], None if norms_after is None else norms_after[1], b_caches, tuple(xs_side), s_caches)
-    (h_last, s_lasts), (b_caches, s_caches) = jax.lax.scan(body, (h0, tuple(s0s)), xs)
+    (h_last, s_lasts), (b_caches, s_caches) = loops.scan(body, (h0, tuple(s0s)), xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = []
     for (side, scfg, sp, params, stacked), s_last in zip(finals, s_lasts):
@@ -318,12 +326,25 @@ def reader_norms(bp: Params, cfg: ModelConfig) -> tuple[Params, Params] | None:
     return first, after
 
 
-def _side_step(down_fn, side_block, scfg: ModelConfig, sctx: Any, dtype: Any):
-    """Side layer i: s_i = f_i((1 - b_i) * D_i(h_i) + b_i * s_{i-1}), b_i = sigmoid(z_i)."""
+def _side_step(down_fn, side_block, scfg: ModelConfig, sctx: Any, dtype: Any, remat: bool = False):
+    """Side layer i: s_i = f_i((1 - b_i) * D_i(h_i) + b_i * s_{i-1}), b_i = sigmoid(z_i).
+
+    With `remat`, the gate mix and the block f_i are recomputed in the
+    backward pass, so what layer i keeps for it is its side-width inputs
+    (D_i(h_i), s_{i-1}). The downsampler D_i stays outside that boundary: it
+    keeps what `make_downsampler`'s store says (h_i in bf16 or fp8 for a
+    trainable one, nothing for pooling), never a second copy of h_i.
+    """
+
+    def mixed_block(layer: Params, gate: jax.Array, x: jax.Array, s: jax.Array, kv: Params | None):
+        b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
+        return side_block(cast_params(layer, dtype), (1 - b) * x + b * s, scfg, sctx, kv)
+
+    if remat:
+        mixed_block = jax.checkpoint(mixed_block)
 
     def step(layer: Params, down: Params, gate: jax.Array, h: jax.Array, s: jax.Array, kv: Params | None):
-        b = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)
-        return side_block(layer, (1 - b) * down_fn(down, h) + b * s, scfg, sctx, kv)
+        return mixed_block(layer, gate, down_fn(down, h), s, kv)
 
     return step
 

@@ -63,9 +63,9 @@ class SideSet:
     members: tuple[SideConfig, ...]
     dtype: Any = jnp.bfloat16
     ce_chunk: int = 1024
-    remat_side: bool = False
+    remat_side: bool = True
     attention_impl: str | None = None
-    hidden_store: str = "compute"
+    hidden_store: str = "fp8"
 
     def __post_init__(self) -> None:
         if not self.members:

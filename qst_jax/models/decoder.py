@@ -26,6 +26,7 @@ from qst_jax.models.blocks import BlockContext, block_fn
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params, attention_mask_4d, norm, positions_from_mask, rope_cos_sin
 from qst_jax.quant.matmul import linear, matmul
+from qst_jax.models import loops
 
 OPT_POSITION_OFFSET = 2
 
@@ -104,7 +105,7 @@ def scan_layers(
         return out, (kv, None if collect is None else collect(index, out))
 
     indices = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
-    h, (caches, collected) = jax.lax.scan(body, h, (layers, caches, indices))
+    h, (caches, collected) = loops.scan(body, h, (layers, caches, indices))
     return (h, caches) if collect is None else (h, caches, collected)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from qst_jax.models.config import ModelConfig
 from qst_jax.quant.matmul import linear
+from qst_jax.models import loops
 
 Params = dict[str, Any]
 
@@ -165,5 +166,49 @@ def attention(
         key = jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start)
         value = jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start)
         kv = {"k": key, "v": value}
-    out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=h**-0.5, implementation=implementation)
+    out = chunked_attention(q, key, value, mask, h**-0.5, implementation)
     return linear(out.reshape(b, t, n * h), p["o"]["w"], p["o"].get("b")), kv
+
+
+SCORE_BLOCK = 1 << 24
+"""Most elements of one `[B, N, T_chunk, S]` block of attention scores (64 MiB in float32)."""
+
+
+def query_chunk(batch: int, heads: int, queries: int, keys: int) -> int:
+    """Queries per block so that one block of scores holds at most `SCORE_BLOCK` elements.
+
+    Halves T while it is even and above 16; T itself when the whole score
+    tensor fits (every short or cached pass).
+    """
+    chunk = queries
+    while batch * heads * chunk * keys > SCORE_BLOCK and chunk % 2 == 0 and chunk > 16:
+        chunk //= 2
+    return chunk
+
+
+def chunked_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, scale: float,
+                      implementation: str | None) -> jax.Array:
+    """`jax.nn.dot_product_attention` over blocks of queries, one block at a time.
+
+    Each query's softmax reads only its own row of scores, so a block gives
+    exactly the rows the whole would, while the float32 scores, their bf16
+    copy and the broadcast mask exist for one block of queries at a time
+    (7B at 16 x 512: 64 MiB instead of 512 MiB). cuDNN's fused attention
+    never materialises the scores, so it runs whole.
+
+    Args:
+      q: `[B, T, N, H]`; key, value: `[B, S, K, H]`; mask: boolean `[B, 1, T, S]`.
+
+    Returns:
+      `[B, T, N, H]`.
+    """
+    b, t, n, h = q.shape
+    chunk = query_chunk(b, n, t, key.shape[1])
+    if chunk == t or implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, key, value, mask=mask, scale=scale, implementation=implementation)
+    blocks = t // chunk
+    q_blocks = jnp.moveaxis(q.reshape(b, blocks, chunk, n, h), 1, 0)
+    m_blocks = jnp.moveaxis(mask.reshape(*mask.shape[:2], blocks, chunk, mask.shape[-1]), 2, 0)
+    out = loops.map(lambda qm: jax.nn.dot_product_attention(qm[0], key, value, mask=qm[1], scale=scale,
+                                                              implementation=implementation), (q_blocks, m_blocks))
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)

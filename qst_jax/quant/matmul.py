@@ -56,9 +56,22 @@ def _fused_choice(x: jax.Array, w: Any) -> str | None:
         return None
     if _kernel_mode == "interpret":
         return "interpret"
-    if jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16):
+    if jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16) and triton_capable():
         return "gpu"
     return None
+
+
+def triton_capable(capability: str | None = None) -> bool:
+    """Whether a GPU of this compute capability (default: device 0's) runs Pallas' Triton kernels.
+
+    Triton in XLA needs compute capability 8.0 or later (Ampere); a T4
+    (7.5) refuses it at compile time ("Triton support is only enabled for
+    Ampere GPUs"), so there the reference path runs.
+    """
+    if capability is None:
+        capability = getattr(jax.devices()[0], "compute_capability", "8.0")
+    major, _, minor = str(capability).partition(".")
+    return (int(major), int(minor or 0)) >= (8, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -17,6 +17,7 @@ from qst_jax.methods.build import TRAINABLE_METHODS
 from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, INIT_SCHEMES, INPUT_NORMS, OUTPUT_MIXES, POOLS
 from qst_jax.methods.side_network import HIDDEN_STORES
 from qst_jax.models.config import ConfigError
+from qst_jax.models.random_init import LLAMA2_SHAPES
 from qst_jax.train.optim import SCHEDULES
 
 DATA_TASKS = ("lm", "chat", "classification")
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.quantize = True  # hold the backbone's linears as NF4
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.attention = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+    c.model.shape = ""  # "llama2-7b" / "llama2-13b" / "llama2-70b": the shape --plan compiles when model.path has none
 
     c.side = ml_collections.ConfigDict()
     c.side.reduction_factor = 16
@@ -64,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.input_norm = "none"  # "backbone": D_i reads h_i through the backbone's next norm; "none": raw h_i
     c.side.init_std = 0.02
     c.side.init_scheme = "fixed"  # "fan_in": side linears drawn with std 1/sqrt(input width); "fixed": init_std
-    c.side.remat = False  # recompute side blocks in the backward pass
-    c.side.hidden_store = "compute"  # how the backward keeps backbone states: "compute" (bf16) or "fp8"
+    c.side.remat = True  # recompute side blocks in the backward pass (each layer keeps only its side-width inputs)
+    c.side.hidden_store = "fp8"  # how the backward keeps backbone states for trainable downsamplers: "fp8" or "compute" (bf16)
 
     c.qlora = ml_collections.ConfigDict()
     c.qlora.rank = 16
@@ -192,13 +194,15 @@ def _at_least(errors: list[str], key: str, value: Any, low: int) -> None:
         errors.append(f"{key}: {value!r} must be an integer >= {low}")
 
 
-def validate(c: Any, context: int | None = None) -> None:
+def validate(c: Any, context: int | None = None, *, planning: bool = False) -> None:
     """Checks every value of a run config; nothing is loaded.
 
     Args:
       c: a config like `base_config()`.
       context: the model's `max_position_embeddings`, when known: `data.seq_len`
         must fit it.
+      planning: for `--plan`, which reads no data and may take its model
+        from `model.shape`: `model.path` and `data.train` may be empty.
 
     Raises:
       ConfigError: one line per bad value, each naming its key.
@@ -208,12 +212,13 @@ def validate(c: Any, context: int | None = None) -> None:
     _enum(errors, "task", c.task, DATA_TASKS)
     if c.method == "frozen" and c.task != "classification":
         errors.append("method: 'frozen' trains only a score head, so it needs task='classification' (a linear probe)")
-    for key in ("model.path", "data.train"):
+    for key in () if planning else ("model.path", "data.train"):
         section, name = key.split(".")
         if not c[section][name]:
             errors.append(f"{key}: is required (--config.{key}=...)")
     _enum(errors, "model.dtype", c.model.dtype, DTYPES)
     _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
+    _enum(errors, "model.shape", c.model.shape, ("", *(f"llama2-{k}" for k in LLAMA2_SHAPES)))
     _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
     _enum(errors, "side.output_mix", c.side.output_mix, OUTPUT_MIXES)
     _enum(errors, "side.head_layout", c.side.head_layout, HEAD_LAYOUTS)

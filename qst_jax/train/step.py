@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from qst_jax.models import loops
 
 
 @jax.tree_util.register_dataclass
@@ -62,7 +63,7 @@ def accumulate_gradients(model: Any, params: Any, backbone_params: Any, batch: d
     zeros = jax.tree.map(jnp.zeros_like, params)
     aux0 = {k: jnp.zeros(v.shape, jnp.float32) for k, v in aux_shape.items()}
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0)
-    (grads, total, weight, aux), _ = jax.lax.scan(micro, init, batch)
+    (grads, total, weight, aux), _ = loops.scan(micro, init, batch)
     return grads, total, weight, aux
 
 

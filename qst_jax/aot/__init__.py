@@ -1,0 +1,12 @@
+"""Compiling qst_jax's GPU programs for a named GPU on a machine without one (deviceless AOT).
+
+`targets` holds the GPUs users have, from their published facts; `compile`
+compiles any jitted program for one of them from abstract arguments (nothing
+materialised) and reports XLA's memory figures, flops and bytes with the
+loops counted at their trip counts, and a roofline step time (an estimate);
+`plan` does that for a run's own train step (`qst-train --plan h100`).
+"""
+
+from qst_jax.aot.targets import TARGETS, GpuTarget, target
+
+__all__ = ["TARGETS", "GpuTarget", "target"]

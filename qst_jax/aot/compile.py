@@ -1,0 +1,160 @@
+"""Compile a jitted program for a GPU target without a GPU, and read XLA's figures off it.
+
+    report = compile_report("h100", make, layers=32)
+    print(report.lines())
+
+`make(num_layers, for_cost)` builds the program (a jitted function) and its
+abstract arguments (`jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`:
+nothing is materialised) for a model of `num_layers` layers. The memory
+figures come from compiling the real program (`make(layers, False)`), as
+the GPU compiler's buffer assignment has it; no autotuning runs, so expect
+differences of about +-20% on a real GPU.
+
+XLA's cost analysis counts a `while` body once. The flops and bytes here are
+the whole step's: the program is compiled again with one and with two layers
+with every loop unrolled (`models.loops.unrolled_loops`) and, with
+`for_cost`, one micro-batch, which gives the cost outside the layers (a)
+and of one layer (b); the step is `repeats * (a + layers * b)` (`repeats`:
+the micro-batches, whose scan holds everything but the optimizer update, so
+that update is counted `repeats` times: an over-count of a few elementwise
+passes over the side params). The
+roofline time is max(flops / peak tensor FLOP/s, bytes / bandwidth): an
+estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from qst_jax.aot.targets import GIB, GpuTarget, abstract_mesh, target as get_target
+from qst_jax.models.loops import unrolled_loops
+
+Make = Callable[[int, bool], tuple[Any, tuple[Any, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What XLA says of one program compiled for one target.
+
+    Attributes:
+      target: the GpuTarget.
+      compile_s: seconds to compile the real program (this CPU).
+      argument_bytes, output_bytes, temp_bytes, alias_bytes, peak_bytes: XLA's
+        `memory_analysis()` (peak: what the device holds at the program's
+        high point; donated arguments are aliased to outputs, not counted twice).
+      flops, bytes_accessed: XLA's cost analysis of the whole step (loops at
+        their trip counts), or None when not asked for.
+      dtype: the compute dtype the roofline uses.
+    """
+
+    target: GpuTarget
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    peak_bytes: int
+    flops: float | None = None
+    bytes_accessed: float | None = None
+    dtype: str = "bfloat16"
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.target.memory_bytes
+
+    @property
+    def roofline_s(self) -> float | None:
+        """max(compute time at the tensor-core peak, memory time at full bandwidth): an estimate."""
+        if self.flops is None or self.bytes_accessed is None:
+            return None
+        return max(self.flops / self.target.peak_flops(self.dtype), self.bytes_accessed / self.target.bandwidth_bytes_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        gib = lambda b: round(b / GIB, 3)  # noqa: E731
+        return {"target": self.target.name, "compile_s": round(self.compile_s, 1),
+                "argument_gib": gib(self.argument_bytes), "output_gib": gib(self.output_bytes),
+                "temp_gib": gib(self.temp_bytes), "alias_gib": gib(self.alias_bytes), "peak_gib": gib(self.peak_bytes),
+                "device_gib": round(self.target.memory_gib, 1), "fits": self.fits, "flops": self.flops,
+                "bytes_accessed": self.bytes_accessed, "roofline_s": self.roofline_s, "dtype": self.dtype,
+                "jax": jax.__version__}
+
+    def lines(self) -> str:
+        t, gib = self.target, lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        out = [
+            f"compiled for {t.name} ({t.description}, {t.memory_gib:.1f} GiB), not measured: XLA's buffer "
+            f"assignment without autotuning (about +-20%), jax {jax.__version__}",
+            f"  compile time      {self.compile_s:.1f} s (this machine)",
+            f"  arguments         {gib(self.argument_bytes)}",
+            f"  outputs           {gib(self.output_bytes)} ({gib(self.alias_bytes)} of them in donated arguments)",
+            f"  temporaries       {gib(self.temp_bytes)}",
+            f"  peak              {gib(self.peak_bytes)}: {'fits' if self.fits else 'does NOT fit'} "
+            f"in {t.memory_gib:.1f} GiB",
+        ]
+        if self.flops is not None:
+            out += [f"  flops             {self.flops:.4g} (loops at their trip counts)",
+                    f"  bytes accessed    {self.bytes_accessed:.4g}",
+                    f"  step time         {self.roofline_s * 1e3:.1f} ms: roofline ESTIMATE at "
+                    f"{t.peak_flops(self.dtype) / 1e12:.0f} TFLOP/s ({self.dtype}) and "
+                    f"{t.bandwidth_bytes_s / 1e9:.0f} GB/s, not a measurement"]
+        return "\n".join(out)
+
+
+def _cpu_cost(compiled: Any) -> tuple[float, float]:
+    """(flops, bytes accessed) of a compiled GPU module through the CPU client's cost analysis.
+
+    `compiled.cost_analysis()` is None for a deviceless compile; this calls
+    jaxlib's private `hlo_module_cost_analysis` (the same analysis XLA runs).
+    """
+    from jax._src.lib import _jax  # private: no public route to it for a deviceless executable
+
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> tuple[Any, float]:
+    """(`fn.lower(*args).compile()` for target `name`, seconds); `mesh`: an abstract mesh (default: one device)."""
+    mesh = mesh if mesh is not None else abstract_mesh(name)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def replicated_on(mesh: Any, tree: Any) -> Any:
+    """`tree`'s arrays as ShapeDtypeStructs replicated on `mesh` (what a deviceless compile takes)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost: bool = True,
+                   dtype: str = "bfloat16") -> CompileReport:
+    """Compile `make(layers, False)` for target `name` and read its figures (see the module doc)."""
+    fn, args = make(layers, False)
+    compiled, seconds = compile_for(name, fn, args)
+    mem = compiled.memory_analysis()
+    flops = accessed = None
+    if cost:
+        with unrolled_loops():
+            one = _cpu_cost(compile_for(name, *make(1, True))[0])
+            two = _cpu_cost(compile_for(name, *make(2, True))[0])
+        flops, accessed = (repeats * (2 * a - b + layers * (b - a)) for a, b in zip(one, two))
+    return CompileReport(get_target(name), seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                         mem.temp_size_in_bytes, mem.alias_size_in_bytes, mem.peak_memory_in_bytes, flops, accessed,
+                         dtype)
+
+
+def dump_flags(folder: str) -> None:
+    """Ask XLA to write each compiled module's buffer assignment and memory-usage report to `folder`.
+
+    Must run before jax compiles anything (XLA reads XLA_FLAGS once).
+    """
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={folder}".strip()

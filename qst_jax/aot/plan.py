@@ -1,0 +1,124 @@
+"""`qst-train --config ... --plan h100`: the run's own train step, compiled for a GPU without one.
+
+Nothing is loaded: the backbone's shapes come from the model's `config.json`
+(or a GGUF header, or a named LLaMA-2 shape in `model.shape`), its params
+are `jax.eval_shape` of a random NF4 backbone of that config (the same
+pytree a loaded one has), and the step is the one `qst-train` jits: the
+config's method, side settings, optimizer and micro-batches, batch
+`[micro_batches, batch_size, seq_len]`. A sweep compiles its sweep step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qst_jax.aot.compile import CompileReport, compile_report, replicated_on
+from qst_jax.aot.targets import abstract_mesh, target as get_target
+from qst_jax.data.specs import PACKAGED_MODEL, resolve_model_path
+from qst_jax.methods import SideSet, build_model
+from qst_jax.methods.build import method_options
+from qst_jax.models import ConfigError, ModelConfig, load_config
+from qst_jax.models.random_init import LLAMA2_SHAPES, llama2_config, random_params
+from qst_jax.train.optim import make_optimizer
+from qst_jax.train.step import init_train_state, make_train_step
+from qst_jax.train.sweep import init_sweep_state, is_sweep, make_sweep_step, plan_members
+
+SHAPE_NAMES = tuple(f"llama2-{k}" for k in LLAMA2_SHAPES)
+
+
+def model_config(config: Any) -> ModelConfig:
+    """The backbone's ModelConfig from `model.path`'s config (never its weights), or `model.shape`.
+
+    Raises:
+      ConfigError: neither names a model.
+    """
+    path, shape = config.model.path, config.model.shape
+    if path and (path == PACKAGED_MODEL or os.path.exists(os.path.expanduser(path))):
+        return load_config(resolve_model_path(path))
+    if shape:
+        if shape not in SHAPE_NAMES:
+            raise ConfigError(f"model.shape {shape!r} is not one of {SHAPE_NAMES}")
+        return llama2_config(shape.removeprefix("llama2-"))
+    raise ConfigError(f"model.path {path!r}: no such model to read config.json from; set it, or --config.model.shape "
+                      f"to one of {SHAPE_NAMES}")
+
+
+def _batch(config: Any, mesh: Any, micro_batches: int) -> dict[str, Any]:
+    a, b, t = micro_batches, config.train.batch_size, config.data.seq_len
+    tokens = jax.ShapeDtypeStruct((a, b, t), jnp.int32)
+    batch = {"input_ids": tokens, "attention_mask": tokens}
+    if config.task == "classification":
+        label = jnp.float32 if config.data.num_labels == 1 else jnp.int32
+        batch.update(labels=jax.ShapeDtypeStruct((a, b), label), example_mask=jax.ShapeDtypeStruct((a, b), jnp.float32))
+    else:
+        batch["loss_mask"] = tokens
+    return replicated_on(mesh, batch)
+
+
+def compute_dtype(config: Any, name: str) -> tuple[Any, str | None]:
+    """The compute dtype on target `name`, and a note when the target lacks the configured one.
+
+    bfloat16 on a GPU without it (compute capability below 8.0, e.g. a T4)
+    falls back to float16, as `qst-train` does on such a device.
+    """
+    dtype = config.model.dtype
+    if dtype == "bfloat16" and not get_target(name).has_bf16:
+        return jnp.float16, f"{name} has no bfloat16: computing in float16 (model.dtype=float16)"
+    return jnp.dtype(dtype), None
+
+
+def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
+    """`make(num_layers, for_cost)` for `compile_report`: the run's jitted step and its abstract arguments."""
+    mesh = abstract_mesh(name)
+    total = max(config.train.steps, 1)
+
+    def make(layers: int, for_cost: bool):
+        layer_cfg = dataclasses.replace(cfg, num_layers=layers)
+        backbone = replicated_on(mesh, jax.eval_shape(
+            lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype), jax.random.PRNGKey(0)))
+        key = jax.random.PRNGKey(0)
+        if is_sweep(config):
+            members = plan_members(config, total_steps=total)
+            options = method_options(config)
+            sides = SideSet(layer_cfg, tuple(m.side for m in members), dtype=dtype, ce_chunk=options["ce_chunk"],
+                            remat_side=options["remat_side"], attention_impl=options["attention_impl"],
+                            hidden_store=options["hidden_store"])
+            txs = [m.tx for m in members]
+            state = jax.eval_shape(lambda: init_sweep_state(sides, txs, [m.seed for m in members], 0))
+            step = make_sweep_step(sides, txs)
+        else:
+            model = build_model(config, layer_cfg, dtype=dtype)
+            tx, _ = make_optimizer(config.optim, total)
+            state = jax.eval_shape(lambda: init_train_state(model, tx, key))
+            step = make_train_step(model, tx)
+        return step, (replicated_on(mesh, state), backbone, _batch(config, mesh, 1 if for_cost else config.train.micro_batches))
+
+    return make
+
+
+def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileReport, list[str]]:
+    """Compile the run's train step for target `name`; (the report, notes to print first).
+
+    Raises:
+      ConfigError: a config that names no model, or a device mesh (the
+        planner compiles for one GPU).
+      AotUnavailable: the CUDA plugin is not installed.
+    """
+    p = config.parallel
+    if p.data * p.fsdp * p.tensor != 1:
+        raise ConfigError("--plan compiles for one GPU: parallel.data x fsdp x tensor must be 1 (the per-device "
+                          "figures of a mesh: scripts/memory_plan.py)")
+    cfg = model_config(config)
+    dtype, note = compute_dtype(config, name)
+    notes = [note] if note else []
+    notes.append(f"planning {config.method} on {cfg.model_type} ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
+                 f"batch {config.train.micro_batches} x {config.train.batch_size} x {config.data.seq_len}, "
+                 f"no weights read")
+    report = compile_report(name, step_program(config, cfg, name, dtype), layers=cfg.num_layers,
+                            repeats=config.train.micro_batches, cost=cost, dtype=jnp.dtype(dtype).name)
+    return report, notes

@@ -1,0 +1,171 @@
+"""The GPUs users have, written from their published facts, as XLA's `GpuTargetConfigProto`.
+
+A compile for one of these runs on the CPU (the CUDA plugin's compiler,
+`JAX_PLATFORMS=cpu`, no driver): `topology(name, devices)` is what
+`jax.experimental.topologies` needs, `abstract_mesh` a mesh over it.
+
+Figures are the vendors' data-sheet values: SM count, FP32 lanes per SM,
+memory size (what the CUDA runtime reports as total, close to the marketed
+GB), bandwidth, L2, boost clock, shared memory per SM and per block
+(opt-in), compute capability, and the dense (not sparse) tensor-core peak
+of the compute dtype for the roofline. Checked: every target compiles here
+(tests/aot, scripts/compile_for_gpu.py); "h100" is byte for byte the target
+the GPU-memory issue's table was compiled with; none is read off a real
+device's `DeviceDescription` yet (no GPU has been lent to the project).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """One GPU model.
+
+    Attributes:
+      name: the key (`--plan NAME`).
+      description: the device name CUDA reports.
+      compute_capability: (major, minor); `sm_90` uses XLA's sm_90a features.
+      sm_count: streaming multiprocessors.
+      fp32_lanes_per_sm: FP32 units per SM.
+      memory_bytes: device memory.
+      bandwidth_bytes_s: memory bandwidth (bytes/s).
+      l2_bytes: L2 cache.
+      clock_ghz: boost clock.
+      shared_per_sm, shared_per_block_optin: shared memory (bytes).
+      bf16_tflops: dense tensor-core peak in bfloat16 (0: no bf16 tensor cores).
+      fp16_tflops: dense tensor-core peak in float16.
+    """
+
+    name: str
+    description: str
+    compute_capability: tuple[int, int]
+    sm_count: int
+    fp32_lanes_per_sm: int
+    memory_bytes: int
+    bandwidth_bytes_s: float
+    l2_bytes: int
+    clock_ghz: float
+    shared_per_sm: int
+    shared_per_block_optin: int
+    bf16_tflops: float
+    fp16_tflops: float
+
+    @property
+    def has_bf16(self) -> bool:
+        """bfloat16 arithmetic in hardware (compute capability 8.0 and later)."""
+        return self.compute_capability >= (8, 0)
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / 2**30
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense tensor-core FLOP/s for a compute dtype (float32 runs at the float16 rate over TF32 or not: a bound)."""
+        return 1e12 * (self.bf16_tflops if dtype == "bfloat16" and self.has_bf16 else self.fp16_tflops)
+
+    def config_text(self) -> str:
+        """The `GpuTargetConfigProto` text `topologies.get_topology_desc` takes."""
+        major, minor = self.compute_capability
+        extension = "\n    feature_extension: ACCELERATED_FEATURES" if (major, minor) == (9, 0) else ""
+        minor_line = f"\n    minor: {minor}" if minor else ""
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {self.shared_per_sm}
+  threads_per_core_limit: {1024 if major == 7 and minor == 5 else 1536 if (major, minor) in ((8, 6), (8, 9)) else 2048}
+  core_count: {self.sm_count}
+  fpus_per_core: {self.fp32_lanes_per_sm}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.bandwidth_bytes_s)}
+  l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {self.memory_bytes}
+  shared_memory_per_block_optin: {self.shared_per_block_optin}
+  cuda_compute_capability {{
+    major: {major}{minor_line}{extension}
+  }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{
+  major: 9
+  minor: 10
+}}
+device_description_str: "{self.description}"
+"""
+
+
+GIB = 2**30
+TARGETS: dict[str, GpuTarget] = {t.name: t for t in (
+    # Colab's free GPU: Turing, no bf16 (the compute dtype falls back to float16), 16 GB GDDR6 at 320 GB/s.
+    GpuTarget("t4", "Tesla T4", (7, 5), 40, 64, 16_106_127_360, 320e9, 4 * 2**20, 1.59, 65536, 65536, 0.0, 65.0),
+    # Colab's L4: Ada, 24 GB GDDR6 at 300 GB/s, 121 dense bf16 TFLOP/s.
+    GpuTarget("l4", "NVIDIA L4", (8, 9), 58, 128, 24_152_899_584, 300e9, 48 * 2**20, 2.04, 102400, 101376,
+              121.0, 121.0),
+    GpuTarget("a100-40", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 42_298_834_944, 1555e9, 40 * 2**20, 1.41,
+              167936, 166912, 312.0, 312.0),
+    GpuTarget("a100-80", "NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 85_198_045_184, 2039e9, 40 * 2**20, 1.41,
+              167936, 166912, 312.0, 312.0),
+    GpuTarget("h100", "NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 84_942_979_072, 3.35232e12, 50 * 2**20, 1.98,
+              233472, 232448, 989.0, 989.0),
+    GpuTarget("h200", "NVIDIA H200 141GB HBM3e", (9, 0), 132, 128, 151_397_597_184, 4.8e12, 50 * 2**20, 1.98,
+              233472, 232448, 989.0, 989.0),
+)}
+
+
+def target(name: str) -> GpuTarget:
+    """The target called `name` (case-insensitive).
+
+    Raises:
+      ValueError: an unknown name, listing the known ones.
+    """
+    key = name.lower()
+    if key not in TARGETS:
+        raise ValueError(f"--plan {name!r}: not a known GPU; one of {', '.join(TARGETS)}")
+    return TARGETS[key]
+
+
+class AotUnavailable(RuntimeError):
+    """The CUDA plugin that compiles for a GPU is not installed (`bash scripts/setup.sh aot`)."""
+
+
+def plugin_installed() -> bool:
+    import importlib.util
+
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (13, 12))
+    except ImportError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def topology(name: str, devices: int = 1) -> Any:
+    """`jax.experimental.topologies` description of `devices` GPUs of target `name` (one host).
+
+    Raises:
+      AotUnavailable: without the CUDA plugin.
+    """
+    if not plugin_installed():
+        raise AotUnavailable("compiling for a GPU needs the CUDA plugin: bash scripts/setup.sh aot "
+                             "(jax[cuda13-local], about 150 MB, no CUDA libraries)")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="cuda", target_config=target(name).config_text(),
+                                        topology=f"1x1x{devices}")
+
+
+def abstract_mesh(name: str, shape: tuple[int, ...] = (1,), axes: tuple[str, ...] = ("x",)) -> Any:
+    """A `jax.sharding.Mesh` over abstract devices of target `name` (product of `shape` devices)."""
+    import math
+
+    from jax.experimental import topologies
+
+    return topologies.make_mesh(topology(name, math.prod(shape)), shape, axes)

@@ -1,0 +1,155 @@
+"""GPU programs compiled for real GPU targets on the CPU (deviceless AOT): memory bounds from the shapes, the
+fused kernel's Triton call, the trip-count scaling of the cost, the planner. Skips only without the CUDA plugin."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from qst_jax.aot.targets import TARGETS, plugin_installed, target
+
+pytestmark = pytest.mark.skipif(not plugin_installed(), reason="needs the CUDA plugin (bash scripts/setup.sh aot)")
+
+from qst_jax.aot.compile import compile_for, compile_report, replicated_on  # noqa: E402
+from qst_jax.aot.targets import abstract_mesh  # noqa: E402
+from qst_jax.methods import QSTModel, SideConfig  # noqa: E402
+from qst_jax.models.loops import unrolled_loops  # noqa: E402
+from qst_jax.models.random_init import llama2_config, random_params  # noqa: E402
+from qst_jax.train.step import init_train_state, make_train_step  # noqa: E402
+
+B, T, LAYERS = 16, 128, 8
+CFG = dataclasses.replace(llama2_config("tiny"), num_layers=LAYERS)  # d 256, I 704, 8 heads, vocab 1024
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _qst_step(name: str = "h100", batch: int = B, seq: int = T, **options):
+    """`make(layers, for_cost)` of a QST train step on the tiny LLaMA shape, batch x seq tokens."""
+    mesh = abstract_mesh(name)
+
+    def make(layers: int, for_cost: bool):
+        cfg = dataclasses.replace(CFG, num_layers=layers)
+        side = SideConfig(downsampler=options.get("downsampler", "adapter"))
+        model = QSTModel(cfg, side, **{k: v for k, v in options.items() if k != "downsampler"})
+        tx = optax.adamw(1e-3)
+        backbone = replicated_on(mesh, jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0)))
+        state = replicated_on(mesh, jax.eval_shape(lambda: init_train_state(model, tx, jax.random.PRNGKey(0))))
+        ids = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
+        batch_shapes = replicated_on(mesh, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
+        return make_train_step(model, tx), (state, backbone, batch_shapes)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {key: compile_report("h100", _qst_step(**opts), layers=LAYERS, cost=False) for key, opts in {
+        "default": {}, "maxpool": {"downsampler": "maxpool"},
+        "bf16-states": {"hidden_store": "compute"}, "old-default": {"hidden_store": "compute", "remat_side": False},
+    }.items()}
+
+
+def test_the_default_qst_step_stays_below_a_bound_from_its_shapes(reports):
+    """Peak <= arguments + what the backward must keep + one layer's working set (+20%)."""
+    d, i, v, heads = CFG.hidden_size, CFG.intermediate_size, CFG.vocab_size, CFG.num_heads
+    w = d // 16
+    make = _qst_step()
+    state, backbone, _ = make(LAYERS, False)[1]
+    kept = LAYERS * B * T * d * 1 + 2 * LAYERS * B * T * w * 2  # fp8 h_i; each side layer's D_i(h_i) and s_{i-1}
+    layer = (B * T * (4 * d + 3 * i) * 2  # one layer's activations, bf16
+             + B * heads * T * T * (4 + 2 + 1)  # its attention scores (f32, bf16, mask)
+             + (4 * d * d + 3 * d * i) * 2)  # its dequantized weights
+    logits = 1024 * v * 4 * 3  # one cross-entropy chunk's f32 logits, softmax and gradient
+    grads = _nbytes(state.params)
+    bound = _nbytes(backbone) + _nbytes(state) + 1.2 * (kept + layer + logits + grads)
+    assert reports["default"].peak_bytes <= bound, (reports["default"].peak_bytes, bound)
+
+
+def test_fp8_states_and_side_remat_save_what_they_promise(reports):
+    states_bf16 = LAYERS * B * T * CFG.hidden_size * 2
+    # fp8 keeps half of bf16's bytes of every h_i (it once saved nothing: the remat boundary kept a bf16 copy)
+    assert reports["bf16-states"].temp_bytes - reports["default"].temp_bytes >= 0.4 * states_bf16
+    assert reports["old-default"].temp_bytes > reports["bf16-states"].temp_bytes
+    # pooling keeps no h_i at all
+    assert reports["default"].temp_bytes - reports["maxpool"].temp_bytes >= 0.4 * states_bf16 / 2
+
+
+def test_the_cost_counts_every_layer_and_loop():
+    """a + L * b from the one- and two-layer programs equals the L-layer program compiled unrolled."""
+    layers, batch, seq = 3, 4, 64
+    make = _qst_step(batch=batch, seq=seq)
+    report = compile_report("h100", make, layers=layers)
+    with unrolled_loops():
+        from qst_jax.aot.compile import _cpu_cost
+
+        flops, accessed = _cpu_cost(compile_for("h100", *make(layers, True))[0])
+    assert report.flops == pytest.approx(flops, rel=1e-3)
+    assert report.bytes_accessed == pytest.approx(accessed, rel=0.05)
+    # a forward and a backward over 2 * params * tokens at least: the trip counts are in
+    per_layer = 2 * batch * seq * (4 * CFG.hidden_size**2 + 3 * CFG.hidden_size * CFG.intermediate_size)
+    assert report.flops > layers * per_layer
+    assert report.roofline_s == max(report.flops / 989e12, report.bytes_accessed / 3.35232e12)
+
+
+@pytest.mark.parametrize("name", ["h100", "a100-80", "l4"])
+def test_the_fused_nf4_kernel_compiles_to_a_triton_call(name):
+    from qst_jax.quant import quantize
+    from qst_jax.quant.nf4_kernel import nf4_matmul
+
+    mesh = abstract_mesh(name)
+    w = replicated_on(mesh, jax.eval_shape(quantize, jax.ShapeDtypeStruct((11008, 4096), jnp.float32)))
+    x = replicated_on(mesh, jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16))
+    compiled, _ = compile_for(name, nf4_matmul, (x, w), mesh)
+    assert "triton" in compiled.as_text()
+
+
+def test_a_t4_refuses_the_triton_kernel_and_takes_the_reference_path():
+    from qst_jax.quant import quantize
+    from qst_jax.quant.matmul import triton_capable
+    from qst_jax.quant.nf4_kernel import nf4_matmul
+
+    mesh = abstract_mesh("t4")
+    w = replicated_on(mesh, jax.eval_shape(quantize, jax.ShapeDtypeStruct((4096, 4096), jnp.float32)))
+    x = replicated_on(mesh, jax.ShapeDtypeStruct((16, 4096), jnp.float16))
+    with pytest.raises(Exception, match="compute capability 8.0"):
+        compile_for("t4", nf4_matmul, (x, w), mesh)
+    assert not triton_capable("7.5") and triton_capable("8.0") and triton_capable("9.0")
+
+
+def test_bf16_falls_back_to_float16_on_a_t4_and_the_step_compiles():
+    from qst_jax.aot.plan import compute_dtype
+    from qst_jax.train.config import base_config
+
+    dtype, note = compute_dtype(base_config(), "t4")
+    assert dtype == jnp.float16 and note == "t4 has no bfloat16: computing in float16 (model.dtype=float16)"
+    assert compute_dtype(base_config(), "h100") == (jnp.bfloat16, None)
+    report = compile_report("t4", _qst_step("t4", dtype=jnp.float16), layers=2, cost=False)
+    assert report.fits and report.peak_bytes > 0
+
+
+def test_every_target_has_its_published_memory():
+    assert {k: round(t.memory_gib) for k, t in TARGETS.items()} == {
+        "t4": 15, "l4": 22, "a100-40": 39, "a100-80": 79, "h100": 79, "h200": 141}
+    with pytest.raises(ValueError, match="--plan 'v100': not a known GPU; one of t4, l4, a100-40"):
+        target("v100")
+
+
+def test_qst_train_plan_prints_the_compiled_peak_without_reading_weights(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "qst_jax.cli.train", "--config", "configs/chat_70b.py", "--plan", "h100",
+         "--config.model.path=smollm2", "--config.train.micro_batches=2", "--config.train.batch_size=2",
+         "--config.data.seq_len=64", f"--config.train.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "planning qst on llama (30 layers, hidden 576), batch 2 x 2 x 64, no weights read" in out.stdout
+    assert "compiled for h100 (NVIDIA H100 80GB HBM3, 79.1 GiB), not measured" in out.stdout
+    assert "fits in 79.1 GiB" in out.stdout and "roofline ESTIMATE" in out.stdout
+    assert not (tmp_path / "run").exists()
