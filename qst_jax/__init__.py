@@ -12,7 +12,6 @@ no NVIDIA driver, `JAX_PLATFORMS` defaults to "cpu" (the deviceless compile
 works under it).
 """
 
-import importlib.util
 import os
 
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -22,12 +21,9 @@ for _name, _value in OFFLINE_ENVIRONMENT.items():
 
 
 def _cuda_plugin_without_driver() -> bool:
-    plugins = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
-    try:
-        installed = any(importlib.util.find_spec(name) is not None for name in plugins)
-    except ImportError:  # no jax_plugins namespace at all
-        installed = False
-    return installed and not os.path.exists("/proc/driver/nvidia/version")
+    from qst_jax.aot.targets import plugin_installed  # imports no jax
+
+    return plugin_installed() and not os.path.exists("/proc/driver/nvidia/version")
 
 
 if "JAX_PLATFORMS" not in os.environ and _cuda_plugin_without_driver():

@@ -4,7 +4,7 @@
 compiles any jitted program for one of them from abstract arguments (nothing
 materialised) and reports XLA's memory figures, flops and bytes with the
 loops counted at their trip counts, and a roofline step time (an estimate);
-`plan` does that for a run's own train step (`qst-train --plan h100`).
+`qst_jax.train.plan` does that for a run's own train step (`qst-train --plan h100`).
 """
 
 from qst_jax.aot.targets import TARGETS, GpuTarget, target

@@ -25,7 +25,6 @@ estimate, not a measurement.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -151,10 +150,3 @@ def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost
                          mem.temp_size_in_bytes, mem.alias_size_in_bytes, mem.peak_memory_in_bytes, flops, accessed,
                          dtype)
 
-
-def dump_flags(folder: str) -> None:
-    """Ask XLA to write each compiled module's buffer assignment and memory-usage report to `folder`.
-
-    Must run before jax compiles anything (XLA reads XLA_FLAGS once).
-    """
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={folder}".strip()

@@ -113,7 +113,7 @@ def _plan(config, name: str) -> int:
     try:
         target(name)
         validate(config, planning=True)
-        from qst_jax.aot.plan import plan_run
+        from qst_jax.train.plan import plan_run
 
         report, notes = plan_run(config, name)
     except (AotUnavailable, ConfigError, ValueError) as err:

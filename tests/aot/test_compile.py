@@ -125,7 +125,7 @@ def test_a_t4_refuses_the_triton_kernel_and_takes_the_reference_path():
 
 
 def test_bf16_falls_back_to_float16_on_a_t4_and_the_step_compiles():
-    from qst_jax.aot.plan import compute_dtype
+    from qst_jax.train.plan import compute_dtype
     from qst_jax.train.config import base_config
 
     dtype, note = compute_dtype(base_config(), "t4")
