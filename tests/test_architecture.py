@@ -24,6 +24,7 @@ ALLOWED = {
     "generate": {"data", "methods", "models", "quant"} | BOTTOM,
     "train": {"aot", "data", "eval", "methods", "models", "parallel", "quant"} | BOTTOM,
     "aot": {"models", "quant"} | BOTTOM,
+    "nnx": {"methods", "models", "quant", "train"} | BOTTOM,  # the Flax front door; nothing imports it
     "cli": {"aot", "data", "eval", "generate", "methods", "models", "parallel", "quant", "train"} | BOTTOM,
 }
 METHOD_CLASSES = {"QSTModel", "QLoRAModel", "FrozenModel"}

@@ -20,6 +20,7 @@ and export use only this interface, never the method's class:
                              says (classification)
   logits(params, backbone_params, ids, mask) = head(hidden(...))
   loss(params, backbone_params, batch) -> (loss sum, (weight sum, aux))
+  loss_weight(batch)         that weight sum alone (float32), from the masks
   to_dict() / from_dict(d, backbone_cfg, **options): what the export holds
 
 A batch is a dict of `input_ids` and `attention_mask` `[B, T]` plus either
@@ -76,6 +77,8 @@ class Method(Protocol):
 
     def loss(self, params: Params, backbone_params: Params, batch: Batch) -> tuple[jax.Array, Any]: ...
 
+    def loss_weight(self, batch: Batch) -> jax.Array: ...
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
@@ -117,6 +120,12 @@ class TaskHeads:
     def logits(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
         hidden, _ = self.hidden(params, backbone_params, ids, mask)
         return self.head(params, backbone_params, hidden, mask)
+
+    def loss_weight(self, batch: Batch) -> jax.Array:
+        """The float32 weight `loss` sums over: target tokens (lm) or real examples (classification)."""
+        if self.task == "lm":
+            return jnp.sum(shift_targets(batch["input_ids"], batch["loss_mask"])[1])
+        return jnp.sum(batch["example_mask"].astype(jnp.float32))
 
     def loss(self, params: Params, backbone_params: Params, batch: Batch):
         hidden, _ = self.hidden(params, backbone_params, batch["input_ids"], batch["attention_mask"])
