@@ -20,6 +20,14 @@ LM loss. `--shape smollm2` is the packaged SmolLM2-135M (NF4):
 
     python scripts/benchmark.py --shape smollm2 --batch 4 --seq 128 --members 1,2,4,8 --task lm
 
+Flax NNX loops (`--loops functional,nnx.jit,nnx.split`, qst and qlora methods):
+the README's two loops over `qst_jax.nnx` modules, `nnx.jit` of
+`(model, optimizer, batch)` and `jax.jit` of the pure step after one
+`nnx.split`, timed beside `make_train_step` (`functional`, the default); the
+table's `vs fn` column is each loop's step time over the functional one's.
+
+    python scripts/benchmark.py --shape smollm2 --batch 4 --seq 128 --methods qst:adapter --loops functional,nnx.jit,nnx.split
+
 Memory: `peak GiB` where the backend reports it (GPU), and always XLA's own
 figure for the compiled step (`xla GiB`: arguments + outputs + temporaries,
 less what donation aliases).
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -90,7 +99,44 @@ def make_batch(cfg, batch: int, seq: int, task: str) -> dict:
     return data
 
 
-def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, members: int = 0) -> dict:
+def nnx_runner(model, cfg, backbone, data, loop: str):
+    """(trainable count, run) of one of README's NNX loops over `model`'s method; `run` returns (loss, grad norm)."""
+    from flax import nnx
+
+    from qst_jax import nnx as qnnx
+    from qst_jax.models.loader import Backbone
+
+    module = qnnx.Tuned(qnnx.Backbone(Backbone(cfg, backbone)), model, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(module, optax.adamw(1e-4), wrt=nnx.Param)
+    micro = jax.tree.map(lambda x: x[0], data)
+
+    def train(model, optimizer, batch):
+        (loss, _), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, optax.tree.norm(grads)
+
+    if loop == "nnx.jit":
+        step = nnx.jit(train)
+        return count_params(module.params()), lambda: step(module, optimizer, micro)
+    graphdef, frozen, state = nnx.split((module, optimizer), qnnx.FrozenWeight, ...)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def pure(frozen, state, batch):
+        model, optimizer = nnx.merge(graphdef, frozen, state)
+        loss, grad_norm = train(model, optimizer, batch)
+        return nnx.state((model, optimizer), nnx.Not(qnnx.FrozenWeight)), loss, grad_norm
+
+    holder = {"state": state}
+
+    def run():
+        holder["state"], loss, grad_norm = pure(frozen, holder["state"], micro)
+        return loss, grad_norm
+
+    return count_params(module.params()), run
+
+
+def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, members: int = 0,
+            loop: str = "functional") -> dict:
     model = build_model(method, cfg, args.ce_chunk, args.side_heads, args.attention or None)
     if members and not method.startswith("qst"):
         raise ValueError(f"--members needs qst methods, not {method!r}")
@@ -99,8 +145,16 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
                          ce_chunk=args.ce_chunk, attention_impl=args.attention or None)
     data = make_batch(cfg, batch, seq, args.task)
     record = {"shape": args.shape, "method": method, "task": args.task, "batch": batch, "seq": seq,
-              "device": jax.devices()[0].device_kind}
-    if method == "forward":
+              "device": jax.devices()[0].device_kind, "loop": loop}
+    compiled = None
+    if loop != "functional":
+        if method == "forward" or members > 1:
+            raise ValueError(f"--loops {loop} runs single qst/qlora steps, not {method!r} with K={members}")
+        record["trainable_params"], run = nnx_runner(model, cfg, backbone, data, loop)
+        start = time.perf_counter()
+        jax.block_until_ready(run())  # the first call traces and compiles
+        record["compile_s"] = time.perf_counter() - start
+    elif method == "forward":
         fn = make_eval_step(model)
         micro = jax.tree.map(lambda x: x[0], data)
         start = time.perf_counter()
@@ -144,7 +198,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
         step_s=median,
         tokens_per_s=batch * seq / median,
         peak_bytes=peak_memory(),
-        xla_bytes=xla_bytes(compiled),
+        xla_bytes=xla_bytes(compiled) if compiled is not None else None,
         loss=float(loss),
         loss_finite=bool(np.isfinite(float(loss))),
         grad_norm_nonzero=bool(float(grad_norm) > 0),
@@ -165,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--members", default="", help="comma-separated sweep sizes K (qst methods), e.g. 1,2,4,8")
     parser.add_argument("--task", default="lm", choices=["lm", "classification"])
+    parser.add_argument("--loops", default="functional",
+                        help="comma-separated: functional (make_train_step), nnx.jit, nnx.split (qst_jax.nnx loops)")
     args = parser.parse_args(argv)
 
     if args.shape == "smollm2":
@@ -181,12 +237,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for batch in (int(b) for b in args.batch.split(",")):
         for seq in (int(s) for s in args.seq.split(",")):
             for method in args.methods.split(","):
-                for k in member_counts:
+                for k, loop in ((k, loop) for k in member_counts for loop in args.loops.split(",")):
                     try:
-                        record = measure(method, cfg, backbone, batch, seq, args.steps, args, members=k)
+                        record = measure(method, cfg, backbone, batch, seq, args.steps, args, members=k, loop=loop)
                     except Exception as err:  # out of memory and the like: record it, go on
                         record = {"shape": args.shape, "method": method, "batch": batch, "seq": seq, "members": k,
-                                  "error": f"{type(err).__name__}: {str(err)[:200]}"}
+                                  "loop": loop, "error": f"{type(err).__name__}: {str(err)[:200]}"}
                     records.append(record)
                     line = json.dumps(record)
                     print(line, flush=True)
@@ -198,22 +254,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"\n{'method':<14} {'K':>2} {'B x T':>9} {'compile s':>9} {'step s':>8} {'vs K=1':>6} {'tok/s':>9} "
-          f"{'peak GiB':>8} {'xla GiB':>8} {'trainable':>11} ok")
+    print(f"\n{'method':<14} {'loop':<10} {'K':>2} {'B x T':>9} {'compile s':>9} {'step s':>8} {'vs K=1':>6} "
+          f"{'vs fn':>5} {'tok/s':>9} {'peak GiB':>8} {'xla GiB':>8} {'trainable':>11} ok")
     single = {(r["method"], r["batch"], r["seq"]): r["step_s"] for r in records
               if r.get("members") == 1 and "step_s" in r}
+    functional = {(r["method"], r["batch"], r["seq"], r.get("members")): r["step_s"] for r in records
+                  if r.get("loop", "functional") == "functional" and "step_s" in r}
     for r in records:
-        k = r.get("members") or ""
+        k, loop = r.get("members") or "", r.get("loop", "functional")
         if "error" in r:
-            print(f"{r['method']:<14} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['error'][:60]}")
+            print(f"{r['method']:<14} {loop:<10} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['error'][:60]}")
             continue
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "n/a"
         xla = f"{r['xla_bytes'] / 2**30:.2f}" if r.get("xla_bytes") else "n/a"
         base = single.get((r["method"], r["batch"], r["seq"]))
         ratio = f"{r['step_s'] / base:.2f}" if base and k else ""
+        fn = functional.get((r["method"], r["batch"], r["seq"], r.get("members")))
+        vs_fn = f"{r['step_s'] / fn:.2f}" if fn and loop != "functional" else ""
         ok = "yes" if r["loss_finite"] and r["grad_norm_nonzero"] else "NO"
-        print(f"{r['method']:<14} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
-              f"{ratio:>6} {r['tokens_per_s']:>9.0f} {peak:>8} {xla:>8} {r['trainable_params']:>11,} {ok}")
+        print(f"{r['method']:<14} {loop:<10} {k:>2} {r['batch']:>4} x {r['seq']:<4} {r['compile_s']:>9.1f} "
+              f"{r['step_s']:>8.3f} {ratio:>6} {vs_fn:>5} {r['tokens_per_s']:>9.0f} {peak:>8} {xla:>8} {r['trainable_params']:>11,} {ok}")
 
 
 if __name__ == "__main__":

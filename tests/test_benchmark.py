@@ -33,6 +33,22 @@ def test_benchmark_tiny(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_benchmark_nnx_loops(capsys):
+    """The README's two NNX loops run in the benchmark beside make_train_step, on the same first loss."""
+    module = script("benchmark")
+    records = module.main(["--shape", "tiny", "--batch", "2", "--seq", "32", "--steps", "1", "--methods",
+                           "qst:adapter,forward", "--loops", "functional,nnx.jit,nnx.split"])
+    good = [r for r in records if "error" not in r]
+    assert [(r["method"], r["loop"]) for r in good] == [("qst:adapter", "functional"), ("qst:adapter", "nnx.jit"),
+                                                        ("qst:adapter", "nnx.split"), ("forward", "functional")]
+    assert len({r["trainable_params"] for r in good[:3]}) == 1
+    assert all(r["loss_finite"] and r["grad_norm_nonzero"] for r in good)
+    refused = [r["error"] for r in records if "error" in r]
+    assert refused == ["ValueError: --loops nnx.jit runs single qst/qlora steps, not 'forward' with K=0",
+                       "ValueError: --loops nnx.split runs single qst/qlora steps, not 'forward' with K=0"]
+    assert "vs fn" in capsys.readouterr().out
+
+
 def test_random_backbone_layout_matches_loader():
     params = random_params(llama2_config("tiny"), jax.random.PRNGKey(0))
     assert params["layers"]["attn"]["q"]["w"].lead_shape == (4,)

@@ -37,6 +37,8 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert images >= 1  # the inline loss curve
     assert "{'loss':" in text and "'perplexity':" in text  # the bring-your-own-data run
     assert "best: " in text and "rank  member" in text  # the sweep of four schedules and its ranking table
+    assert "trainable params (nnx.Param, float32) over Backbone(llama, 30 layers" in text  # section 7: NNX
+    assert "NNX loop, 4 steps: loss" in text and "the export gives the same logits: True" in text
 
 
 def test_committed_notebook_shows_results():

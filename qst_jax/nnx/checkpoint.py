@@ -31,7 +31,14 @@ class NNXCheckpointer:
         self.checkpointer = Checkpointer(directory, keep)
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, meta: dict[str, Any] | None = None) -> None:
-        """Writes step `step`: the model's `nnx.Param`s, the optimizer's state, and `meta` (JSON)."""
+        """Writes step `step`: the model's `nnx.Param`s, the optimizer's state, and `meta` (JSON).
+
+        Raises:
+          FileExistsError: `directory` already holds step `step` (it is not overwritten).
+        """
+        if step in self.checkpointer.steps():
+            raise FileExistsError(f"{self.checkpointer.manager.directory}/{step}: a checkpoint of step {step} "
+                                  "already exists; save another step or use another directory")
         state = {k: nnx.to_pure_dict(v) for k, v in _state(model, optimizer).items()}
         self.checkpointer.save(step, state, {"step": int(step), **(meta or {})})
 

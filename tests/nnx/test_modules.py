@@ -192,6 +192,9 @@ def test_restored_run_equals_an_uninterrupted_one(backbone, batches, tmp_path):
     nnx_step(first, first_opt, batches[0])
     checkpoints = qnnx.NNXCheckpointer(str(tmp_path / "checkpoints"))
     checkpoints.save(1, first, first_opt, {"data_position": 1})
+    with pytest.raises(FileExistsError, match=r"checkpoints/1: a checkpoint of step 1 already exists; save another "
+                                              r"step or use another directory$"):
+        checkpoints.save(1, first, first_opt)
     resumed = _qst(backbone, seed=9)  # other init: everything must come from the checkpoint
     resumed_opt = nnx.Optimizer(resumed, tx, wrt=nnx.Param)
     step, meta = checkpoints.restore(resumed, resumed_opt)
