@@ -55,3 +55,17 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def count_params(tree: Any) -> int:
     """Number of scalars in the leaves of `tree`."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def first_non_finite(tree: Any) -> str | None:
+    """The `"a/b/c"` key of the first floating-point leaf holding a NaN or an infinity (None: every one is finite).
+
+    Integer leaves (NF4 codes, steps) are skipped; each leaf is checked with
+    one reduction, so a large tree costs one pass over its bytes.
+    """
+    jnp = jax.numpy
+    for key, leaf in flatten(tree).items():
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and not bool(jnp.isfinite(jnp.asarray(leaf)).all()):
+            return key
+    return None

@@ -319,3 +319,132 @@ def test_sigkill_during_a_checkpoint_write_then_resume(model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from step 3" in resumed.stdout
     assert json.loads((tmp_path / "run" / "qst_config.json").read_text())["step"] == 8
+
+
+def _user_files(run: pathlib.Path) -> dict[str, str]:
+    """Files a user keeps inside a run's folders (not the run's): written, then returned as a snapshot."""
+    for rel in ("checkpoints/README.txt", "tb/notes.txt", "members/keep.txt", "members/lr=1e-3/notes.txt",
+                "my-notes.txt"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(f"mine: {rel}\n")
+    return {rel: digest for rel, digest in snapshot(run).items()
+            if rel.endswith(("README.txt", "notes.txt", "keep.txt"))}
+
+
+def test_overwrite_deletes_exactly_the_run_files(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 3, "train.checkpoint_every": 3, "data.eval": ""})
+    Trainer(config, log=quiet).run()
+    run = tmp_path / "run"
+    mine = _user_files(run)
+    lines: list[str] = []
+    Trainer(config, overwrite=True, log=lines.append).run()
+    assert {rel: d for rel, d in snapshot(run).items() if rel in mine} == mine  # every user file, byte for byte
+    assert (f"{run}: deleted the previous run's files (side.safetensors, qst_config.json, metrics.jsonl, "
+            "summary.json, loss.png, checkpoints/, tb/)") in lines
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_overwrite_clears_a_previous_sweeps_members(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 0, "data.eval": ""})
+    config.sweep.lr = "1e-3,2e-3"
+    Trainer(config, log=quiet).run()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "members").iterdir()) == ["lr=1e-3", "lr=2e-3"]
+    mine = _user_files(run)
+    config.sweep.lr = "3e-3,4e-3"
+    Trainer(config, overwrite=True, log=quiet).run()
+    assert sorted(p.name for p in (run / "members").iterdir()) == ["keep.txt", "lr=1e-3", "lr=3e-3", "lr=4e-3"]
+    assert sorted(p.name for p in (run / "members" / "lr=1e-3").iterdir()) == ["notes.txt"]  # the user's file only
+    config.sweep.lr = ""
+    Trainer(config, overwrite=True, log=quiet).run()  # a single run over a sweep's directory
+    assert sorted(str(p.relative_to(run)) for p in (run / "members").rglob("*")) == [
+        "members/keep.txt", "members/lr=1e-3", "members/lr=1e-3/notes.txt"]
+    assert {rel: d for rel, d in snapshot(run).items() if rel in mine} == mine
+
+
+def _nan_side(root: pathlib.Path) -> pathlib.Path:
+    from safetensors.numpy import load_file, save_file
+
+    target = root / "nan-side"
+    if not target.exists():
+        shutil.copytree(root / "run", target, ignore=shutil.ignore_patterns("checkpoints", "tb", ".lock"))
+        tensors = load_file(str(target / "side.safetensors"))
+        key = sorted(tensors)[1]
+        tensors[key] = tensors[key].copy()
+        tensors[key].flat[3] = float("nan")
+        save_file(tensors, str(target / "side.safetensors"), metadata={"format": "qst_jax"})
+    return target
+
+
+def test_nan_side_weights_are_refused(finished, model_dir, capsys):
+    from safetensors.numpy import load_file
+
+    root, _ = finished
+    side = _nan_side(root)
+    bad = sorted(load_file(str(side / "side.safetensors")))[1]
+    before = snapshot(side)
+    expected = (f"{side}/side.safetensors: tensor '{bad}' holds NaN or infinite values; this side network cannot be "
+                "used (retrain it, or export an earlier checkpoint)")
+    assert generate_cli.main(["--model", str(model_dir), "--side", str(side), "--prompt", "To be"]) == 1
+    assert capsys.readouterr().err.strip() == f"qst-generate: error: {expected}"
+    assert eval_cli.main(["perplexity", "--model", str(model_dir), "--side", str(side), "--data",
+                          str(root / "eval.txt"), "--max-windows", "2"]) == 1
+    assert capsys.readouterr().err.strip() == f"qst-eval: error: {expected}"
+    assert snapshot(side) == before
+
+
+STOP_DURING_FIRST_EVAL = """
+import sys, time
+from qst_jax.cli import train
+from qst_jax.train.trainer import Trainer
+
+def evaluate_start(self, *args, **kwargs):
+    print("EVALUATING", flush=True)
+    time.sleep(600)
+
+Trainer._evaluate_start = evaluate_start
+train.run()
+"""
+
+
+def test_a_run_stopped_in_its_first_evaluation_does_not_block_the_next(model_dir, tmp_path):
+    config = _config_file(tmp_path, model_dir, {"train.steps": 2, "train.checkpoint_every": 0})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "my-notes.txt").write_text("kept")
+    driver = tmp_path / "driver.py"
+    driver.write_text(STOP_DURING_FIRST_EVAL)
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, str(driver), f"--config={config}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if "EVALUATING" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    run = tmp_path / "run"
+    assert (run / "metrics.jsonl").read_text() == "" and not list((run / "checkpoints").iterdir())
+    resumed = qst_train(f"--config={config}", "--resume")
+    assert resumed.returncode != 0 and "--resume, but there is no checkpoint" in resumed.stderr
+    again = qst_train(f"--config={config}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{run}: replaced the leftovers of a run that stopped before its first checkpoint (metrics.jsonl" \
+        in again.stdout
+    assert (run / "my-notes.txt").read_text() == "kept"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_refused_run_leaves_no_directory_behind(finished, model_dir, tmp_path):
+    root, config = finished
+    target = tmp_path / "new" / "run"
+    proc = qst_train(f"--config={config}", "--resume", f"--config.train.output_dir={target}")
+    assert proc.returncode != 0 and "--resume, but there is no checkpoint" in proc.stderr
+    assert not (tmp_path / "new").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = qst_train(f"--config={config}", f"--config.train.output_dir={blocker / 'run'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"qst-train: error: {blocker / 'run'}: {blocker} is a file, not a directory; "
+                                   "set another train.output_dir")
+    assert blocker.read_text() == "x"

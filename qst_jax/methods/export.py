@@ -27,7 +27,7 @@ from qst_jax.files import write_atomic, write_json_atomic
 from qst_jax.methods.base import Method
 from qst_jax.methods.build import head_task, model_from_dict
 from qst_jax.models.config import ModelConfig
-from qst_jax.tree import flatten, unflatten
+from qst_jax.tree import first_non_finite, flatten, unflatten
 
 CONFIG_FILE = "qst_config.json"
 WEIGHTS_FILE = "side.safetensors"
@@ -77,7 +77,8 @@ def load_side(directory: str, backbone_cfg: ModelConfig | None = None) -> tuple[
     """The exported params (nested numpy arrays) and `qst_config.json`; checks the backbone.
 
     Raises:
-      ExportError: missing or unreadable files, or a backbone fingerprint mismatch.
+      ExportError: missing or unreadable files, a backbone fingerprint mismatch, or a tensor
+        holding NaN or infinity (named).
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -103,6 +104,10 @@ def load_side(directory: str, backbone_cfg: ModelConfig | None = None) -> tuple[
         flat = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ExportError(f"{weights_path}: cannot read as safetensors ({err})") from err
+    bad = first_non_finite(flat)
+    if bad is not None:
+        raise ExportError(f"{weights_path}: tensor {bad!r} holds NaN or infinite values; this side network "
+                          "cannot be used (retrain it, or export an earlier checkpoint)")
     if "model" not in info:
         info["model"] = _legacy_record(info)
     return unflatten(flat), info

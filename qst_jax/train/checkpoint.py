@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from qst_jax.tree import first_non_finite
+
 
 class ResumeError(RuntimeError):
     """No intact checkpoint to resume from; the message names each damaged one."""
@@ -72,6 +74,9 @@ class Checkpointer:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
+        bad = first_non_finite(restored["state"])
+        if bad is not None:  # the trainer never saves one: a damaged checkpoint, and `restore` takes an older one
+            raise ValueError(f"{bad} holds NaN or infinite values")
         return restored["state"], restored["meta"]
 
     def restore(self, abstract_state: Any, log=print) -> tuple[Any, dict[str, Any], int]:

@@ -6,9 +6,15 @@
     run_dir.release()
 
 Rules (README, "When something goes wrong"):
-  * a new run into a directory that already holds a run (checkpoints, an
-    export, metrics) is refused, unless `resume` (continue it) or
-    `overwrite` (its run files are deleted first; other files are left);
+  * a new run into a directory that already holds a run's results (a
+    checkpoint, an export, a summary) is refused, unless `resume` (continue
+    it) or `overwrite` (exactly the files a run writes are deleted first:
+    `run_entries`; every other file, in those folders too, is left);
+  * the leftovers of a run that left nothing to resume (stopped before its
+    first checkpoint: metrics, TensorBoard files) are the run's, and a new
+    run replaces them without `overwrite`;
+  * a refused command leaves nothing behind: a directory (or `.lock`) it
+    created is removed again;
   * `resume` with no checkpoint to resume from is refused;
   * a second process cannot write the same directory: an advisory lock on
     `.lock` makes it fail at once, naming the holder (its pid and command,
@@ -26,13 +32,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from typing import Any
 
 from qst_jax.files import write_text_atomic
 
 RUN_FILES = ("side.safetensors", "qst_config.json", "metrics.jsonl", "summary.json", "loss.png")
-RUN_FOLDERS = ("checkpoints", "tb")
+EXPORT_FILES = ("side.safetensors", "qst_config.json")
+# What a run writes inside its folders: orbax step folders (and their temporary and set-aside forms),
+# TensorBoard event files, and a sweep's member exports. Nothing else in those folders is the run's.
+_STEP = re.compile(r"^\d+(\.damaged|\.orbax-checkpoint-tmp-.*)?$")
+_EVENTS = re.compile(r"^events\.out\.tfevents\.")
 LOCK_FILE = ".lock"
 
 
@@ -46,29 +57,53 @@ class RunDirectory:
     def __init__(self, path: str):
         self.path = path
         self._lock: Any = None
+        self._created: list[str] = []  # what `acquire` made (the directory, .lock): removed again on refusal
 
-    def run_contents(self) -> list[str]:
-        """What of a run the directory holds (file and folder names), empty for none."""
+    def _listing(self, folder: str) -> list[str]:
+        full = os.path.join(self.path, folder)
+        return sorted(os.listdir(full)) if os.path.isdir(full) else []
+
+    def run_entries(self) -> list[str]:
+        """Every path (relative to the directory) that a run wrote and `--overwrite` deletes, and nothing else.
+
+        Top-level run files; `checkpoints/<step>` folders; TensorBoard event
+        files in `tb/`; each `members/<name>/side.safetensors` and
+        `qst_config.json` of a sweep.
+        """
         found = [name for name in RUN_FILES if os.path.isfile(os.path.join(self.path, name))]
-        for name in RUN_FOLDERS:
-            folder = os.path.join(self.path, name)
-            if os.path.isdir(folder) and os.listdir(folder):
-                found.append(f"{name}/")
+        found += [f"checkpoints/{n}" for n in self._listing("checkpoints") if _STEP.match(n)]
+        found += [f"tb/{n}" for n in self._listing("tb") if _EVENTS.match(n)]
+        for member in self._listing("members"):
+            found += [f"members/{member}/{n}" for n in EXPORT_FILES
+                      if os.path.isfile(os.path.join(self.path, "members", member, n))]
         return found
 
-    def has_checkpoint(self) -> bool:
-        folder = os.path.join(self.path, "checkpoints")
-        return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+    def run_contents(self) -> list[str]:
+        """What of a run the directory holds, for messages (`checkpoints/`, `members/` for their entries)."""
+        return top_level(self.run_entries())
 
-    def acquire(self, *, resume: bool, overwrite: bool) -> None:
+    def has_checkpoint(self) -> bool:
+        return any(n.isdigit() for n in self._listing("checkpoints"))
+
+    def holds_results(self) -> bool:
+        """A checkpoint to resume, or a finished run's export or summary: what a new run must not replace unasked."""
+        entries = self.run_entries()
+        return self.has_checkpoint() or any(e.split("/")[-1] in (*EXPORT_FILES, "summary.json") for e in entries)
+
+    def acquire(self, *, resume: bool, overwrite: bool) -> list[str]:
         """Locks the directory and checks it against `resume` / `overwrite` (see module docstring).
+
+        Returns:
+          the run files it deleted: with `overwrite`, or the leftovers of a
+          run that left nothing to resume and no results (stopped before its
+          first checkpoint), which a new run replaces without asking.
 
         Raises:
           RunDirectoryError: in use by another process, holds another run, or nothing to resume.
         """
         if resume and overwrite:
             raise RunDirectoryError("--resume and --overwrite contradict each other: choose one")
-        os.makedirs(self.path, exist_ok=True)
+        self._make_directory()
         self._lock_directory()
         try:
             contents = self.run_contents()
@@ -78,15 +113,44 @@ class RunDirectory:
                     "to resume from; start a new run without --resume"
                 )
             if not resume and contents:
-                if not overwrite:
+                if not overwrite and self.holds_results():
                     raise RunDirectoryError(
                         f"{self.path}: already holds a run ({', '.join(contents)}); continue it with --resume, "
                         "delete it and start over with --overwrite, or set another train.output_dir"
                     )
-                self._clear()
+                replaced = self._clear()
+                self._created = []
+                return replaced
+            self._created = []
+            return []
         except BaseException:
             self.release()
+            self._undo_created()
             raise
+
+    def _make_directory(self) -> None:
+        """Creates the directory (and parents) if needed, remembering what it made, so a refusal leaves nothing."""
+        missing, head = [], os.path.abspath(self.path)
+        while not os.path.exists(head):
+            missing.append(head)
+            head = os.path.dirname(head)
+        if os.path.exists(head) and not os.path.isdir(head):
+            raise RunDirectoryError(f"{self.path}: {head} is a file, not a directory; set another train.output_dir")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as err:
+            raise RunDirectoryError(f"{self.path}: cannot create the directory ({err.strerror}); "
+                                    "set another train.output_dir") from None
+        lock = os.path.join(self.path, LOCK_FILE)
+        self._created = ([] if os.path.exists(lock) else [lock]) + missing
+
+    def _undo_created(self) -> None:
+        for path in self._created:  # the lock file first, then the folders, innermost first
+            try:
+                os.remove(path) if path.endswith(LOCK_FILE) else os.rmdir(path)
+            except OSError:
+                break
+        self._created = []
 
     def _lock_directory(self) -> None:
         path = os.path.join(self.path, LOCK_FILE)
@@ -101,13 +165,21 @@ class RunDirectory:
             ) from None
         self._lock = handle
 
-    def _clear(self) -> None:
-        for name in RUN_FILES:
-            target = os.path.join(self.path, name)
-            if os.path.isfile(target):
+    def _clear(self) -> list[str]:
+        """Deletes exactly `run_entries()` (then the run's folders left empty); returns what it deleted."""
+        entries = self.run_entries()
+        for entry in entries:
+            target = os.path.join(self.path, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            else:
                 os.remove(target)
-        for name in RUN_FOLDERS:
-            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        folders = [f"members/{m}" for m in self._listing("members")] + ["members", "checkpoints", "tb"]
+        for folder in folders:
+            full = os.path.join(self.path, folder)
+            if os.path.isdir(full) and not os.listdir(full):
+                os.rmdir(full)
+        return entries
 
     def release(self) -> None:
         if self._lock is not None:
@@ -128,7 +200,9 @@ class RunDirectory:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         write_text_atomic(path, "".join(kept))
-        shutil.rmtree(os.path.join(self.path, "tb"), ignore_errors=True)
+        for entry in self.run_entries():
+            if entry.startswith("tb/"):  # the run's event files; anything else in tb/ stays
+                os.remove(os.path.join(self.path, entry))
         if kept:
             from tensorboardX import SummaryWriter
 
@@ -142,6 +216,16 @@ class RunDirectory:
                             tag = tb_tag(record["split"], key, record.get("member"))
                             tb.add_scalar(tag, float(value), int(record["step"]))
         return len(lines) - len(kept)
+
+
+def top_level(entries: list[str]) -> list[str]:
+    """`checkpoints/3`, `checkpoints/6` -> `checkpoints/`: each top-level name once, in order."""
+    names: list[str] = []
+    for entry in entries:
+        name = entry.split("/")[0] + "/" if "/" in entry else entry
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _lock_holder(path: str) -> str:

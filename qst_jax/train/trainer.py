@@ -43,7 +43,7 @@ from qst_jax.train.checkpoint import Checkpointer
 from qst_jax.train.config import resume_changes, validate
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError, plot_loss_curve
 from qst_jax.train.optim import make_optimizer
-from qst_jax.train.run_dir import RunDirectory
+from qst_jax.train.run_dir import RunDirectory, top_level
 from qst_jax.train.signals import Stop, catch_signals
 from qst_jax.train.step import TrainState, init_train_state, make_train_step
 
@@ -90,7 +90,11 @@ class Trainer:
         self.output_dir = config.train.output_dir
         self.run_dir = RunDirectory(self.output_dir)
         if jax.process_index() == 0:  # one process guards the directory all processes share
-            self.run_dir.acquire(resume=resume, overwrite=overwrite)
+            replaced = self.run_dir.acquire(resume=resume, overwrite=overwrite)
+            if replaced:
+                what = "deleted the previous run's files" if overwrite else (
+                    "replaced the leftovers of a run that stopped before its first checkpoint")
+                self.log(f"{self.output_dir}: {what} ({', '.join(top_level(replaced))})")
         try:
             if resume:
                 self._check_resumable()
