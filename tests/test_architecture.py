@@ -66,9 +66,38 @@ def test_imports_run_downward_only():
 
 def test_only_cli_imports_the_trainer():
     importers = [str(path.relative_to(PACKAGE.parent)) for room, path, tree in _modules()
-                 if room != "cli" and path.name not in ("trainer.py", "sweep_trainer.py")  # its subclass
+                 if room != "cli" and path.name not in ("trainer.py", "sweep_trainer.py", "launch.py")
                  and any(n.startswith("qst_jax.train.trainer") for n in _imports(tree))]
     assert importers == []
+
+
+def test_no_import_circles():
+    """No module imports (at any depth, lazily or not) a module that imports it back."""
+    modules = {".".join(("qst_jax", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): t
+               for _, p, t in _modules()}
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                # `from qst_jax.models import loops` imports the submodule, not the package's __init__
+                subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+                targets |= subs if len(subs) == len(node.names) else subs | {node.module}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        graph[name] = targets - {name}
+    circles = []
+    for start in sorted(graph):
+        seen, stack = set(), list(graph[start])
+        while stack:
+            node = stack.pop()
+            if node == start:
+                circles.append(start)
+                break
+            if node not in seen:
+                seen.add(node)
+                stack.extend(graph.get(node, ()))
+    assert circles == []
 
 
 def test_no_isinstance_on_method_classes_outside_methods():

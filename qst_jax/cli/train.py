@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
     from qst_jax.models import CheckpointError, ConfigError
     from qst_jax.train.checkpoint import ResumeError
     from qst_jax.train.run_dir import RunDirectoryError
-    from qst_jax.train.trainer import Trainer, TrainingError
+    from qst_jax.train.launch import make_trainer
+    from qst_jax.train.trainer import TrainingError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     if _PLAN.value:
         return _plan(config, _PLAN.value)
     try:
-        trainer = Trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+        trainer = make_trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
         summary = trainer.run()
     except (CheckpointError, ConfigError, DataError, MissingPackageError, ResumeError, RunDirectoryError,
             TrainingError, ValueError) as err:

@@ -1,10 +1,10 @@
 """A sweep run behind `qst-train`: K side networks trained together, one backbone pass per micro-batch.
 
-    Trainer(config)                                # config.sweep.lr = "1e-4,3e-4,1e-3"
-    Trainer(config, tx=[tx_a, tx_b])               # your own optax transformations (or a name -> tx dict)
-    Trainer(config, schedule={"cos": f, "lin": g}) # your own schedules for the configured AdamW
+    SweepTrainer(config)                                # config.sweep.lr = "1e-4,3e-4,1e-3"
+    SweepTrainer(config, tx=[tx_a, tx_b])               # your own optax transformations (or a name -> tx dict)
+    SweepTrainer(config, schedule={"cos": f, "lin": g}) # your own schedules for the configured AdamW
 
-`Trainer` returns a `SweepTrainer` for these; the run's order, directory
+`launch.make_trainer` (what qst-train calls) builds one for these; the run's order, directory
 rules, checkpoints, signals and logging windows are the single run's
 (`trainer.py`). What differs:
 
@@ -44,7 +44,7 @@ from qst_jax.train.trainer import Trainer, TrainingError, _line
 
 
 class SweepTrainer(Trainer):
-    """K QST side networks in one run (see the module docstring); built by `Trainer(...)`."""
+    """K QST side networks in one run (see the module docstring); `launch.make_trainer` picks it for a sweep."""
 
     def __init__(self, config: Any, *, tx: Any = None, schedule: Any = None, **kwargs: Any):
         from qst_jax.train.config import validate

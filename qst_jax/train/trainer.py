@@ -37,7 +37,7 @@ from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.eval.tasks import classify, evaluate_batches, lm_result, make_eval_step, mmlu
 from qst_jax.files import write_json_atomic
 from qst_jax.methods import FrozenModel, build_model, export_side
-from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
+from qst_jax.models import Backbone, ConfigError, load_backbone, load_config, load_tokenizer
 from qst_jax.tree import count_params
 from qst_jax.train.checkpoint import Checkpointer
 from qst_jax.train.config import resume_changes, validate
@@ -46,6 +46,7 @@ from qst_jax.train.optim import make_optimizer
 from qst_jax.train.run_dir import RunDirectory, top_level
 from qst_jax.train.signals import Stop, catch_signals
 from qst_jax.train.step import TrainState, init_train_state, make_train_step
+from qst_jax.train.sweep import is_sweep
 
 
 class TrainingError(RuntimeError):
@@ -72,18 +73,13 @@ class Trainer:
       RunDirectoryError: the output directory is in use, holds another run, or has nothing to resume.
     """
 
-    def __new__(cls, config: Any, *, tx: Any = None, schedule: Any = None, **kwargs: Any):
-        """A sweep (`config.sweep`, or a list/dict of `tx` or `schedule`) is a `SweepTrainer`."""
-        from qst_jax.train.sweep import is_sweep
-        if cls is Trainer and is_sweep(config, tx, schedule):
-            from qst_jax.train.sweep_trainer import SweepTrainer
-            cls = SweepTrainer
-        return super().__new__(cls)
-
     def __init__(self, config: Any, *, tx: optax.GradientTransformation | None = None, schedule=None,
                  backbone: Backbone | None = None, tokenizer: Any = None, resume: bool = False,
                  overwrite: bool = False, log=print):
         validate(config)
+        if type(self) is Trainer and is_sweep(config, tx, schedule):
+            raise ConfigError("a sweep (config.sweep, or a list or dict of tx or schedule) trains with SweepTrainer: "
+                              "build it with qst_jax.train.launch.make_trainer(config, ...) or SweepTrainer(...)")
         self.config, self.log, self.resume = config, log, resume
         path = resolve_model_path(config.model.path)
         validate(config, context=(backbone.cfg if backbone else load_config(path)).max_position_embeddings)
