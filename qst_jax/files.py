@@ -4,7 +4,8 @@ A reader (a resumed run, `qst-eval`, another process) sees either the old
 file or the complete new one, never a partial write: the content goes to a
 temporary name in the same folder, which is then renamed onto the target
 (`os.replace`, atomic on POSIX and Windows). A failure removes the
-temporary file and leaves the target as it was.
+temporary file and leaves the target as it was. The file gets the mode
+`open` gives a new file (0666 less the umask), whatever the writer made.
 """
 
 from __future__ import annotations
@@ -26,10 +27,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as `open` would make it: some writers (safetensors) create files 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -96,7 +96,74 @@ TRAIN_CASES = [
     ("corrupt config.json", [], lambda root, m: [f"--config.model.path={_corrupt_config(root, m)}",
                                                  f"--config.train.output_dir={root / 'badcfg'}"],
      r"bad-config/config.json:1: not valid JSON"),
+    ("invalid UTF-8 in a jsonl", [], lambda root, m: [f"--config.data.train={_data(root, 'bad.jsonl', BAD_UTF8)}",
+                                                      f"--config.train.output_dir={root / 'utf8'}"],
+     r"^\S+/bad.jsonl:2: not UTF-8 \(byte 0xff\); save the file as UTF-8$"),
+    ("whitespace-only jsonl", [], lambda root, m: [f"--config.data.train={_data(root, 'blank.jsonl', b'  \n\n ')}",
+                                                   f"--config.train.output_dir={root / 'blank'}"],
+     r"^\S+/blank.jsonl: no records \(only whitespace\)$"),
+    ("a path split at a comma", [], lambda root, m: [f"--config.data.train={root / 'no,such.txt'}",
+                                                     f"--config.train.output_dir={root / 'comma'}"],
+     r"^\S+/no: no such file or directory; the paths were split at commas \(write \\, for a comma inside a "
+     r"path\)$"),
+    ("resume a sweep with another list", ["--resume", "--config.sweep.lr=1e-3,2e-3"], None,
+     r"^--resume: sweep.lr '' -> '1e-3,2e-3': a sweep's members are its list's values \(each named by them: "
+     r"members/<name>/, metrics tagged by name\), so another list is other members, whose params and optimizer "
+     r"state the checkpoint does not hold; keep the checkpoint's list, or start over with --overwrite$"),
 ]
+BAD_UTF8 = b'{"text": "fine"}\n{"text": "bad \xff byte"}\n'
+
+
+def _data(root: pathlib.Path, name: str, content: bytes) -> pathlib.Path:
+    path = root / name
+    path.write_bytes(content)
+    return path
+
+
+def test_overrides_without_a_config_name_the_missing_flag():
+    proc = qst_train("--config.train.steps=3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("qst-train: error: --config.train.steps overrides a key of a config file, but no "
+                                   "--config was given: add --config configs/default.py (or another recipe) before it")
+
+
+def test_qst_quantize_names_a_file_it_cannot_read(tmp_path, capsys):
+    from qst_jax.cli import quantize
+
+    garbage, truncated = tmp_path / "garbage.safetensors", tmp_path / "truncated.safetensors"
+    garbage.write_text("not a safetensors file")
+    truncated.write_bytes((REPO / "tests/testdata/tiny-llama-bf16/model.safetensors").read_bytes()[:200])
+    for path, reason in ((garbage, "header too large"), (truncated, "invalid header length")):
+        assert quantize.main([str(path)]) == 2
+        assert capsys.readouterr().err.strip() == (f"qst-quantize: {path}: cannot read as safetensors (Error while "
+                                                   f"deserializing header: {reason}); give a .safetensors weights file")
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    from qst_jax.data.sources import load_records
+
+    for name, content, column in (("bom.txt", "hello\n", "text"), ("bom.jsonl", '{"text": "hello"}\n', "text"),
+                                  ("bom.csv", "text\nhello\n", "text")):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode())
+        assert load_records(str(tmp_path / name))[0][column].strip() == "hello", name
+
+
+def test_exports_get_the_umask_mode(finished):
+    root, _ = finished
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (root / "run").iterdir() if p.is_file() and p.name != ".lock"}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert modes["side.safetensors"] == modes["qst_config.json"] == 0o666 & ~umask, modes
+
+
+def test_one_side_and_records_that_name_sides(finished, model_dir, capsys):
+    root, _ = finished
+    prompts = _bad_prompts(root, '{"prompt": "a", "side": "lr=1e-3"}\n')
+    assert generate_cli.main(["--model", str(model_dir), "--side", str(root / "run"), "--file", str(prompts)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"qst-generate: error: {prompts}:1: the record's 'side' field names 'lr=1e-3', but this run has one --side "
+        f"({root / 'run'}): a 'side' field chooses among two or more --side folders (each named by its folder); give "
+        "them, or drop the field")
 
 
 def _no_tokenizer(root: pathlib.Path, model_dir: pathlib.Path) -> pathlib.Path:
@@ -442,6 +509,10 @@ def test_a_refused_run_leaves_no_directory_behind(finished, model_dir, tmp_path)
     target = tmp_path / "new" / "run"
     proc = qst_train(f"--config={config}", "--resume", f"--config.train.output_dir={target}")
     assert proc.returncode != 0 and "--resume, but there is no checkpoint" in proc.stderr
+    assert not (tmp_path / "new").exists()
+    bad = _data(tmp_path, "bad.jsonl", BAD_UTF8)  # fails after the directory was taken, while loading the data
+    proc = qst_train(f"--config={config}", f"--config.data.train={bad}", f"--config.train.output_dir={target}")
+    assert proc.returncode != 0 and "bad.jsonl:2: not UTF-8" in proc.stderr
     assert not (tmp_path / "new").exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -79,10 +79,15 @@ def _complete_file(gen, tokenizer, args, sampling) -> None:
             raise GenerationError(f"{args.file}:{line_number}: a record needs 'prompt' or 'messages'; "
                                   f"it has {sorted(record)}")
         side = record.get("side")
+        if side is not None and not gen.side_names:
+            have = f"one --side ({args.side[0]})" if args.side else "no --side (the base model)"
+            raise GenerationError(
+                f"{args.file}:{line_number}: the record's 'side' field names {side!r}, but this run has {have}: "
+                "a 'side' field chooses among two or more --side folders (each named by its folder); give them, "
+                "or drop the field")
         if side is not None and side not in gen.side_names:
-            known = f"one of {gen.side_names} or null (the base model)" if gen.side_names else \
-                "given with several --side (this run has one model)"
-            raise GenerationError(f"{args.file}:{line_number}: side {side!r} is not {known}")
+            raise GenerationError(f"{args.file}:{line_number}: side {side!r} is not one of {gen.side_names} or "
+                                  "null (the base model)")
         jobs.append((record, prompt, side))
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]

@@ -37,13 +37,17 @@ def _tensors(args: argparse.Namespace):
         rng = np.random.default_rng(0)
         yield "random.weight", (rng.standard_normal((out_dim, in_dim), np.float32) * 0.02).astype(ml_dtypes.bfloat16)
         return
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(args.path):
         raise SystemExit(f"qst-quantize: {args.path}: no such file")
-    with safe_open(args.path, framework="numpy") as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
+    try:
+        with safe_open(args.path, framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError) as err:  # truncated, or not a safetensors file at all
+        raise QuantizationError(f"{args.path}: cannot read as safetensors ({str(err).splitlines()[0]}); "
+                                "give a .safetensors weights file") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     import os
 
     path = _config_file(argv)
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if path is None and overrides:
+        _fail(f"{overrides[0]} overrides a key of a config file, but no --config was given: "
+              "add --config configs/default.py (or another recipe) before it")
     if path is not None and not os.path.isfile(path.split(":", 1)[0]):
         _fail(f"--config {path}: no such file (recipes are in configs/)")
     unknown = _unknown_keys(argv)

@@ -41,8 +41,10 @@ def split_paths(spec: str) -> list[str]:
 
 def _expand(paths: str | Sequence[str], format: str | None = None) -> list[str]:
     """Files of `paths`; a folder gives its files of `format` (default: of every known format)."""
+    split = isinstance(paths, str) and len(split_paths(paths)) > 1
     if isinstance(paths, str):
         paths = split_paths(paths)
+    hint = "; the paths were split at commas (write \\, for a comma inside a path)" if split else ""
     wanted = [ext for ext, kind in FORMATS.items() if kind == format] if format else list(FORMATS)
     files: list[str] = []
     for path in paths:
@@ -61,7 +63,7 @@ def _expand(paths: str | Sequence[str], format: str | None = None) -> list[str]:
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise DataError(f"{path}: no such file or directory")
+            raise DataError(f"{path}: no such file or directory{hint}")
     return files
 
 
@@ -87,16 +89,23 @@ def load_records(paths: str | Sequence[str], *, format: str | None = None):
     kind = kinds.pop()
     if all(os.path.getsize(f) == 0 for f in files):
         raise DataError(f"{', '.join(files)}: the dataset is empty")
+    for f in files:  # invalid UTF-8 or JSON, a short row, no records: named by file and line before datasets reads
+        _check_text(f, kind)
+    if kind != "parquet" and all(_blank(f) for f in files):
+        raise DataError(f"{', '.join(files)}: no records (only whitespace)")
     try:
         ds = _load(datasets, kind, files)
     except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
-        for f in files:  # name the file and line where we can
-            _check_text(f, kind)
         raise DataError(f"{', '.join(files)}: cannot read as {kind}: {err}") from err
     if len(ds) == 0:
         raise DataError(f"{', '.join(files)}: the dataset is empty")
     ds.qst_source = (kind, files)  # for record_location
     return ds
+
+
+def _blank(path: str) -> bool:
+    with open(path, "rb") as f:
+        return not f.read().decode("utf-8-sig").strip()
 
 
 def _csv_dialect(kind: str) -> tuple[str, int]:
@@ -111,7 +120,7 @@ def _check_text(path: str, kind: str) -> None:
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not text (datasets drops it too)
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8") from None
@@ -182,8 +191,9 @@ def _load(datasets, kind: str, files: list[str]):
         )
     if kind == "csv":
         return datasets.load_dataset("csv", data_files=files, split="train", keep_default_na=False)
-    if kind == "text":
-        return datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+    if kind == "text":  # utf-8-sig: a byte-order mark is dropped, as the json and csv readers drop it
+        return datasets.load_dataset("text", data_files=files, split="train", sample_by="document",
+                                     encoding="utf-8-sig")
     return datasets.load_dataset(kind, data_files=files, split="train")
 
 

@@ -10,6 +10,8 @@ a model or imports the trainer.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
@@ -32,8 +34,15 @@ def resolve_data(spec: str, holdout: str) -> list[str]:
     anything else is a local file, folder or glob (`\\,` is a comma inside a path).
     """
     files: list[str] = []
-    for part in split_paths(spec):
-        files += _shakespeare(part.split(":", 1)[1], holdout) if part.startswith("shakespeare:") else [part]
+    parts = split_paths(spec)
+    for part in parts:
+        if part.startswith("shakespeare:"):
+            files += _shakespeare(part.split(":", 1)[1], holdout)
+            continue
+        if len(parts) > 1 and not any(ch in part for ch in "*?[") and not os.path.exists(os.path.expanduser(part)):
+            raise DataError(f"{part}: no such file or directory; the paths were split at commas "
+                            "(write \\, for a comma inside a path)")
+        files.append(part)
     return files
 
 

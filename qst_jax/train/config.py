@@ -306,6 +306,14 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     for key in OPTIMIZER_PARTS:  # on or off changes the optimizer state's structure
         if key in keys and (float(old.get(key) or 0) > 0) != (float(new.get(key) or 0) > 0):
             refused.append(key)
+    members = [k for k in refused if k.startswith("sweep.")]
+    if members:
+        raise ConfigError(
+            f"--resume: {', '.join(described[k] for k in members)}: a sweep's members are its list's values (each "
+            "named by them: members/<name>/, metrics tagged by name), so another list is other members, whose "
+            "params and optimizer state the checkpoint does not hold; keep the checkpoint's list, or start over "
+            "with --overwrite"
+        )
     if refused:
         raise ConfigError(
             f"--resume: {', '.join(described[k] for k in refused)}: the checkpoint's params or optimizer state "

@@ -118,14 +118,10 @@ class RunDirectory:
                         f"{self.path}: already holds a run ({', '.join(contents)}); continue it with --resume, "
                         "delete it and start over with --overwrite, or set another train.output_dir"
                     )
-                replaced = self._clear()
-                self._created = []
-                return replaced
-            self._created = []
+                return self._clear()
             return []
         except BaseException:
-            self.release()
-            self._undo_created()
+            self.abandon()
             raise
 
     def _make_directory(self) -> None:
@@ -144,8 +140,15 @@ class RunDirectory:
         lock = os.path.join(self.path, LOCK_FILE)
         self._created = ([] if os.path.exists(lock) else [lock]) + missing
 
-    def _undo_created(self) -> None:
+    def abandon(self) -> None:
+        """Releases the lock and removes what `acquire` created (`.lock`, new folders) while it is still empty.
+
+        For a run refused or failed before it wrote anything: nothing of it is left behind.
+        """
+        self.release()
         for path in self._created:  # the lock file first, then the folders, innermost first
+            if path.endswith(LOCK_FILE) and os.listdir(os.path.dirname(path)) != [LOCK_FILE]:
+                break  # something else was written beside it: it stays, the lock file too
             try:
                 os.remove(path) if path.endswith(LOCK_FILE) else os.rmdir(path)
             except OSError:

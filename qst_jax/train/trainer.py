@@ -96,7 +96,7 @@ class Trainer:
                 self._check_resumable()
             self._build(path, tx, schedule, backbone, tokenizer)
         except BaseException:
-            self.run_dir.release()
+            self.run_dir.abandon()  # a run that fails before it starts leaves no directory or .lock behind
             raise
 
     def _check_resumable(self) -> None:
