@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -138,13 +139,16 @@ def _check_text(path: str, kind: str) -> None:
                     raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
     elif kind in ("csv", "tsv"):
         delimiter, quoting = _csv_dialect(kind)
-        reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
-        for row in reader:
-            if row and header is not None and len(row) != len(header):
-                raise DataError(
-                    f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)} ({header})"
-                )
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+        try:
+            header = next(reader, None)
+            for row in reader:
+                if row and header is not None and len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)} ({header})"
+                    )
+        except csv.Error as err:  # an unclosed quote, a stray quote in a field
+            raise DataError(f"{path}:{reader.line_num}: not valid {kind.upper()} ({err})") from None
 
 
 def _record_counts(kind: str, files: list[str]) -> list[int]:

@@ -180,6 +180,8 @@ def test_unusable_chat_records_are_counted(tokenizer, tmp_path):
 @pytest.mark.parametrize("name, text, message", [
     ("bad.jsonl", '{"text": "a"}\n{"text": "b",\n', "bad.jsonl:2: not valid JSON"),
     ("bad.tsv", "sentence\tlabel\nok\t1\ntoo\tmany\tfields\n", r"bad.tsv:3: 3 fields, the header has 2"),
+    ("quote.csv", 'text\n"an unclosed quote\nmore\n', r"quote.csv:3: not valid CSV \(unexpected end of data\)$"),
+    ("blank.jsonl", "  \n\n\t\n", r"blank.jsonl: no records \(only whitespace\)$"),
 ])
 def test_parse_errors_name_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
