@@ -7,12 +7,13 @@
 `--prompt` streams the continuation; `--chat` keeps the conversation (type
 /exit or end input to stop); `--file` reads jsonl records with `prompt` or
 `messages` and writes each with a `completion`, `--batch-size` records
-decoding together.
+decoding together in the engine's slots (`generate/engine.py`, the one
+`qst-serve` runs).
 
 Several `--side` (QST exports) serve one file: each record names its side
 network in a `"side"` field (the folder's name; absent or null: the base
-model), and every batch decodes its rows together, one backbone pass per
-token:
+model), and the slots decode together whatever side each holds, one backbone
+pass per token:
 
     qst-generate --model M --side runs/a --side runs/b --file prompts.jsonl
     {"prompt": "...", "side": "a"}
@@ -89,13 +90,13 @@ def _complete_file(gen, tokenizer, args, sampling) -> None:
             raise GenerationError(f"{args.file}:{line_number}: side {side!r} is not one of {gen.side_names} or "
                                   "null (the base model)")
         jobs.append((record, prompt, side))
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start : start + args.batch_size]
-        texts = gen.generate([p for _, p, _ in chunk], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             seed=args.seed, stop_strings=args.stop,
-                             side=[s for _, _, s in chunk] if gen.side_names else None)
-        for (record, _, _), text in zip(chunk, texts):
-            print(json.dumps({**record, "completion": text}), flush=True)
+    # Every record is one request of the engine: `--batch-size` slots decode together, a finished record's slot
+    # takes the next one at once (continuous batching), and the completions print in the file's order.
+    texts = gen.generate([p for _, p, _ in jobs], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                         seed=args.seed, stop_strings=args.stop,
+                         side=[s for _, _, s in jobs] if gen.side_names else None)
+    for (record, _, _), text in zip(jobs, texts):
+        print(json.dumps({**record, "completion": text}), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--batch-size", type=int, default=8, help="--file records decoded together")
+    parser.add_argument("--batch-size", type=int, default=8, help="decode slots: --file records decoded together")
     return parser
 
 
@@ -136,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         note = lambda m: print(f"qst-generate: {m}", file=sys.stderr)  # noqa: E731
         if len(args.side) > 1:  # `model` is the sides' SideSet, `info` their records by name
             members = {name: (model.member(i), p) for i, (name, p) in enumerate(zip(info, model.unstack(params)))}
-            gen = Generator(backbone, tokenizer, log=note, sides=members)
+            gen = Generator(backbone, tokenizer, log=note, sides=members, slots=args.batch_size)
         else:
-            gen = Generator(backbone, tokenizer, (model, params), log=note)
+            gen = Generator(backbone, tokenizer, (model, params), log=note, slots=args.batch_size)
         if args.prompt is not None:
             _stream(gen, tokenizer(args.prompt).input_ids, args, sampling)
         elif args.chat:

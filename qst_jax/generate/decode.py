@@ -1,10 +1,4 @@
-"""KV-cached decoding through the backbone and, optionally, a tuned model.
-
-A prompt batch is left-padded to one length P. Prefill runs the whole prompt
-once and fills preallocated caches of length P + max_new_tokens (the
-backbone's, and the side network's next to it: they share positions and the
-mask); each decode step then runs one token through every layer. Both passes
-are jitted; the decode step has one static shape for the whole generation.
+"""Text from a backbone and, optionally, tuned models: the `Generator` front end of the decoding engine.
 
     gen = Generator(backbone, tokenizer)                     # the base model
     gen = Generator(backbone, tokenizer, tuned=(model, params))  # any method (QST, QLoRA, ...)
@@ -13,11 +7,13 @@ are jitted; the decode step has one static shape for the whole generation.
     gen = Generator(backbone, tokenizer, sides={"a": (model_a, params_a), "b": (model_b, params_b)})
     texts = gen.generate([p1, p2, p3], side=["a", None, "b"])   # None: the base model
 
-With `sides` (QST side networks), every row names its side network and all
-rows decode together, one backbone pass per token (`methods.RoutedSides`).
-
-The model is used only through the method interface (`qst_jax.methods.Method`):
-`init_caches`, `hidden` with caches, and `head`.
+Every prompt becomes a `Request` of the one decoding engine (`engine.py`,
+which `qst-serve` runs too): prefilled alone into a decode slot, then decoded
+with the other slots, one backbone pass per token; QST side networks are
+gathered per row from a stack (`SideStore`), so rows naming different side
+networks decode together. `full_logits` is the uncached oracle the tests
+compare the engine with (the method's own `hidden`, `methods.RoutedSides`
+for several sides).
 """
 
 from __future__ import annotations
@@ -30,11 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from qst_jax.data.examples import CHAT_ROLES, pad_id
-from qst_jax.generate.sampling import SamplingConfig, sample
+from qst_jax.generate.engine import Engine, EngineError, Request
+from qst_jax.generate.sampling import SamplingConfig
+from qst_jax.generate.side_store import SideStore
 from qst_jax.methods import FrozenModel
 from qst_jax.methods.side_set import RoutedSides, SideSet
 from qst_jax.models.layers import Params, positions_from_mask
 from qst_jax.models.loader import Backbone
+
+
+TUNED = "tuned"  # the one side network of `Generator(..., tuned=(a QSTModel, params))`
 
 
 class GenerationError(ValueError):
@@ -50,11 +51,15 @@ class Generator:
       tuned: (a method, its params), or None for the base model.
       sides: several QST side networks, `{name: (model, params)}`; rows pick one with `side=`.
       log: where notices go (e.g. `max_new_tokens` cut by the context); None: silent.
+      slots, max_len: the engine's decode slots and tokens per slot (`engine.Engine`).
     """
 
     def __init__(self, backbone: Backbone, tokenizer: Any, tuned: tuple[Any, Any] | None = None,
-                 log: Callable[[str], None] | None = None, *, sides: Mapping[str, tuple[Any, Any]] | None = None):
+                 log: Callable[[str], None] | None = None, *, sides: Mapping[str, tuple[Any, Any]] | None = None,
+                 slots: int = 8, max_len: int | None = None):
         self.backbone, self.tokenizer, self.log = backbone, tokenizer, log
+        self.slots, self.max_len, self._engine = slots, max_len, None
+        self._sides = dict(sides or {})
         self.cfg, self.dtype = backbone.cfg, backbone.dtype
         self.model, self.params = tuned if tuned is not None else (FrozenModel(backbone.cfg, backbone.dtype), {})
         self.side_names: list[str] = []
@@ -128,6 +133,20 @@ class Generator:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     # -- generation --------------------------------------------------------------
+    def engine(self) -> Engine:
+        """The decoding engine behind `generate_ids` (built once): `slots` rows, continuous batching."""
+        if self._engine is None:
+            if self.side_names or self.model.name in ("qst", "frozen"):
+                sides = self._sides if self.side_names else (
+                    {TUNED: (self.model, self.params)} if self.model.name == "qst" else {})
+                store = SideStore(self.cfg, sides, capacity=max(len(sides), 1), dtype=self.dtype)
+                self._engine = Engine(self.backbone, self.tokenizer, slots=self.slots, max_len=self.max_len,
+                                      sides=store)
+            else:  # QLoRA and other methods: the same slots, one model for all
+                self._engine = Engine(self.backbone, self.tokenizer, slots=self.slots, max_len=self.max_len,
+                                      model=self.model, params=self.params)
+        return self._engine
+
     def generate_ids(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -140,59 +159,56 @@ class Generator:
         on_token: Callable[[int, list[str]], None] | None = None,
         side: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
-        """New token ids per prompt (EOS and what follows a stop string removed); `side`: each row's side network."""
-        ids, mask = self.encode(prompts)
-        params = self._routed(side, len(ids))
-        batch, p = ids.shape
-        context = self.cfg.max_position_embeddings
-        if p >= context:
-            raise GenerationError(f"prompt of {p} tokens does not fit the model's context of {context}")
+        """New token ids per prompt (EOS and what follows a stop string removed); `side`: each row's side network.
+
+        The prompts decode in the engine's slots together (more prompts than
+        slots wait for a free one); `on_token(step, texts)` is called as the
+        texts grow.
+        """
+        rows = [list(self.tokenizer(p).input_ids) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if any(len(r) == 0 for r in rows):
+            raise GenerationError("empty prompt")
+        self._routed(side, len(rows))  # names checked
+        sides = [None] * len(rows) if side is None else list(side)
+        if not self.side_names and self.model.name == "qst":
+            sides = [TUNED] * len(rows)
+        engine = self.engine()
+        longest = max(len(r) for r in rows)
+        context = engine.max_len
+        where = "the model's context" if context == self.cfg.max_position_embeddings else "the engine's max_len"
+        if longest >= context:
+            raise GenerationError(f"prompt of {longest} tokens does not fit {where} of {context}")
         if max_new_tokens <= 0:
             raise GenerationError("max_new_tokens must be positive")
-        max_new = min(max_new_tokens, context - p)
+        max_new = min(max_new_tokens, context - longest)
         if max_new < max_new_tokens and self.log is not None:
-            self.log(f"note: max_new_tokens {max_new_tokens} cut to {max_new}: the prompt has {p} tokens and the "
-                     f"model's context is {context}")
-        length = p + max_new
-        if eos_ids is None:
-            eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else self.tokenizer.eos_token_id
-            eos_ids = list(eos) if isinstance(eos, tuple | list) else ([eos] if eos is not None else [])
-        key_mask = np.zeros((batch, length), np.int32)
-        key_mask[:, :p] = mask
-        caches = self.model.init_caches(batch, length)
-        positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
-        logits, caches = self._step(
-            self.backbone.params, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
-            jnp.asarray(key_mask), caches, jnp.int32(0),
-        )
-        key = jax.random.PRNGKey(seed)
-        lengths = mask.sum(-1)
-        out = [[] for _ in range(batch)]
-        done = np.zeros(batch, bool)
-        for i in range(max_new):
-            key, sub = jax.random.split(key)
-            token = np.asarray(sample(logits[:, -1], sub, sampling))
-            for b in range(batch):
-                if not done[b]:
-                    if token[b] in eos_ids:
-                        done[b] = True
-                    else:
-                        out[b].append(int(token[b]))
-            if stop_strings:
-                for b in range(batch):
-                    if not done[b] and any(s in self.tokenizer.decode(out[b]) for s in stop_strings):
-                        done[b] = True
+            self.log(f"note: max_new_tokens {max_new_tokens} cut to {max_new}: the prompt has {longest} tokens and "
+                     f"{where} is {context}")
+        texts = [""] * len(rows)
+        counter = [0]
+
+        def grew(request: Request, _delta: str, row: int) -> None:
+            texts[row] = request.text
             if on_token is not None:
-                on_token(i, [self.tokenizer.decode(o) for o in out])
-            if done.all() or i == max_new - 1:
-                break
-            key_mask[:, p + i] = 1
-            logits, caches = self._step(
-                self.backbone.params, params, jnp.asarray(token[:, None]), jnp.ones((batch, 1), jnp.int32),
-                jnp.asarray((lengths + i)[:, None].astype(np.int32)), jnp.asarray(key_mask), caches,
-                jnp.int32(p + i),
-            )
-        return out
+                on_token(counter[0], list(texts))
+                counter[0] += 1
+
+        requests = [Request(r, side=s, max_tokens=max_new, temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p, seed=seed, stop=tuple(stop_strings), eos_ids=eos_ids,
+                            on_token=lambda req, d, row=i: grew(req, d, row))
+                    for i, (r, s) in enumerate(zip(rows, sides))]
+        try:
+            engine.generate(requests)
+        except EngineError as err:
+            raise GenerationError(str(err)) from None
+        outs = []
+        for req in requests:
+            ids = req.tokens
+            if req.finish_reason == "stop" and stop_strings:  # drop the tokens from the stop string on
+                while ids and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop_strings):
+                    ids = ids[:-1]
+            outs.append(ids)
+        return outs
 
     def generate(self, prompts: Sequence[str | Sequence[int]], *, stop_strings: Sequence[str] = (), **kwargs) -> list[str]:
         """Generated text per prompt; a stop string and what follows it are cut."""

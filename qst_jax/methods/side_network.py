@@ -21,6 +21,7 @@ activations.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -33,6 +34,7 @@ from qst_jax.models.decoder import embed, final_norm, make_context
 from qst_jax.models.layers import Params, norm, positions_from_mask
 from qst_jax.models.loader import layer_specs
 from qst_jax.quant.matmul import linear
+from qst_jax.methods.downsamplers import make_downsampler
 from qst_jax.methods.side_config import SideConfig, side_model_config
 from qst_jax.tree import set_path
 from qst_jax.models import loops
@@ -97,69 +99,6 @@ def init_side_params(backbone: ModelConfig, side: SideConfig, key: jax.Array) ->
     return params
 
 
-def downsample(p: Params, h: jax.Array, side: SideConfig, width: int) -> jax.Array:
-    """D_i: `[B, T, d]` backbone state to `[B, T, d / r]` side input."""
-    kind = side.downsampler
-    if kind == "adapter":
-        z = linear(jax.nn.silu(linear(h, p["wa"])), p["wb"])
-        return norm(p["norm"], z, 1e-5)
-    if kind == "lora":
-        return linear(linear(h, p["wa"]), p["wb"])
-    if kind == "linear":
-        return linear(h, p["w"])
-    groups = h.reshape(*h.shape[:-1], width, h.shape[-1] // width)
-    if kind == "maxpool":
-        return jnp.max(groups, axis=-1)
-    return jnp.mean(groups.astype(jnp.float32), axis=-1).astype(h.dtype)
-
-
-HIDDEN_STORES = ("compute", "fp8")
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def fp8_store(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`h` `[..., d]` as float8_e4m3fn with one float32 scale per token."""
-    h32 = h.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(h32), axis=-1, keepdims=True) / FP8_MAX
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return (h32 / scale).astype(jnp.float8_e4m3fn), scale
-
-
-def fp8_load(q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
-    return (q.astype(jnp.float32) * scale).astype(dtype)
-
-
-def make_downsampler(side: SideConfig, width: int, hidden_store: str = "compute"):
-    """`D(p, h)`, keeping `h` for the backward pass as `hidden_store` says.
-
-    "compute": h as it is (the compute dtype, bf16 by default). "fp8": h is
-    kept as float8 with a per-token scale (half of bf16's bytes) and the
-    downsampler is re-run on the restored h in the backward pass. The
-    backbone state gets no gradient either way. Pooling keeps nothing.
-    """
-    if hidden_store not in HIDDEN_STORES:
-        raise ValueError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES}")
-    plain = lambda p, h: downsample(p, h, side, width)  # noqa: E731
-    if hidden_store == "compute" or side.downsampler in ("maxpool", "avgpool"):
-        return plain
-
-    @jax.custom_vjp
-    def stored(p: Params, h: jax.Array) -> jax.Array:
-        return plain(p, h)
-
-    def forward(p: Params, h: jax.Array):
-        return plain(p, h), (p, *fp8_store(h))
-
-    def backward(residuals, g: jax.Array):
-        p, q, scale = residuals
-        restored = fp8_load(q, scale, g.dtype)
-        _, vjp = jax.vjp(lambda params: plain(params, restored), p)
-        return vjp(g)[0], jnp.zeros(q.shape, g.dtype)
-
-    stored.defvjp(forward, backward)
-    return stored
-
-
 def cast_params(params: Params, dtype: Any) -> Params:
     """Float leaves cast to the compute dtype (the float32 master stays outside)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -195,7 +134,7 @@ def qst_pass(
     return o, None if new is None else {"backbone": new["backbone"], "side": new["side"][0]}
 
 
-SideGroup = tuple[SideConfig, Params, bool]
+SideGroup = tuple[SideConfig, Any, bool | str]
 _PER_LAYER = ("down", "gates", "layers")  # side params stacked on the layer axis, scanned over
 
 
@@ -234,7 +173,9 @@ def joint_pass(
     shapes are other groups, run one after another in the same scan step.
 
     Args:
-      groups: the side networks, a tuple of `(SideConfig, params, stacked)`.
+      groups: the side networks, a tuple of `(SideConfig, params, stacked)`;
+        `stacked=ROWS`: params `(stack, index [B])`, row b through member
+        `index[b]` of the stack (`_rows_group`: serving many side networks).
       token_mask: `[B, T]` which of this pass's tokens are real.
       positions: `[B, T]` their positions (default: from `token_mask`).
       key_mask: `[B, S]` real key slots (S = T, or the cache length;
@@ -264,6 +205,14 @@ def joint_pass(
     for side, params, stacked in groups:
         read = h0_normed if side.input_norm == "backbone" else h0
         scfg = side_model_config(backbone_cfg, side)
+        if stacked == ROWS:
+            step, s0, per_layer, final = _rows_group(side, scfg, params, read, key_mask, positions, cache_index,
+                                                     dtype, attention_impl, remat_side, hidden_store)
+            steps.append(step)
+            s0s.append(s0)
+            xs_side.append(per_layer)
+            finals.append(final)
+            continue
         # The per-layer params stay float32 into the scan and are cast one layer at a time inside its step, so
         # no bf16 copy of every layer's side weights lives across the pass (70B: 0.6 GiB).
         sp = cast_params({k: v for k, v in params.items() if k not in _PER_LAYER}, dtype)
@@ -304,10 +253,59 @@ def joint_pass(
     base = final_norm(bp, backbone_cfg, h_last)
     outs = []
     for (side, scfg, sp, params, stacked), s_last in zip(finals, s_lasts):
+        if stacked == ROWS:  # row b's own member: s_last `[B, 1, T, d/r]`
+            mix = lambda sp, p, s, b, side=side, scfg=scfg: _mix(side, scfg, b, dtype, sp, p, s)  # noqa: E731
+            outs.append(jax.vmap(mix)(sp, params, s_last, base[:, None])[:, 0])
+            continue
         mix = functools.partial(_mix, side, scfg, base, dtype)
         outs.append(jax.vmap(mix)(sp, params, s_last) if stacked else mix(sp, params, s_last))
     new_caches = None if caches is None else {"backbone": b_caches, "side": s_caches}
     return base, outs, new_caches
+
+
+ROWS = "rows"
+"""A group's `stacked` value for one member per row: params `(stack [K, ...], index int32 [B])`."""
+
+
+def _gather(tree: Params, index: jax.Array) -> Params:
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _rows_group(side: SideConfig, scfg: ModelConfig, params: tuple[Params, jax.Array], read: jax.Array,
+                key_mask: jax.Array, positions: jax.Array, cache_index: jax.Array | None, dtype: Any,
+                attention_impl: str | None, remat: bool, hidden_store: str):
+    """(step, s_0, per-layer xs, final) of a group whose row b runs member `index[b]` of `stack`.
+
+    Each layer gathers its rows' params from the stack by index (one
+    gather of `[B, ...]` per layer, whatever K is), and the side layer runs
+    under `vmap` over rows, each row with a batch of one and its own mask,
+    RoPE and cache slot. The carried side state is `[B, 1, T, d/r]`.
+    """
+    stack, index = params
+    rest = {k: v for k, v in stack.items() if k not in _PER_LAYER}
+    sp, raw = cast_params(_gather(rest, index), dtype), _gather(rest, index)
+    down_fn = _cast_inputs(make_downsampler(side, scfg.hidden_size, hidden_store), dtype)
+    ctx = make_context(scfg, key_mask, positions, dtype, attention_impl, cache_index)
+    rows = index.shape[0]
+    row_index = None if ctx.cache_index is None else jnp.broadcast_to(ctx.cache_index, (rows,))
+    ctx = dataclasses.replace(ctx, mask=ctx.mask[:, None], cache_index=row_index,
+                              rope=None if ctx.rope is None else tuple(r[:, None] for r in ctx.rope))
+    block = block_fn(scfg)
+
+    def one_row(layer, down, gate, h, s, kv, row_ctx):
+        return _side_step(down_fn, block, scfg, row_ctx, dtype, remat)(layer, down, gate, h, s, kv)
+
+    rows_step = jax.vmap(one_row)
+
+    def step(layer, down, gate, h, s, kv):
+        kv_rows = None if kv is None else jax.tree.map(lambda x: x[:, None], kv)
+        s, kv_rows = rows_step(_gather(layer, index), _gather(down, index), gate[index], h[:, None], s, kv_rows, ctx)
+        return s, (None if kv_rows is None else jax.tree.map(lambda x: x[:, 0], kv_rows))
+
+    first = _gather(jax.tree.map(lambda x: x[:, 0], stack["down"]), index)
+    s0 = jax.vmap(down_fn)(first, read[:, None])
+    per_layer = _layer_major(tuple(stack[k] for k in _PER_LAYER))
+    return step, s0, per_layer, (side, scfg, sp, raw, ROWS)
 
 
 def reader_norms(bp: Params, cfg: ModelConfig) -> tuple[Params, Params] | None:

@@ -45,11 +45,12 @@ def make_context(
       attention_mask: `[B, S]` over every key slot (S = T without a cache,
         S = the cache length when decoding).
       positions: `[B, T]` RoPE positions of this pass's tokens.
-      cache_index: slot of this pass's first token in the caches (decoding).
+      cache_index: slot of this pass's first token in the caches (decoding):
+        a scalar, or `[B]`, one per row.
     """
     q_slots = None
-    if cache_index is not None:
-        q_slots = cache_index + jnp.arange(positions.shape[-1])
+    if cache_index is not None:  # a scalar, or `[B]`: each row's own cache slot (continuous batching)
+        q_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(positions.shape[-1])
     mask = attention_mask_4d(attention_mask, sliding_window=cfg.sliding_window, q_positions=q_slots)
     rope = rope_cos_sin(cfg, positions, dtype) if cfg.family == "llama" else None
     return BlockContext(mask=mask, rope=rope, cache_index=cache_index, attention_impl=attention_impl)

@@ -65,17 +65,18 @@ def attention_mask_4d(
     Args:
       attention_mask: `[B, S]` with 1 for real tokens.
       sliding_window: Mistral's window; keys further back are hidden.
-      q_positions: `[T]` absolute slot index of each query among the S keys
-        (default: the last T slots, i.e. `arange(S - T, S)`).
+      q_positions: `[T]` (or `[B, T]`, one row each) absolute slot index of
+        each query among the S keys (default: `arange(S)`, T = S).
     """
     s = attention_mask.shape[-1]
     if q_positions is None:
         q_positions = jnp.arange(s)
     k_positions = jnp.arange(s)
-    visible = k_positions[None, :] <= q_positions[:, None]
+    visible = k_positions <= q_positions[..., None]  # [T, S], or [B, T, S] with a slot index per row
     if sliding_window is not None:
-        visible &= k_positions[None, :] > q_positions[:, None] - sliding_window
-    return visible[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        visible &= k_positions > q_positions[..., None] - sliding_window
+    visible = visible[None, None] if visible.ndim == 2 else visible[:, None]
+    return visible & attention_mask.astype(bool)[:, None, None, :]
 
 
 def _llama3_inv_freq(inv_freq: np.ndarray, rope: dict[str, Any], max_pos: int) -> np.ndarray:
@@ -130,6 +131,15 @@ KVCache = dict[str, jax.Array]
 """One layer's cache: `{"k", "v"}` `[B, S_max, kv_heads, head_dim]`."""
 
 
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`cache` `[B, S, ...]` with `new` `[B, T, ...]` written at slot `index` (scalar), or row b's at `index[b]`."""
+    new = new.astype(cache.dtype)
+    zeros = (0,) * (cache.ndim - 2)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, *zeros))
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, *zeros)))(cache, new, index)
+
+
 def attention(
     p: Params,
     x: jax.Array,
@@ -149,7 +159,8 @@ def attention(
       rope: (cos, sin) from `rope_cos_sin`, or None (OPT).
       implementation: `jax.nn.dot_product_attention`'s (None, "xla", "cudnn").
       kv: this layer's cache; the new keys and values are written at
-        `cache_index` and attention runs over the whole cache.
+        `cache_index` (a scalar, or `[B]`: each row's own slot) and attention
+        runs over the whole cache.
 
     Returns:
       (`[B, T, D]`, the updated cache or None).
@@ -162,9 +173,7 @@ def attention(
     if rope is not None:
         q, key = apply_rope(q, *rope), apply_rope(key, *rope)
     if kv is not None:
-        start = (0, cache_index, 0, 0)
-        key = jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start)
-        value = jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start)
+        key, value = write_cache(kv["k"], key, cache_index), write_cache(kv["v"], value, cache_index)
         kv = {"k": key, "v": value}
     out = chunked_attention(q, key, value, mask, h**-0.5, implementation)
     return linear(out.reshape(b, t, n * h), p["o"]["w"], p["o"].get("b")), kv

@@ -15,7 +15,7 @@ import ml_collections
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
 from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, INIT_SCHEMES, INPUT_NORMS, OUTPUT_MIXES, POOLS
-from qst_jax.methods.side_network import HIDDEN_STORES
+from qst_jax.methods.downsamplers import HIDDEN_STORES
 from qst_jax.models.config import ConfigError
 from qst_jax.models.random_init import LLAMA2_SHAPES
 from qst_jax.train.optim import SCHEDULES

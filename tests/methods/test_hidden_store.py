@@ -11,7 +11,7 @@ from jax._src.ad_checkpoint import saved_residuals
 from qst_jax.models import load_backbone
 from qst_jax.methods.side_config import SideConfig
 from qst_jax.methods import QSTModel
-from qst_jax.methods.side_network import fp8_load, fp8_store
+from qst_jax.methods.downsamplers import fp8_load, fp8_store
 from tests.helpers import lm_batch
 
 # fp8 e4m3 keeps 3 mantissa bits: each stored value is within 1/16 relative;

@@ -11,7 +11,8 @@ from qst_jax.methods import FrozenModel, QLoRAModel, QSTModel
 from qst_jax.methods.base import score
 from qst_jax.methods.build import model_from_dict
 from qst_jax.methods.side_config import SideConfig, side_model_config
-from qst_jax.methods.side_network import downsample, qst_pass
+from qst_jax.methods.downsamplers import downsample
+from qst_jax.methods.side_network import qst_pass
 from qst_jax.models import load_backbone
 from qst_jax.models.blocks import block_fn
 from qst_jax.models.decoder import embed, final_norm, make_context

@@ -1,0 +1,331 @@
+"""The one decoding engine (`qst-generate` and `qst-serve`): fixed decode slots, continuous batching.
+
+    engine = Engine(backbone, tokenizer, slots=8, sides=SideStore(backbone.cfg, {"a": (model, params)}))
+    engine.submit(Request(prompt_ids, side="a", max_tokens=32))
+    while engine.step():          # admit waiting requests into free slots, then one decode step for all
+        pass
+
+The engine holds `slots` decode slots, each with its own length, side
+network and sampling settings, and preallocated KV caches `[L, slots,
+max_len, ...]` for the backbone and each side shape. A new request is
+prefilled alone, padded to a power-of-two bucket, and its caches are written
+into a free slot while the other slots keep decoding; each decode step runs
+the backbone once for every slot, and each slot's side network is gathered
+by index from its shape's stack (`methods.IndexedSides`, via `SideStore`),
+so the compiled programs are the prefill buckets plus one decode step, and a
+step costs the same whatever number of side networks is loaded.
+
+A request's tokens depend only on itself (its prompt, side network, settings
+and seed): its prefill has one shape, the decode step has one shape, and its
+row reads only its own cache slot. So greedy output is the same alone or
+among 16 others; tests check it.
+
+Any other method (QLoRA) decodes through the same slots with `model=` and
+its `params` (every slot the same model).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.generate.sampling import sample_rows
+from qst_jax.generate.side_store import SideStore
+from qst_jax.models.layers import Params
+from qst_jax.models.loader import Backbone
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (prompt too long, unknown side network, bad settings)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: what to decode and, once done, what came out.
+
+    Attributes:
+      prompt: token ids.
+      side: the side network's name (None: the base model).
+      max_tokens: most new tokens.
+      temperature, top_k, top_p: sampling (temperature 0: greedy).
+      seed: the sampling seed (row draws depend only on it and the position).
+      stop: strings that end the completion (cut from the text).
+      eos_ids: tokens that end it (None: the engine's, the model's EOS).
+      on_token: called from the engine's thread after each new token with
+        (request, text added since the last call); text that might start a
+        stop string is held back until it cannot.
+      on_done: called once when it finishes (`finish_reason` set).
+      tokens, text, finish_reason: the result; times: submit, first token, done (perf_counter).
+    """
+
+    prompt: Sequence[int]
+    side: str | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    eos_ids: Sequence[int] | None = None
+    on_token: Callable[[Request, str], None] | None = None
+    on_done: Callable[[Request], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+    _sent: int = 0  # characters of `text` already handed to on_token
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary (a client went away); `finish_reason` becomes "cancelled"."""
+        self.cancelled = True
+
+
+def _bucket(n: int, smallest: int = 16) -> int:
+    b = smallest
+    while b < n:
+        b *= 2
+    return b
+
+
+class Engine:
+    """Continuous batching over `slots` decode slots (see the module docstring).
+
+    Args:
+      backbone: the frozen Backbone.
+      tokenizer: its tokenizer (text of the tokens, stop strings).
+      slots: decode slots (rows of the decode step).
+      max_len: tokens per slot (prompt + completion); default the model's
+        context, at most 2048.
+      sides: the QST side networks (`SideStore`); default none (the base model).
+      model, params: another method (QLoRA) for every slot instead of `sides`.
+      eos_ids: token ids that end a completion (default the model's EOS).
+    """
+
+    def __init__(self, backbone: Backbone, tokenizer: Any, *, slots: int = 8, max_len: int | None = None,
+                 sides: SideStore | None = None, model: Any = None, params: Params | None = None,
+                 eos_ids: Sequence[int] | None = None):
+        if slots < 1:
+            raise EngineError(f"slots {slots} must be at least 1")
+        self.backbone, self.tokenizer, self.slots = backbone, tokenizer, slots
+        cfg = backbone.cfg
+        self.max_len = int(max_len or min(cfg.max_position_embeddings, 2048))
+        self.sides = sides if sides is not None or model is not None else SideStore(cfg, dtype=backbone.dtype)
+        self.fixed = None if model is None else (model, params if params is not None else {})
+        if eos_ids is None:
+            eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+            eos_ids = list(eos) if isinstance(eos, tuple | list) else ([eos] if eos is not None else [])
+        self.eos_ids = set(int(e) for e in eos_ids)
+        self.lock = threading.RLock()  # one step, or one side load, at a time
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: list[Request | None] = [None] * slots
+        self.lengths = np.zeros(slots, np.int32)
+        self.key_mask = np.zeros((slots, self.max_len), np.int32)
+        self.last = np.zeros(slots, np.int32)
+        self.route = np.full((slots, 2), (-1, 0), np.int32)  # (stack, index in it) of each slot
+        self.settings = np.zeros((slots, 4), np.float32)  # temperature, top_k, top_p, seed
+        self._model_key: Any = None
+        self.compiled: set[tuple[str, int]] = set()  # (program, shape) compiled so far
+
+    # -- the model -------------------------------------------------------------------------
+    def _model(self) -> tuple[Any, Callable[[np.ndarray], Params]]:
+        """(method, params for routes `[R, 2]`); rebuilt (and recompiled) when a side shape appears."""
+        if self.fixed is not None:
+            model, params = self.fixed
+            return model, lambda route: params
+        model = self.sides.method()
+        return model, lambda route: self.sides.params(route)
+
+    def _programs(self, model: Any):
+        if self._model_key is model:
+            return self._prefill_fn, self._decode_fn, self._insert_fn
+        self._model_key = model
+        fresh = model.init_caches(self.slots, self.max_len)
+        old = getattr(self, "caches", None)
+        if old is not None and self.fixed is None:  # a new side shape: running slots keep their caches
+            fresh = {"backbone": old["backbone"], "side": tuple(old["side"]) + tuple(fresh["side"][len(old["side"]):])}
+        self.caches = fresh
+        self.compiled = set()
+
+        def prefill(backbone_params, params, ids, mask, last):
+            caches = model.init_caches(1, ids.shape[1])
+            positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+            o, caches = model.hidden(params, backbone_params, ids, mask, positions=positions, key_mask=mask,
+                                     caches=caches, cache_index=jnp.int32(0))
+            h = jnp.take_along_axis(o, last[:, None, None], axis=1)
+            return model.head(params, backbone_params, h, mask[:, :1])[:, 0], caches
+
+        def decode(backbone_params, params, tokens, positions, key_mask, caches, write):
+            ones = jnp.ones_like(tokens)[:, None]
+            o, caches = model.hidden(params, backbone_params, tokens[:, None], ones, positions=positions[:, None],
+                                     key_mask=key_mask, caches=caches, cache_index=write)
+            return model.head(params, backbone_params, o, ones)[:, 0], caches
+
+        def insert(caches, row, slot):
+            return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r.astype(c.dtype),
+                                                                          (0, slot) + (0,) * (c.ndim - 2)), caches, row)
+
+        self._prefill_fn = jax.jit(prefill)
+        self._decode_fn = jax.jit(decode, donate_argnums=(5,))
+        self._insert_fn = jax.jit(insert, donate_argnums=(0,))
+        return self._prefill_fn, self._decode_fn, self._insert_fn
+
+    # -- requests ----------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Raises EngineError for a request that cannot run (the server answers 400 / 404 with it)."""
+        if len(request.prompt) == 0:
+            raise EngineError("prompt: empty")
+        if len(request.prompt) + 1 > self.max_len:
+            raise EngineError(f"prompt: {len(request.prompt)} tokens do not fit the context of {self.max_len} "
+                              "(prompt and at least one new token)")
+        if request.max_tokens < 1:
+            raise EngineError(f"max_tokens: {request.max_tokens} must be at least 1")
+        if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
+            raise EngineError(f"sampling: temperature {request.temperature} must be >= 0, top_k {request.top_k} "
+                              f">= 0, top_p {request.top_p} in (0, 1]")
+        if request.side is not None and (self.fixed is not None or request.side not in self.sides):
+            raise EngineError(f"side {request.side!r} is not loaded")
+
+    def submit(self, request: Request) -> Request:
+        """Queues `request` (checked first); it is admitted when a slot frees."""
+        self.check(request)
+        request.t_submit = time.perf_counter()
+        with self.lock:
+            self.waiting.append(request)
+        return request
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.active)
+
+    def pending(self) -> bool:
+        return bool(self.waiting) or self.busy > 0
+
+    def generate(self, requests: Sequence[Request]) -> list[Request]:
+        """Runs `requests` to completion here (qst-generate); they share the slots as a server's would."""
+        for r in requests:
+            self.submit(r)
+        while any(r.finish_reason is None for r in requests):
+            self.step()
+        return list(requests)
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admits waiting requests into free slots (prefill each), then one decode step; whether work remains."""
+        with self.lock:
+            for slot, r in enumerate(self.active):
+                if r is not None and r.cancelled:
+                    self._finish(slot, "cancelled")
+            while self.waiting and None in self.active:
+                r = self.waiting.popleft()
+                if r.cancelled:
+                    self._done(r, "cancelled")
+                    continue
+                self._admit(self.active.index(None), r)
+            if self.busy:
+                self._decode()
+            return self.pending()
+
+    def _admit(self, slot: int, r: Request) -> None:
+        model, params_of = self._model()
+        prefill, _, insert = self._programs(model)
+        n = len(r.prompt)
+        bucket = min(_bucket(n), self.max_len)
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, :n] = r.prompt
+        mask = np.zeros((1, bucket), np.int32)
+        mask[0, :n] = 1
+        route = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
+        logits, row = prefill(self.backbone.params, params_of(np.asarray([route], np.int32)), jnp.asarray(ids),
+                              jnp.asarray(mask), jnp.asarray([n - 1], jnp.int32))
+        self.compiled.add(("prefill", bucket))
+        self.caches = insert(self.caches, row, jnp.int32(slot))
+        self.active[slot], self.route[slot] = r, route
+        self.settings[slot] = (r.temperature, r.top_k, r.top_p, r.seed)
+        self.lengths[slot] = n
+        self.key_mask[slot] = 0
+        self.key_mask[slot, :n] = 1
+        token = self._sample(logits, np.asarray([slot]))[0]
+        self._append(slot, int(token))
+
+    def _sample(self, logits: jax.Array, slots: np.ndarray) -> np.ndarray:
+        s = self.settings[slots]
+        steps = np.asarray([len(self.active[i].tokens) for i in slots], np.int32)
+        return np.asarray(_sample_jit(logits, jnp.asarray(s[:, 3].astype(np.int32)), jnp.asarray(steps),
+                                      jnp.asarray(s[:, 0]), jnp.asarray(s[:, 1].astype(np.int32)),
+                                      jnp.asarray(s[:, 2])))
+
+    def _decode(self) -> None:
+        model, params_of = self._model()
+        _, decode, _ = self._programs(model)
+        live = np.asarray([r is not None for r in self.active])
+        write = np.where(live, self.lengths, 0).astype(np.int32)
+        for slot in np.flatnonzero(live):
+            self.key_mask[slot, self.lengths[slot]] = 1
+        key_mask = self.key_mask.copy()
+        key_mask[~live, 0] = 1  # a free row attends to something finite; its output is never read
+        logits, self.caches = decode(self.backbone.params, params_of(self.route), jnp.asarray(self.last),
+                                     jnp.asarray(write), jnp.asarray(key_mask), self.caches, jnp.asarray(write))
+        self.compiled.add(("decode", self.slots))
+        slots = np.flatnonzero(live)
+        tokens = self._sample(logits[slots], slots)
+        for slot, token in zip(slots, tokens):
+            self.lengths[slot] += 1
+            self._append(int(slot), int(token))
+
+    def _append(self, slot: int, token: int) -> None:
+        r = self.active[slot]
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        if token in (self.eos_ids if r.eos_ids is None else r.eos_ids):
+            return self._finish(slot, "stop")
+        r.tokens.append(token)
+        self.last[slot] = token
+        decode = getattr(self.tokenizer, "decode", None)  # a tokenizer of ids only: no text, no stop strings
+        text = decode(r.tokens, skip_special_tokens=True) if decode is not None else ""
+        cut = min((text.index(s) for s in r.stop if s in text), default=None)
+        if cut is not None:
+            r.text = text[:cut]
+            return self._finish(slot, "stop")
+        r.text = text
+        if len(r.tokens) >= r.max_tokens or self.lengths[slot] + 1 >= self.max_len:
+            return self._finish(slot, "length")
+        hold = max((len(s) - 1 for s in r.stop), default=0)  # text that may begin a stop string waits
+        ready = len(text) - hold
+        while ready > r._sent and text[ready - 1 : ready] == "\ufffd":  # a character split across tokens
+            ready -= 1
+        if ready > r._sent and r.on_token is not None:
+            delta, r._sent = text[r._sent : ready], ready
+            r.on_token(r, delta)
+
+    def _finish(self, slot: int, reason: str) -> None:
+        r = self.active[slot]
+        self.active[slot] = None
+        if self.fixed is None:
+            self.sides.unpin(tuple(self.route[slot]))
+        self.route[slot] = (-1, 0)
+        self._done(r, reason)
+
+    def _done(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        r.t_done = time.perf_counter()
+        if r.on_token is not None and len(r.text) > r._sent:
+            delta, r._sent = r.text[r._sent :], len(r.text)
+            r.on_token(r, delta)
+        if r.on_done is not None:
+            r.on_done(r)
+
+
+_sample_jit = jax.jit(sample_rows)

@@ -1,0 +1,151 @@
+"""The side networks an engine serves: on the host by name, on the device in one stack per shape (LRU).
+
+    store = SideStore(backbone.cfg, {"a": (model_a, params_a)}, capacity=64)
+    store.add("b", model_b, params_b)          # while the engine runs (under its lock)
+    stack, index = store.route("b", pin=True)  # resident on the device, kept there while pinned
+    params = store.params(routes)              # what `methods.IndexedSides` takes
+
+Every loaded side network's float32 params stay on the host. Each side
+shape (`side_set.shape_of`) has a device stack of `capacity` members, filled
+as requests ask for them; when it is full, the least recently used member
+that no running request holds is replaced. A stack's size never changes, so
+the decode step compiles once per set of shapes, whatever is loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qst_jax.methods.indexed_sides import IndexedSides
+from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods.side_set import shape_of
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.layers import Params
+
+
+class SideStoreError(ValueError):
+    """A side network that cannot be served (not QST, not an LM, a full device stack)."""
+
+
+@jax.jit
+def _put(stack: Params, params: Params, index: jax.Array) -> Params:
+    return jax.tree.map(lambda s, p: s.at[index].set(p.astype(s.dtype)), stack, params)
+
+
+class SideStore:
+    """Loaded QST side networks (see the module docstring).
+
+    Args:
+      cfg: the backbone's ModelConfig.
+      sides: `{name: (QSTModel, params)}` to start with.
+      capacity: device stack size per side shape.
+      dtype: the compute dtype of the served method.
+    """
+
+    def __init__(self, cfg: ModelConfig, sides: Mapping[str, tuple[Any, Params]] | None = None, *,
+                 capacity: int = 64, dtype: Any = jnp.bfloat16):
+        if capacity < 1:
+            raise SideStoreError(f"capacity {capacity} must be at least 1")
+        self.cfg, self.capacity, self.dtype = cfg, capacity, dtype
+        self.host: dict[str, tuple[int, Params]] = {}  # name -> (shape index, numpy params)
+        self.shapes: list[SideConfig] = []
+        self.stacks: list[Params] = []
+        self.slots: list[list[str | None]] = []  # per shape: which name each stack index holds
+        self.pins: collections.Counter = collections.Counter()  # (shape, index) -> running requests
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # resident names, LRU first
+        self._method: IndexedSides | None = None
+        for name, (model, params) in (sides or {}).items():
+            self.add(name, model, params)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.host
+
+    def names(self) -> list[str]:
+        return list(self.host)
+
+    def add(self, name: str, model: Any, params: Params) -> None:
+        """Loads (or replaces) side network `name` on the host; it reaches the device when a request asks."""
+        if getattr(model, "name", None) != "qst" or model.task != "lm":
+            raise SideStoreError(f"side {name!r}: only QST language-model side networks are served "
+                                 f"(this is {getattr(model, 'name', type(model).__name__)}, task "
+                                 f"{getattr(model, 'task', '?')})")
+        shape = shape_of(model.side)
+        if shape not in self.shapes:
+            self.shapes.append(shape)
+            template = jax.tree.map(lambda x: jnp.zeros((self.capacity, *x.shape), jnp.float32), params)
+            self.stacks.append(template)
+            self.slots.append([None] * self.capacity)
+            self._method = None
+        if name in self.host:
+            self.remove(name)
+        self.host[name] = (self.shapes.index(shape), jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+
+    def remove(self, name: str) -> bool:
+        """Unloads `name` (requests running on it finish; its stack entry is reused once they have)."""
+        if name not in self.host:
+            return False
+        shape, _ = self.host.pop(name)
+        self.recent.pop(name, None)
+        slots = self.slots[shape]
+        if name in slots:
+            index = slots.index(name)
+            slots[index] = None if not self.pins[(shape, index)] else f"\0{name}"  # held until unpinned
+        return True
+
+    def method(self) -> IndexedSides:
+        if self._method is None:
+            self._method = IndexedSides(self.cfg, tuple(self.shapes), dtype=self.dtype)
+        return self._method
+
+    def route(self, name: str | None, pin: bool = False) -> tuple[int, int]:
+        """(stack, index) of `name` on the device, loading it there first (None: the base model, (-1, 0))."""
+        if name is None:
+            return (-1, 0)
+        if name not in self.host:
+            raise SideStoreError(f"side {name!r} is not loaded")
+        shape, params = self.host[name]
+        slots = self.slots[shape]
+        if name in slots:
+            index = slots.index(name)
+        else:
+            index = self._free_index(shape)
+            self.stacks[shape] = _put(self.stacks[shape], params, jnp.int32(index))
+            old = slots[index]
+            if old is not None:
+                self.recent.pop(old, None)
+            slots[index] = name
+        self.recent.pop(name, None)
+        self.recent[name] = None
+        if pin:
+            self.pins[(shape, index)] += 1
+        return (shape, index)
+
+    def _free_index(self, shape: int) -> int:
+        slots = self.slots[shape]
+        if None in slots:
+            return slots.index(None)
+        for name in self.recent:  # least recently used first
+            if name in slots and not self.pins[(shape, slots.index(name))]:
+                return slots.index(name)
+        raise SideStoreError(f"all {self.capacity} device entries of this side shape are in use by running "
+                             "requests; raise --side-capacity or wait")
+
+    def unpin(self, route: tuple[int, int]) -> None:
+        shape, index = (int(x) for x in route)
+        if shape < 0:
+            return
+        self.pins[(shape, index)] -= 1
+        held = self.slots[shape][index]
+        if not self.pins[(shape, index)] and held is not None and held.startswith("\0"):
+            self.slots[shape][index] = None  # an unloaded side's entry, free now its last request is done
+
+    def params(self, routes: np.ndarray) -> Params:
+        """IndexedSides' params for rows routed `routes` `[R, 2]` (stack, index)."""
+        routes = np.asarray(routes, np.int32)
+        return {"stacks": tuple(self.stacks), "group": jnp.asarray(routes[:, 0]), "index": jnp.asarray(routes[:, 1])}
