@@ -153,3 +153,19 @@ def test_qst_train_plan_prints_the_compiled_peak_without_reading_weights(tmp_pat
     assert "compiled for h100 (NVIDIA H100 80GB HBM3, 79.1 GiB), not measured" in out.stdout
     assert "fits in 79.1 GiB" in out.stdout and "roofline ESTIMATE" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_table_rows_and_table(capsys):
+    """scripts/fit_table.py on one recipe: one compile per architecture, a mesh recipe pointed elsewhere."""
+    from tests.helpers import script
+
+    module = script("fit_table")
+    records = module.main(["--only", "glue_sst2,fsdp2", "--targets", "t4,h100,h200"])
+    compiled = [r for r in records if "peak_bytes" in r]
+    assert [(r["row"], r["arch"], r["targets"]) for r in compiled] == [
+        ("configs/glue_sst2.py", "sm_90", ["h200", "h100"]), ("configs/glue_sst2.py", "sm_75", ["t4"])]
+    assert all(0 < r["peak_bytes"] < 2**30 for r in compiled)  # a 135M backbone at 4 x 128
+    assert "t4 has no bfloat16: computing in float16 (model.dtype=float16)" in compiled[1]["notes"]
+    assert {"row": "configs/chat_70b_fsdp2.py", "mesh": "data 1 x fsdp 2 x tensor 1"} in records
+    out = capsys.readouterr().out
+    assert "| configs/glue_sst2.py | " in out and " fits |" in out and "mesh (data 1 x fsdp 2" in out
