@@ -25,7 +25,8 @@ ALLOWED = {
     "train": {"aot", "data", "eval", "methods", "models", "parallel", "quant"} | BOTTOM,
     "aot": {"models", "quant"} | BOTTOM,
     "nnx": {"methods", "models", "quant", "train"} | BOTTOM,  # the Flax front door; nothing imports it
-    "cli": {"aot", "data", "eval", "generate", "methods", "models", "parallel", "quant", "train"} | BOTTOM,
+    "serve": {"data", "generate", "methods", "models", "quant"} | BOTTOM,
+    "cli": {"aot", "data", "eval", "generate", "methods", "models", "parallel", "quant", "serve", "train"} | BOTTOM,
 }
 METHOD_CLASSES = {"QSTModel", "QLoRAModel", "FrozenModel"}
 

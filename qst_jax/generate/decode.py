@@ -42,6 +42,18 @@ class GenerationError(ValueError):
     """Bad generation input (prompt too long, unknown chat role, ...)."""
 
 
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The prompt ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise GenerationError(f"unknown chat role {role!r} (known: {CHAT_ROLES})")
+        if not isinstance(m.get("content"), str):
+            raise GenerationError(f"a {m['role']} message's content must be a string")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 class Generator:
     """Batched, cached generation for a backbone with an optional tuned model.
 
@@ -126,11 +138,7 @@ class Generator:
         return ids, mask
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        for m in messages:
-            if m.get("role") not in CHAT_ROLES:
-                raise GenerationError(f"unknown chat role {m.get('role')!r} (known: {CHAT_ROLES})")
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return render_chat(self.tokenizer, messages)
 
     # -- generation --------------------------------------------------------------
     def engine(self) -> Engine:

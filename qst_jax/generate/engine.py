@@ -202,8 +202,7 @@ class Engine:
         """Queues `request` (checked first); it is admitted when a slot frees."""
         self.check(request)
         request.t_submit = time.perf_counter()
-        with self.lock:
-            self.waiting.append(request)
+        self.waiting.append(request)  # deque appends are atomic: no wait for a running step
         return request
 
     @property

@@ -1,0 +1,106 @@
+"""`qst-serve`: one frozen backbone serving many QST side networks behind an OpenAI-compatible API.
+
+    qst-serve                                              # the packaged SmolLM2 on 127.0.0.1:8000
+    qst-serve --model smollm2 --side poet=runs/a --side runs/b --port 8000
+    qst-serve --side-root runs --api-key "$KEY"            # POST /v1/load_side may read under runs/
+
+`model` in a request picks the side network (`GET /v1/models`: the base model
+by `--model-name`, each side by its name: NAME=PATH, or the folder's name).
+Continuous batching over `--slots` decode slots, one backbone pass per token
+for all of them (`qst_jax/generate/engine.py`); SIGTERM lets running requests
+finish for `--drain-timeout` seconds, then exits. README's "Serving" shows
+curl and the `openai` client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qst-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="HF dir, bnb NF4 dir, .gguf file, or 'smollm2'")
+    parser.add_argument("--model-name", help="the base model's `model` name (default: the model's folder name)")
+    parser.add_argument("--side", action="append", default=[], help="NAME=PATH or PATH of a QST export (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
+    parser.add_argument("--max-len", type=int, default=1024, help="tokens per slot: prompt and completion")
+    parser.add_argument("--side-capacity", type=int, default=64, help="side networks per shape held on the device")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429")
+    parser.add_argument("--api-key", default=os.environ.get("QST_API_KEY"),
+                        help="require Authorization: Bearer KEY on every route but /health (or $QST_API_KEY)")
+    parser.add_argument("--side-root", help="folder POST /v1/load_side may load from (default: load_side is off)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
+    parser.add_argument("--dtype", default="bfloat16")
+    return parser
+
+
+def side_args(values: list[str]) -> dict[str, str]:
+    """`{name: path}` of `--side NAME=PATH` / `--side PATH` (the folder's name)."""
+    sides: dict[str, str] = {}
+    for value in values:
+        name, path = value.split("=", 1) if "=" in value and not os.path.exists(value) else (None, value)
+        name = name or os.path.basename(os.path.normpath(path))
+        if name in sides:
+            raise ValueError(f"--side {value}: the name {name!r} is given twice; write NAME=PATH")
+        sides[name] = path
+    return sides
+
+
+def build_server(args: argparse.Namespace, log=print):
+    import jax.numpy as jnp
+
+    from qst_jax.data.specs import resolve_model_path
+    from qst_jax.generate.engine import Engine, Request
+    from qst_jax.generate.side_store import SideStore
+    from qst_jax.methods import load_tuned
+    from qst_jax.models import load_backbone, load_tokenizer
+    from qst_jax.serve.app import Server
+
+    path = resolve_model_path(args.model)
+    backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
+    tokenizer = load_tokenizer(path)
+    sides, paths = {}, {}
+    for name, side_path in side_args(args.side).items():
+        model, params, _ = load_tuned(side_path, backbone)
+        sides[name], paths[name] = (model, params), os.path.realpath(side_path)
+    store = SideStore(backbone.cfg, sides, capacity=args.side_capacity, dtype=backbone.dtype)
+    engine = Engine(backbone, tokenizer, slots=args.slots, max_len=min(args.max_len,
+                                                                      backbone.cfg.max_position_embeddings),
+                    sides=store)
+    start = time.perf_counter()
+    engine.generate([Request([int(tokenizer.eos_token_id or 0)] * 2, max_tokens=2, eos_ids=[])])  # compile
+    log(f"qst-serve: compiled the prefill and decode steps in {time.perf_counter() - start:.1f} s")
+    base = args.model_name or ("smollm2" if args.model == "smollm2" else os.path.basename(os.path.normpath(path)))
+    return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
+                  api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from qst_jax.methods import ExportError
+    from qst_jax.models import CheckpointError, ConfigError
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        server = build_server(args, log)
+    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ValueError) as err:
+        print(f"qst-serve: error: {err}", file=sys.stderr)
+        return 1
+    names = ", ".join([server.base_name, *server.engine.sides.names()])
+    log(f"qst-serve: {names} on http://{args.host}:{args.port} ({args.slots} slots, {server.engine.max_len} tokens "
+        f"each{', API key required' if args.api_key else ''})")
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.drain_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`qst-serve`'s FastAPI app: OpenAI routes over one engine, side networks loaded and unloaded live.
+
+    server = Server(backbone, tokenizer, engine, base_name="smollm2", side_root="runs")
+    app = server.app()          # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+(`model` picks the side network; the base model by its own name),
+`POST /v1/load_side {name, path}`, `POST /v1/unload_side {name}`,
+`GET /health`, `GET /metrics` (Prometheus), `GET /` (the chat page).
+Errors are OpenAI's error JSON: 400 naming the field, 401 without the API
+key, 404 for an unknown model, 429 with `Retry-After` when the queue is full,
+503 while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+from qst_jax.generate.decode import GenerationError, render_chat
+from qst_jax.generate.engine import Engine, EngineError
+from qst_jax.methods import ExportError, load_tuned
+from qst_jax.serve import openai_api as api
+from qst_jax.serve.metrics import ServeMetrics
+from qst_jax.serve.runner import Draining, EngineRunner, QueueFull
+
+
+class Server:
+    """The engine behind the HTTP routes (see the module docstring).
+
+    Args:
+      backbone, tokenizer: the frozen model.
+      engine: the decoding engine (its `sides` store holds the side networks).
+      base_name: the `model` name of the backbone alone.
+      side_paths: where each loaded side network came from (`/v1/models`' `root`).
+      side_root: the folder `load_side` may read under (None: `load_side` is off).
+      api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
+      max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
+    """
+
+    def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
+                 side_paths: dict[str, str] | None = None, side_root: str | None = None, api_key: str | None = None,
+                 max_queue: int = 256, drain_timeout: float = 30.0):
+        self.backbone, self.tokenizer, self.engine = backbone, tokenizer, engine
+        self.base_name, self.side_paths = base_name, dict(side_paths or {})
+        self.side_root = os.path.realpath(side_root) if side_root else None
+        self.api_key, self.drain_timeout = api_key, drain_timeout
+        self.metrics = ServeMetrics()
+        self.runner = EngineRunner(engine, max_queue=max_queue, on_step=self.metrics.observe_engine)
+        self.created = int(time.time())
+
+    # -- models -------------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        base = {"id": self.base_name, "object": "model", "created": self.created, "owned_by": "qst_jax",
+                "root": self.backbone.source, "parent": None}
+        sides = [{"id": name, "object": "model", "created": self.created, "owned_by": "qst_jax",
+                  "root": self.side_paths.get(name, ""), "parent": self.base_name}
+                 for name in self.engine.sides.names()]
+        return {"object": "list", "data": [base, *sides]}
+
+    def side_of(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model in self.engine.sides:
+            return model
+        known = [self.base_name, *self.engine.sides.names()]
+        raise api.APIError(404, f"model: {model!r} does not exist (GET /v1/models lists {known})", "model",
+                           "not_found_error")
+
+    def resolve_side_path(self, path: Any) -> str:
+        """`path` under `side_root`, refusing absolute paths, `..` and symlinks that lead out of it."""
+        if self.side_root is None:
+            raise api.APIError(403, "load_side is off: start qst-serve with --side-root DIR to allow it", "path",
+                               "permission_error")
+        if not isinstance(path, str) or not path:
+            raise api.APIError(400, "path: required, a folder under the side root", "path")
+        if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+            raise api.APIError(400, f"path: {path!r} must be relative to the side root, without '..'", "path")
+        full = os.path.realpath(os.path.join(self.side_root, path))
+        if os.path.commonpath([full, self.side_root]) != self.side_root:
+            raise api.APIError(400, f"path: {path!r} leads out of the side root (a symlink)", "path")
+        return full
+
+    def load_side(self, name: Any, path: Any) -> dict[str, Any]:
+        if not isinstance(name, str) or not name or name == self.base_name:
+            raise api.APIError(400, f"name: {name!r} must be a non-empty name other than the base model's", "name")
+        full = self.resolve_side_path(path)
+        try:
+            model, params, _ = load_tuned(full, self.backbone)  # the fingerprint refuses another backbone's
+        except ExportError as err:
+            raise api.APIError(400, f"path: {err}", "path") from None
+        if model.name != "qst" or model.task != "lm":
+            raise api.APIError(400, f"path: {path!r} holds a {model.name} {model.task} model; only QST language-model "
+                                    "side networks are served", "path")
+        with self.engine.lock:  # between two engine steps
+            self.engine.sides.add(name, model, params)
+        self.side_paths[name] = full
+        return {"status": "loaded", "name": name}
+
+    def unload_side(self, name: Any) -> dict[str, Any]:
+        with self.engine.lock:
+            removed = isinstance(name, str) and self.engine.sides.remove(name)
+        if not removed:
+            raise api.APIError(404, f"name: {name!r} is not a loaded side network", "name", "not_found_error")
+        self.side_paths.pop(name, None)
+        return {"status": "unloaded", "name": name}
+
+    # -- generation -----------------------------------------------------------------------------
+    def parse(self, body: Any, kind: str) -> api.Parsed:
+        def encode(b: dict) -> list[int]:
+            if kind == "chat":
+                messages = b.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise api.APIError(400, "messages: required, a non-empty list of {role, content}", "messages")
+                try:
+                    return render_chat(self.tokenizer, messages)
+                except GenerationError as err:
+                    raise api.APIError(400, f"messages: {err}", "messages") from None
+            prompt = b.get("prompt")
+            if not isinstance(prompt, str):
+                raise api.APIError(400, "prompt: required, a string (lists of prompts are not supported)", "prompt")
+            return list(self.tokenizer(prompt).input_ids)
+
+        parsed = api.parse_request(body, kind, encode, self.engine.max_len)
+        side = self.side_of(parsed.model)
+        for r in parsed.requests:
+            r.side = side
+        return parsed
+
+    def submit(self, parsed: api.Parsed) -> list[asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        queues = []
+        try:
+            for r in parsed.requests:
+                queues.append(self.runner.submit(r, loop))
+        except QueueFull as err:
+            for r in parsed.requests:
+                self.runner.cancel(r)
+            raise api.APIError(429, str(err), None, "rate_limit_error") from None
+        except Draining as err:
+            raise api.APIError(503, str(err), None, "server_error") from None
+        except EngineError as err:
+            for r in parsed.requests:
+                self.runner.cancel(r)
+            field = str(err).split(":", 1)[0]
+            raise api.APIError(400, str(err), field if field in api.FIELDS[parsed.kind] else None) from None
+        self.metrics.requests.labels(model=parsed.model).inc(len(parsed.requests))
+        return queues
+
+    def app(self):
+        from qst_jax.serve.routes import build_app
+
+        return build_app(self)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Starts the engine thread; on exit drains it (what the app's lifespan does)."""
+        self.runner.start()
+        try:
+            yield self
+        finally:
+            self.runner.drain(self.drain_timeout)

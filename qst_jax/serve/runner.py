@@ -1,0 +1,116 @@
+"""The engine on its own thread, and the bridge from its callbacks to asyncio request handlers.
+
+    runner = EngineRunner(engine, max_queue=256)
+    runner.start()
+    stream = runner.submit(request, loop)     # an asyncio.Queue of ("token", text) ... ("done", request)
+    runner.drain(timeout=30)                  # SIGTERM: finish what runs, refuse new, then stop
+
+The thread steps the engine while it has work and sleeps on an event when
+it has none; a new request, a cancel or a side load wakes it. Callbacks run
+on the engine thread and reach the handler through
+`loop.call_soon_threadsafe`, so no handler ever blocks on a decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from qst_jax.generate.engine import Engine, Request
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than the queue holds (the server answers 429)."""
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and takes no new requests (503)."""
+
+
+class EngineRunner:
+    """Runs `engine.step()` on a daemon thread (see the module docstring).
+
+    Args:
+      engine: the decoding engine.
+      max_queue: most requests waiting for a slot; one more is refused.
+      on_step: called after every step (metrics), on the engine thread.
+    """
+
+    def __init__(self, engine: Engine, *, max_queue: int = 256, on_step: Any = None):
+        self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
+        self.wake = threading.Event()
+        self.accepting = True
+        self.error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="qst-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if self.engine.pending():
+                try:
+                    self.engine.step()
+                except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving
+                    self.error = err
+                    self._fail_all()
+                if self.on_step is not None:
+                    self.on_step(self.engine)
+            else:
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    def _fail_all(self) -> None:
+        with self.engine.lock:
+            for slot, r in enumerate(self.engine.active):
+                if r is not None:
+                    self.engine._finish(slot, "cancelled")
+            while self.engine.waiting:
+                self.engine._done(self.engine.waiting.popleft(), "cancelled")
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """Queues `request`; its events arrive on the returned queue.
+
+        Raises:
+          Draining: the server is shutting down.
+          QueueFull: `max_queue` requests already wait.
+          EngineError: a request the engine cannot take (the message names the field).
+        """
+        if not self.accepting:
+            raise Draining("the server is shutting down")
+        if len(self.engine.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.engine.waiting)} requests are waiting for a slot; retry shortly")
+        events: asyncio.Queue = asyncio.Queue()
+        request.on_token = lambda r, delta: loop.call_soon_threadsafe(events.put_nowait, ("token", delta))
+        request.on_done = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", r))
+        self.engine.submit(request)
+        self.wake.set()
+        return events
+
+    def cancel(self, request: Request) -> None:
+        """Frees the request's slot at the next step (its client went away)."""
+        if request.finish_reason is None:
+            request.cancel()
+            self.wake.set()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuses new requests, lets running ones finish for up to `timeout` seconds, then stops; all finished?"""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.engine.pending() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        finished = not self.engine.pending()
+        if not finished:
+            for r in [*self.engine.waiting, *(r for r in self.engine.active if r is not None)]:
+                r.cancel()
+            self.wake.set()
+            end = time.monotonic() + 5
+            while self.engine.pending() and time.monotonic() < end:
+                time.sleep(0.02)
+        self._stop = True
+        self.wake.set()
+        self._thread.join(timeout=5)
+        return finished
