@@ -49,7 +49,8 @@ class Server:
         self.side_root = os.path.realpath(side_root) if side_root else None
         self.api_key, self.drain_timeout = api_key, drain_timeout
         self.metrics = ServeMetrics()
-        self.runner = EngineRunner(engine, max_queue=max_queue, on_step=self.metrics.observe_engine)
+        self.runner = EngineRunner(engine, max_queue=max_queue, on_step=self.metrics.observe_engine,
+                                   on_finish=self.metrics.finished)
         self.created = int(time.time())
 
     # -- models -------------------------------------------------------------------------------

@@ -35,15 +35,15 @@ class ServeMetrics:
         self.slots_busy.set(engine.busy)
         self.slots.set(engine.slots)
 
-    def finished(self, parsed: Any) -> None:
-        for r in parsed.requests:
-            self.finished_requests.labels(reason=r.finish_reason or "unknown").inc()
-            self.prompt_tokens.inc(len(r.prompt))
-            self.generated_tokens.inc(len(r.tokens))
-            if r.t_first is not None:
-                self.ttft.observe(r.t_first - r.t_submit)
-                if r.t_done is not None and len(r.tokens) > 1:
-                    self.tpot.observe((r.t_done - r.t_first) / (len(r.tokens) - 1))
+    def finished(self, r: Any) -> None:
+        """One request done (called by the engine thread, whatever its finish reason)."""
+        self.finished_requests.labels(reason=r.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(len(r.prompt))
+        self.generated_tokens.inc(len(r.tokens))
+        if r.t_first is not None:
+            self.ttft.observe(r.t_first - r.t_submit)
+            if r.t_done is not None and len(r.tokens) > 1:
+                self.tpot.observe((r.t_done - r.t_first) / (len(r.tokens) - 1))
 
     def text(self, engine: Any) -> bytes:
         self.observe_engine(engine)

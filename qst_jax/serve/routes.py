@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,10 @@ def build_app(server: Any) -> FastAPI:
         try:
             yield
         finally:  # SIGTERM: uvicorn stops accepting; running requests finish within the drain timeout
-            await run_in_threadpool(server.runner.drain, server.drain_timeout)
+            finished = await run_in_threadpool(server.runner.drain, server.drain_timeout)
+            print("qst-serve: drained: " + ("every running request finished" if finished else
+                                            f"requests still running after {server.drain_timeout:g} s were cut"),
+                  file=sys.stderr, flush=True)
 
     app = FastAPI(title="qst-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -103,7 +107,6 @@ def build_app(server: Any) -> FastAPI:
         finally:
             for r in parsed.requests:
                 server.runner.cancel(r)  # a client gone mid-request frees its slots
-        server.metrics.finished(parsed)
         return api.response(parsed, rid)
 
     async def stream(parsed: api.Parsed, queues: list[asyncio.Queue], rid: str):
@@ -133,7 +136,6 @@ def build_app(server: Any) -> FastAPI:
             if parsed.include_usage:
                 yield api.usage_chunk(parsed, rid)
             yield api.DONE
-            server.metrics.finished(parsed)
         finally:  # also when the client disconnects: the generator is closed, the slots freed at once
             for r in parsed.requests:
                 server.runner.cancel(r)

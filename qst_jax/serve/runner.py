@@ -36,10 +36,11 @@ class EngineRunner:
       engine: the decoding engine.
       max_queue: most requests waiting for a slot; one more is refused.
       on_step: called after every step (metrics), on the engine thread.
+      on_finish: called with each request as it finishes, whatever the reason (metrics).
     """
 
-    def __init__(self, engine: Engine, *, max_queue: int = 256, on_step: Any = None):
-        self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
+    def __init__(self, engine: Engine, *, max_queue: int = 256, on_step: Any = None, on_finish: Any = None):
+        self.engine, self.max_queue, self.on_step, self.on_finish = engine, max_queue, on_step, on_finish
         self.wake = threading.Event()
         self.accepting = True
         self.error: BaseException | None = None
@@ -85,7 +86,12 @@ class EngineRunner:
             raise QueueFull(f"{len(self.engine.waiting)} requests are waiting for a slot; retry shortly")
         events: asyncio.Queue = asyncio.Queue()
         request.on_token = lambda r, delta: loop.call_soon_threadsafe(events.put_nowait, ("token", delta))
-        request.on_done = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", r))
+        def done(r: Request) -> None:
+            if self.on_finish is not None:
+                self.on_finish(r)
+            loop.call_soon_threadsafe(events.put_nowait, ("done", r))
+
+        request.on_done = done
         self.engine.submit(request)
         self.wake.set()
         return events

@@ -1,0 +1,266 @@
+"""qst-serve end to end: a live server in a subprocess on 127.0.0.1, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from qst_jax.cli import generate as generate_cli
+from qst_jax.methods import QSTModel, SideConfig, export_side
+from qst_jax.models import load_backbone
+from tests.helpers import tiny_model_dir
+
+openai = pytest.importorskip("openai")
+try:  # the HTTP client the openai client brings (httpx, or httpx2 in its newer releases)
+    import httpx
+except ImportError:
+    import httpx2 as httpx
+REPO = pathlib.Path(__file__).parents[2]
+SLOTS = 4
+PROMPTS = ["To be, or not", "the slings and arrows", "whether 'tis nobler", "a sea of troubles"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export(root: pathlib.Path, name: str, backbone, seed: int, **side) -> pathlib.Path:
+    model = QSTModel(backbone.cfg, SideConfig(reduction_factor=8, **side))
+    params = model.init(jax.random.PRNGKey(seed))
+    params["up"]["w"] = jax.random.normal(jax.random.PRNGKey(seed + 1), params["up"]["w"].shape) * 0.5
+    export_side(str(root / name), model, params, backbone.cfg)
+    return root / name
+
+
+class Live:
+    """A qst-serve subprocess; `stop()` sends SIGTERM and returns its exit status."""
+
+    def __init__(self, args: list[str], log: pathlib.Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "qst_jax.cli.serve", *args, "--port", str(self.port)],
+                                     cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"qst-serve did not start: {log.read_text()}")
+
+    def client(self, key: str = "none", **kw):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(testdata, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = tiny_model_dir(testdata, root)
+    backbone = load_backbone(model_dir)
+    sides = root / "sides"
+    paths = {"a": _export(sides, "a", backbone, 1), "b": _export(sides, "b", backbone, 3),
+             "wide": _export(sides, "wide", backbone, 5, downsampler="avgpool")}
+    _export(sides, "c", backbone, 7)  # loaded later, over the API
+    other = load_backbone(testdata / "tiny-opt-nf4")
+    _export(sides, "for-opt", other, 9)  # trained for another backbone: refused
+    _export(root / "outside", "a2", backbone, 11)
+    (sides / "escape").symlink_to(root / "outside")  # a symlink out of the side root
+    server = Live(["--model", str(model_dir), *[f"--side={n}={p}" for n, p in paths.items()], "--side-root",
+                   str(sides), "--slots", str(SLOTS), "--max-len", "128", "--drain-timeout", "30"], root / "server.log")
+    yield server, model_dir, paths, root
+    server.stop()
+
+
+def _complete(client, model: str, prompt: str, max_tokens: int = 8) -> str:
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+def _qst_generate(model_dir, paths, records, tmp_path, capsys) -> list[str]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--model", str(model_dir), *[a for p in paths.values() for a in ("--side", str(p))], "--file",
+            str(prompts), "--max-new-tokens", "8", "--batch-size", str(SLOTS)]
+    capsys.readouterr()
+    assert generate_cli.main(args) == 0
+    return [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_models_lists_the_base_and_each_side_with_its_parent(setup):
+    server, model_dir, paths, _ = setup
+    models = {m.id: m for m in server.client().models.list().data}
+    assert set(models) == {"tiny-llama-nf4", "a", "b", "wide"}
+    assert models["a"].parent == "tiny-llama-nf4" and models["tiny-llama-nf4"].parent is None
+    assert models["b"].root == str(paths["b"].resolve())
+
+
+def test_greedy_output_equals_qst_generate_alone_and_16_at_once(setup, tmp_path, capsys):
+    server, model_dir, paths, _ = setup
+    client = server.client()
+    jobs = [(side, prompt) for side in ("a", "b", "wide", None) for prompt in PROMPTS]  # 16, mixed
+    records = [{"prompt": p, "side": s} for s, p in jobs]
+    expected = _qst_generate(model_dir, paths, records, tmp_path, capsys)
+    assert len(set(expected)) > 4  # the side networks change the text
+    alone = [_complete(client, s or "tiny-llama-nf4", p) for s, p in jobs]
+    assert alone == expected
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda job: _complete(client, job[0] or "tiny-llama-nf4", job[1]), jobs))
+    assert together == expected  # batching changes nothing
+
+
+def test_streams_chat_with_usage_and_done(setup):
+    server, *_ = setup
+    client = server.client()
+    messages = [{"role": "user", "content": "Speak of the sea."}]
+    whole = client.chat.completions.create(model="a", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="a", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert whole.usage.completion_tokens == 10 and whole.choices[0].finish_reason == "length"
+    n = client.completions.create(model="b", prompt="To be", max_tokens=4, temperature=0.9, seed=3, n=3)
+    assert [c.index for c in n.choices] == [0, 1, 2] and n.usage.completion_tokens == 12
+
+
+def test_a_side_loaded_while_streams_run_disturbs_nothing(setup):
+    server, *_ = setup
+    client = server.client()
+    want = _complete(client, "a", PROMPTS[0], max_tokens=40)
+    stream = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))
+    loaded = httpx.post(f"{server.url}/v1/load_side", json={"name": "c", "path": "c"}, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+    assert text == want
+    assert "c" in {m.id for m in client.models.list().data}
+    assert _complete(client, "c", PROMPTS[1]) != _complete(client, "a", PROMPTS[1])
+    assert httpx.post(f"{server.url}/v1/unload_side", json={"name": "c"}, timeout=60).status_code == 200
+    with pytest.raises(openai.NotFoundError, match=r"model: 'c' does not exist"):
+        _complete(client, "c", PROMPTS[1])
+
+
+def _busy(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("qst_slots_busy ")))
+
+
+def test_a_disconnect_frees_the_slot(setup):
+    server, *_ = setup
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={"model": "b", "prompt": "To be", "max_tokens": 120, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.time() + 10
+    while _busy(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _busy(server) == 0
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'qst_requests_finished_total{reason="cancelled"}' in text and 'qst_requests_total{model="b"}' in text
+
+
+BAD = [
+    ("unknown model", {"model": "nope", "prompt": "x"}, 404, r"model: 'nope' does not exist"),
+    ("prompt beyond the context", {"model": "a", "prompt": "to be " * 200}, 400,
+     r"prompt: \d+ tokens leave no room in the context of 128"),
+    ("max_tokens beyond the context", {"model": "a", "prompt": "x", "max_tokens": 500}, 400,
+     r"max_tokens: 500 with a prompt of \d+ tokens exceeds the context of 128"),
+    ("negative temperature", {"model": "a", "prompt": "x", "temperature": -1}, 400,
+     r"temperature: -1 is not in \[0.0, 2.0\]"),
+    ("top_p of zero", {"model": "a", "prompt": "x", "top_p": 0}, 400, r"top_p: must be > 0"),
+    ("unsupported field", {"model": "a", "prompt": "x", "logprobs": 2}, 400, r"logprobs: not supported by this server"),
+    ("n too large", {"model": "a", "prompt": "x", "n": 99}, 400, r"n: 99 is not in \[1, 16\]"),
+    ("stop of the wrong type", {"model": "a", "prompt": "x", "stop": 3}, 400, r"stop: a string or a list"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_their_status_and_message(setup, name, body, status, pattern):
+    import re
+
+    server, *_ = setup
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert re.search(pattern, error["message"]), error
+    assert error["param"] == pattern.split(":")[0]
+
+
+def test_malformed_json_and_side_paths_are_refused(setup):
+    server, *_ = setup
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{bad", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON")
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "a", "messages": [{"role": "wizard",
+                                                                                            "content": "hi"}]})
+    assert r.status_code == 400 and "messages: unknown chat role 'wizard'" in r.json()["error"]["message"]
+    for path, message in (("../serve", "must be relative to the side root, without '..'"),
+                          ("/etc", "must be relative to the side root, without '..'"),
+                          ("escape/a2", "leads out of the side root (a symlink)"),
+                          ("for-opt", "this side network was trained for another backbone"),
+                          ("missing", "missing (expected an exported side network from qst-train)")):
+        r = httpx.post(f"{server.url}/v1/load_side", json={"name": "x", "path": path}, timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+    assert httpx.post(f"{server.url}/v1/unload_side", json={"name": "x"}).status_code == 404
+
+
+def test_api_key_and_a_full_queue(setup):
+    _, model_dir, paths, root = setup
+    guarded = Live(["--model", str(model_dir), "--api-key", "sekret", "--max-queue", "0", "--slots", "2",
+                    "--max-len", "64"], root / "guarded.log")
+    try:
+        assert httpx.get(f"{guarded.url}/health").status_code == 200  # no key needed
+        r = httpx.get(f"{guarded.url}/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{guarded.url}/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        client = guarded.client("sekret")
+        assert [m.id for m in client.models.list().data] == ["tiny-llama-nf4"]
+        r = httpx.post(f"{guarded.url}/v1/completions", json={"model": "tiny-llama-nf4", "prompt": "x"},
+                       headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        r = httpx.post(f"{guarded.url}/v1/load_side", json={"name": "a", "path": "a"},
+                       headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 403 and "--side-root" in r.json()["error"]["message"]
+        assert "qst-serve" in httpx.get(f"{guarded.url}/", headers={"Authorization": "Bearer sekret"}).text
+    finally:
+        assert guarded.stop() == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal it caught
+
+
+def test_sigterm_drains_running_requests(setup):
+    """Last in this file: it stops the shared server."""
+    server, *_ = setup
+    client = server.client()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(lambda: client.completions.create(model="wide", prompt=PROMPTS[2], max_tokens=60,
+                                                                temperature=0))
+        deadline = time.time() + 30
+        while not _busy(server) and time.time() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        result = running.result(timeout=90)
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 60
+    assert server.proc.wait(timeout=60) == -signal.SIGTERM
+    assert "qst-serve: drained: every running request finished" in server.log.read_text()
