@@ -249,6 +249,42 @@ def test_api_key_and_a_full_queue(setup):
         assert guarded.stop() == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal it caught
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's (.ci/run installs it)
+
+
+def test_the_page_streams_one_answer_per_chosen_side_network(setup):
+    """In a real headless browser: tick two side networks, type a prompt, read one streamed answer from each."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    server, *_ = setup
+    client = server.client()
+    prompt = "Speak to me of the sea."
+    want = {m: client.chat.completions.create(model=m, messages=[{"role": "user", "content": prompt}], max_tokens=8,
+                                              temperature=0).choices[0].message.content for m in ("a", "wide")}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/")
+            page.wait_for_selector("input[name=model][value=wide]")
+            page.uncheck("input[name=model][value=tiny-llama-nf4]")
+            page.check("input[name=model][value=a]")
+            page.check("input[name=model][value=wide]")
+            page.fill("#max", "8")
+            page.fill("#prompt", prompt)
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.answer[data-done=\"1\"]').length == 2",
+                                   timeout=60_000)
+            got = {col.get_attribute("data-model"): col.query_selector(".answer").inner_text()
+                   for col in page.query_selector_all(".col")}
+        finally:
+            browser.close()
+    assert got == want
+
+
 def test_sigterm_drains_running_requests(setup):
     """Last in this file: it stops the shared server."""
     server, *_ = setup
