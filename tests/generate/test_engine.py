@@ -1,0 +1,132 @@
+"""The decoding engine: continuous batching changes no output, bounded compiles, the side stack's LRU, sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qst_jax.generate.engine import Engine, EngineError, Request
+from qst_jax.generate.sampling import sample_rows
+from qst_jax.generate.side_store import SideStore, SideStoreError
+from qst_jax.methods import QLoRAModel, QSTModel, SideConfig
+from qst_jax.models import load_backbone
+
+
+class _Tokens:
+    """Ids in, ids out (text: the ids joined), so stop strings can be tested."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def backbone(testdata):
+    return load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
+
+
+def _side(cfg, seed, **options):
+    model = QSTModel(cfg, SideConfig(reduction_factor=8, **options), dtype=jnp.float32)
+    params = model.init(jax.random.PRNGKey(seed))
+    params["up"]["w"] = jax.random.normal(jax.random.PRNGKey(seed + 1), params["up"]["w"].shape) * 0.4
+    return model, params
+
+
+PROMPTS = [[5, 17, 99, 300, 42, 7, 8], [11, 12, 13], [900, 1, 2, 3, 4], list(range(40, 60)), [7] * 33]
+
+
+def _alone(backbone, sides, prompt, side, **kw):
+    engine = Engine(backbone, _Tokens(), slots=3, max_len=128, sides=SideStore(backbone.cfg, sides, dtype=jnp.float32))
+    return engine.generate([Request(prompt, side=side, max_tokens=6, eos_ids=[], **kw)])[0].tokens
+
+
+def test_continuous_batching_changes_no_output(backbone):
+    sides = {"a": _side(backbone.cfg, 1), "b": _side(backbone.cfg, 3), "pool": _side(backbone.cfg, 5,
+                                                                                      downsampler="avgpool")}
+    store = SideStore(backbone.cfg, sides, dtype=jnp.float32)
+    engine = Engine(backbone, _Tokens(), slots=3, max_len=128, sides=store)
+    route = ["a", None, "pool", "b", "a", "b", None]
+    requests = [Request(PROMPTS[i % len(PROMPTS)], side=s, max_tokens=6 - i % 3, eos_ids=[])
+                for i, s in enumerate(route)]  # 7 requests through 3 slots, finishing at different steps
+    engine.generate(requests)
+    for i, (r, s) in enumerate(zip(requests, route)):
+        assert r.finish_reason == "length" and len(r.tokens) == 6 - i % 3
+        assert r.tokens == _alone(backbone, sides, r.prompt, s)[: len(r.tokens)], (i, s)
+    assert requests[0].tokens != requests[4].tokens[:4] or requests[0].prompt != requests[4].prompt
+    # the compiled programs: one prefill per power-of-two bucket used, and one decode step
+    assert engine.compiled == {("prefill", 16), ("prefill", 32), ("prefill", 64), ("decode", 3)}
+
+
+def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
+    sides = {n: _side(backbone.cfg, 10 + i) for i, n in enumerate("abc")}
+    store = SideStore(backbone.cfg, sides, capacity=2, dtype=jnp.float32)
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, sides=store)
+    out = {}
+    for name in ["a", "b", "c", "a"]:  # c takes a's entry (least recent), then a takes b's
+        out.setdefault(name, engine.generate([Request(PROMPTS[0], side=name, max_tokens=4, eos_ids=[])])[0].tokens)
+    assert store.slots[0] == ["c", "a"] and len(store.stacks[0]["gates"]) == 2
+    for name in "abc":
+        assert out[name] == _alone(backbone, sides, PROMPTS[0], name)[:4]
+    assert engine.compiled == {("prefill", 16), ("decode", 2)}  # the stack's size never changes
+    store.pins[(0, 0)] = store.pins[(0, 1)] = 1  # both entries held by running requests
+    with pytest.raises(SideStoreError, match=r"all 2 device entries of this side shape are in use"):
+        store.route("b")
+
+
+def test_stops_cancels_and_refusals(backbone):
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=32)
+    free = engine.generate([Request(PROMPTS[1], max_tokens=5, eos_ids=[])])[0]
+    stop_at = str(free.tokens[2])
+    r = engine.generate([Request(PROMPTS[1], max_tokens=5, eos_ids=[], stop=(stop_at,))])[0]
+    assert r.finish_reason == "stop" and stop_at not in r.text and r.text == " ".join(map(str, free.tokens))[
+        : r.text.__len__()]
+    eos = engine.generate([Request(PROMPTS[1], max_tokens=5, eos_ids=[free.tokens[1]])])[0]
+    assert eos.finish_reason == "stop" and eos.tokens == free.tokens[:1]
+    long = Request(PROMPTS[1], max_tokens=30, eos_ids=[])
+    engine.submit(long)
+    engine.step()
+    long.cancel()
+    engine.step()
+    assert long.finish_reason == "cancelled" and engine.busy == 0
+    capped = engine.generate([Request(PROMPTS[3], max_tokens=30, eos_ids=[])])[0]
+    assert capped.finish_reason == "length" and len(PROMPTS[3]) + len(capped.tokens) == 32  # prompt + completion
+    for request, message in ((Request([1] * 32), "prompt: 32 tokens do not fit the context of 32"),
+                             (Request([1], max_tokens=0), "max_tokens: 0 must be at least 1"),
+                             (Request([1], top_p=0.0), "sampling: temperature 0.0 must be >= 0"),
+                             (Request([1], side="x"), "side 'x' is not loaded")):
+        with pytest.raises(EngineError, match=message):
+            engine.submit(request)
+
+
+def test_qlora_decodes_through_the_same_slots(backbone):
+    model = QLoRAModel(backbone.cfg, rank=4, dtype=jnp.float32)
+    params = model.init(jax.random.PRNGKey(0))
+    params["lora"]["mlp"]["up"]["b"] = jnp.ones_like(params["lora"]["mlp"]["up"]["b"]) * 0.05
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, model=model, params=params)
+    together = engine.generate([Request(p, max_tokens=4, eos_ids=[]) for p in PROMPTS[:3]])
+    for r in together:
+        alone = Engine(backbone, _Tokens(), slots=2, max_len=64, model=model, params=params)
+        assert alone.generate([Request(r.prompt, max_tokens=4, eos_ids=[])])[0].tokens == r.tokens
+    with pytest.raises(SideStoreError, match=r"only QST language-model side networks are served"):
+        SideStore(backbone.cfg, {"q": (model, params)})
+
+
+def test_sample_rows_depends_on_each_rows_own_seed_and_settings():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 3))
+    def draws(temperature, top_k, top_p, n=300):
+        out = [sample_rows(logits, jnp.array([s, s + 1, 7]), jnp.array([0, 0, 0]), jnp.full(3, temperature),
+                           jnp.full(3, top_k), jnp.full(3, top_p)) for s in range(n)]
+        return {int(x[0]) for x in out}
+    assert draws(0.0, 0, 1.0, n=5) == {0}
+    assert draws(1.0, 2, 1.0) == {0, 1}
+    assert draws(1.0, 0, 0.6) == {0, 1}  # 0.5 < 0.6: the second token is needed, the third is not
+    assert draws(1.0, 0, 1.0) == {0, 1, 2, 3}
+    one = sample_rows(logits[:1], jnp.array([7]), jnp.array([3]), jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.ones(1))
+    many = sample_rows(logits, jnp.array([1, 7, 2]), jnp.array([0, 3, 9]), jnp.ones(3), jnp.zeros(3, jnp.int32),
+                       jnp.ones(3))
+    assert int(one[0]) == int(many[1])  # a row's draw never depends on the other rows
+    np.testing.assert_array_equal(np.asarray(sample_rows(logits, jnp.arange(3), jnp.zeros(3, jnp.int32),
+                                                         jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.ones(3))), 0)
