@@ -7,17 +7,18 @@
 
 The engine holds `slots` decode slots, each with its own length, side
 network and sampling settings, and preallocated KV caches `[L, slots,
-max_len, ...]` for the backbone and each side shape. A new request is
-prefilled alone, padded to a power-of-two bucket, and its caches are written
-into a free slot while the other slots keep decoding; each decode step runs
+max_len, ...]` for the backbone and each side shape. New requests are
+prefilled together (`prefill_rows` of one power-of-two length bucket at a
+time, padded to that many rows), and each one's caches are written into a
+free slot while the other slots keep decoding; each decode step runs
 the backbone once for every slot, and each slot's side network is gathered
 by index from its shape's stack (`methods.IndexedSides`, via `SideStore`),
 so the compiled programs are the prefill buckets plus one decode step, and a
 step costs the same whatever number of side networks is loaded.
 
 A request's tokens depend only on itself (its prompt, side network, settings
-and seed): its prefill has one shape, the decode step has one shape, and its
-row reads only its own cache slot. So greedy output is the same alone or
+and seed): its prefill has one shape (its bucket, `prefill_rows` rows), the
+decode step has one shape, and its row reads only its own cache slot. So greedy output is the same alone or
 among 16 others; tests check it.
 
 Any other method (QLoRA) decodes through the same slots with `model=` and
@@ -112,14 +113,17 @@ class Engine:
       sides: the QST side networks (`SideStore`); default none (the base model).
       model, params: another method (QLoRA) for every slot instead of `sides`.
       eos_ids: token ids that end a completion (default the model's EOS).
+      prefill_rows: requests prefilled together (default min(slots, 8)); every
+        prefill has this many rows, padded, so batching never changes a row.
     """
 
     def __init__(self, backbone: Backbone, tokenizer: Any, *, slots: int = 8, max_len: int | None = None,
                  sides: SideStore | None = None, model: Any = None, params: Params | None = None,
-                 eos_ids: Sequence[int] | None = None):
+                 eos_ids: Sequence[int] | None = None, prefill_rows: int | None = None):
         if slots < 1:
             raise EngineError(f"slots {slots} must be at least 1")
         self.backbone, self.tokenizer, self.slots = backbone, tokenizer, slots
+        self.prefill_rows = int(prefill_rows or min(slots, 8))
         cfg = backbone.cfg
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 2048))
         self.sides = sides if sides is not None or model is not None else SideStore(cfg, dtype=backbone.dtype)
@@ -160,7 +164,7 @@ class Engine:
         self.compiled = set()
 
         def prefill(backbone_params, params, ids, mask, last):
-            caches = model.init_caches(1, ids.shape[1])
+            caches = model.init_caches(ids.shape[0], ids.shape[1])
             positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
             o, caches = model.hidden(params, backbone_params, ids, mask, positions=positions, key_mask=mask,
                                      caches=caches, cache_index=jnp.int32(0))
@@ -173,9 +177,12 @@ class Engine:
                                      key_mask=key_mask, caches=caches, cache_index=write)
             return model.head(params, backbone_params, o, ones)[:, 0], caches
 
-        def insert(caches, row, slot):
-            return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r.astype(c.dtype),
-                                                                          (0, slot) + (0,) * (c.ndim - 2)), caches, row)
+        def insert(caches, rows, i, slot):  # row i of a prefill's caches `[L, R, T, ...]` into slot `slot`
+            def one(c, r):
+                row = jax.lax.dynamic_slice_in_dim(r, i, 1, axis=1).astype(c.dtype)
+                return jax.lax.dynamic_update_slice(c, row, (0, slot) + (0,) * (c.ndim - 2))
+
+            return jax.tree.map(one, caches, rows)
 
         self._prefill_fn = jax.jit(prefill)
         self._decode_fn = jax.jit(decode, donate_argnums=(5,))
@@ -222,42 +229,63 @@ class Engine:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admits waiting requests into free slots (prefill each), then one decode step; whether work remains."""
+        """Admits waiting requests into free slots (prefilled `prefill_rows` at a time), then one decode step.
+
+        Returns whether work remains.
+        """
         with self.lock:
             for slot, r in enumerate(self.active):
                 if r is not None and r.cancelled:
                     self._finish(slot, "cancelled")
-            while self.waiting and None in self.active:
+            admitted: dict[int, list[tuple[int, Request]]] = {}
+            free = [slot for slot, r in enumerate(self.active) if r is None]
+            while self.waiting and free:
                 r = self.waiting.popleft()
                 if r.cancelled:
                     self._done(r, "cancelled")
                     continue
-                self._admit(self.active.index(None), r)
+                slot = free.pop(0)
+                self.active[slot] = r  # reserved; filled by _admit
+                admitted.setdefault(min(_bucket(len(r.prompt)), self.max_len), []).append((slot, r))
+            for bucket, group in admitted.items():
+                for start in range(0, len(group), self.prefill_rows):
+                    self._admit(bucket, group[start : start + self.prefill_rows])
             if self.busy:
                 self._decode()
             return self.pending()
 
-    def _admit(self, slot: int, r: Request) -> None:
+    def _admit(self, bucket: int, group: list[tuple[int, Request]]) -> None:
+        """Prefills up to `prefill_rows` requests of one length bucket together, then writes each into its slot.
+
+        The prefill always has `prefill_rows` rows (unused ones are padding),
+        so a request's prefill is the same program whatever arrived with it.
+        """
         model, params_of = self._model()
         prefill, _, insert = self._programs(model)
-        n = len(r.prompt)
-        bucket = min(_bucket(n), self.max_len)
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :n] = r.prompt
-        mask = np.zeros((1, bucket), np.int32)
-        mask[0, :n] = 1
-        route = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
-        logits, row = prefill(self.backbone.params, params_of(np.asarray([route], np.int32)), jnp.asarray(ids),
-                              jnp.asarray(mask), jnp.asarray([n - 1], jnp.int32))
-        self.compiled.add(("prefill", bucket))
-        self.caches = insert(self.caches, row, jnp.int32(slot))
-        self.active[slot], self.route[slot] = r, route
-        self.settings[slot] = (r.temperature, r.top_k, r.top_p, r.seed)
-        self.lengths[slot] = n
-        self.key_mask[slot] = 0
-        self.key_mask[slot, :n] = 1
-        token = self._sample(logits, np.asarray([slot]))[0]
-        self._append(slot, int(token))
+        rows = self.prefill_rows
+        ids = np.zeros((rows, bucket), np.int32)
+        mask = np.zeros((rows, bucket), np.int32)
+        mask[:, 0] = 1  # a padding row attends to something finite; its output is never read
+        last = np.zeros(rows, np.int32)
+        routes = np.tile(np.asarray([-1, 0], np.int32), (rows, 1))
+        for i, (slot, r) in enumerate(group):
+            n = len(r.prompt)
+            ids[i, :n], mask[i, :n], last[i] = r.prompt, 1, n - 1
+            routes[i] = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
+        logits, row_caches = prefill(self.backbone.params, params_of(routes), jnp.asarray(ids), jnp.asarray(mask),
+                                     jnp.asarray(last))
+        self.compiled.add(("prefill", (rows, bucket)))
+        slots = np.asarray([slot for slot, _ in group])
+        for i, (slot, r) in enumerate(group):
+            self.caches = insert(self.caches, row_caches, jnp.int32(i), jnp.int32(slot))
+            self.route[slot] = routes[i]
+            self.settings[slot] = (r.temperature, r.top_k, r.top_p, r.seed)
+            self.lengths[slot] = len(r.prompt)
+            self.key_mask[slot] = 0
+            self.key_mask[slot, : len(r.prompt)] = 1
+        tokens = self._sample(logits[: len(group)], slots)
+        for slot, token in zip(slots, tokens):
+            self._append(int(slot), int(token))
 
     def _sample(self, logits: jax.Array, slots: np.ndarray) -> np.ndarray:
         s = self.settings[slots]

@@ -57,7 +57,7 @@ def test_continuous_batching_changes_no_output(backbone):
         assert r.tokens == _alone(backbone, sides, r.prompt, s)[: len(r.tokens)], (i, s)
     assert requests[0].tokens != requests[4].tokens[:4] or requests[0].prompt != requests[4].prompt
     # the compiled programs: one prefill per power-of-two bucket used, and one decode step
-    assert engine.compiled == {("prefill", 16), ("prefill", 32), ("prefill", 64), ("decode", 3)}
+    assert engine.compiled == {("prefill", (3, 16)), ("prefill", (3, 32)), ("prefill", (3, 64)), ("decode", 3)}
 
 
 def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
@@ -70,7 +70,7 @@ def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
     assert store.slots[0] == ["c", "a"] and len(store.stacks[0]["gates"]) == 2
     for name in "abc":
         assert out[name] == _alone(backbone, sides, PROMPTS[0], name)[:4]
-    assert engine.compiled == {("prefill", 16), ("decode", 2)}  # the stack's size never changes
+    assert engine.compiled == {("prefill", (2, 16)), ("decode", 2)}  # the stack's size never changes
     store.pins[(0, 0)] = store.pins[(0, 1)] = 1  # both entries held by running requests
     with pytest.raises(SideStoreError, match=r"all 2 device entries of this side shape are in use"):
         store.route("b")
