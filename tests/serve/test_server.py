@@ -86,6 +86,13 @@ def setup(testdata, tmp_path_factory):
     other = load_backbone(testdata / "tiny-opt-nf4")
     _export(sides, "for-opt", other, 9)  # trained for another backbone: refused
     _export(root / "outside", "a2", backbone, 11)
+    nan = _export(sides, "nan", backbone, 13)  # intact header, a NaN inside: refused naming the tensor
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(nan / "side.safetensors"))
+    tensors["up/w"] = tensors["up/w"].copy()
+    tensors["up/w"].flat[0] = float("nan")
+    save_file(tensors, str(nan / "side.safetensors"), metadata={"format": "qst_jax"})
     (sides / "escape").symlink_to(root / "outside")  # a symlink out of the side root
     server = Live(["--model", str(model_dir), *[f"--side={n}={p}" for n, p in paths.items()], "--side-root",
                    str(sides), "--slots", str(SLOTS), "--max-len", "128", "--drain-timeout", "30"], root / "server.log")
@@ -221,7 +228,8 @@ def test_malformed_json_and_side_paths_are_refused(setup):
                           ("/etc", "must be relative to the side root, without '..'"),
                           ("escape/a2", "leads out of the side root (a symlink)"),
                           ("for-opt", "this side network was trained for another backbone"),
-                          ("missing", "missing (expected an exported side network from qst-train)")):
+                          ("missing", "missing (expected an exported side network from qst-train)"),
+                          ("nan", "side.safetensors: tensor 'up/w' holds NaN or infinite values")):
         r = httpx.post(f"{server.url}/v1/load_side", json={"name": "x", "path": path}, timeout=30)
         assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
     assert httpx.post(f"{server.url}/v1/unload_side", json={"name": "x"}).status_code == 404
