@@ -33,6 +33,7 @@ import jax
 
 from qst_jax.aot.targets import GIB, GpuTarget, abstract_mesh, target as get_target
 from qst_jax.models.loops import unrolled_loops
+from qst_jax.models.platform import targeting
 
 Make = Callable[[int, bool], tuple[Any, tuple[Any, ...]]]
 
@@ -121,7 +122,7 @@ def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> 
     """(`fn.lower(*args).compile()` for target `name`, seconds); `mesh`: an abstract mesh (default: one device)."""
     mesh = mesh if mesh is not None else abstract_mesh(name)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), targeting("gpu"):  # the GPU's choices (models.platform), traced on this CPU
         compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
 

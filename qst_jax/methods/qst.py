@@ -32,7 +32,8 @@ class QSTModel(TaskHeads):
       ce_chunk: tokens per chunk of the LM cross-entropy.
       remat_side: recompute side blocks in the backward pass.
       attention_impl: passed to `jax.nn.dot_product_attention`.
-      hidden_store: how the backward keeps backbone states ("compute", "fp8").
+      hidden_store: how the backward keeps backbone states ("compute", "fp8", or
+        "auto": fp8 on a GPU, compute elsewhere).
     """
 
     name: ClassVar[str] = "qst"
@@ -42,7 +43,7 @@ class QSTModel(TaskHeads):
     ce_chunk: int = 1024
     remat_side: bool = True
     attention_impl: str | None = None
-    hidden_store: str = "fp8"
+    hidden_store: str = "auto"
 
     @property
     def task(self) -> str:

@@ -162,7 +162,7 @@ def joint_pass(
     dtype: Any = jnp.bfloat16,
     attention_impl: str | None = None,
     remat_side: bool = True,
-    hidden_store: str = "fp8",
+    hidden_store: str = "auto",
 ) -> tuple[jax.Array, list[jax.Array], Params | None]:
     """One backbone pass feeding any number of side networks.
 

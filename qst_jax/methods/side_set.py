@@ -65,7 +65,7 @@ class SideSet:
     ce_chunk: int = 1024
     remat_side: bool = True
     attention_impl: str | None = None
-    hidden_store: str = "fp8"
+    hidden_store: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.members:

@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.side.init_std = 0.02
     c.side.init_scheme = "fixed"  # "fan_in": side linears drawn with std 1/sqrt(input width); "fixed": init_std
     c.side.remat = True  # recompute side blocks in the backward pass (each layer keeps only its side-width inputs)
-    c.side.hidden_store = "fp8"  # how the backward keeps backbone states for trainable downsamplers: "fp8" or "compute" (bf16)
+    c.side.hidden_store = "auto"  # how the backward keeps backbone states for trainable downsamplers: "fp8", "compute"
+    # (bf16), or "auto": fp8 on a GPU (half the bytes), compute on a CPU (XLA emulates fp8 there, slowly)
 
     c.qlora = ml_collections.ConfigDict()
     c.qlora.rank = 16

@@ -65,3 +65,13 @@ def test_fp8_store_keeps_fp8_residuals(backbone):
     compute, fp8 = kept("compute"), kept("fp8")
     assert "float8_e4m3fn" in fp8 and "float8_e4m3fn" not in compute
     assert fp8.get("bfloat16", 0) < compute["bfloat16"]
+
+
+def test_auto_is_fp8_on_a_gpu_and_compute_elsewhere():
+    from qst_jax.methods.downsamplers import resolve_store
+    from qst_jax.models.platform import targeting
+
+    assert jax.default_backend() == "cpu" and resolve_store("auto") == "compute"  # XLA emulates fp8 on a CPU
+    with targeting("gpu"):  # what qst_jax.aot traces under when it compiles for a GPU
+        assert resolve_store("auto") == "fp8"
+    assert resolve_store("fp8") == "fp8" and resolve_store("compute") == "compute"
