@@ -34,6 +34,7 @@ import time
 
 REPO = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(REPO))
+import qst_jax  # noqa: E402,F401 (before jax: the CPU platform where a CUDA plugin has no GPU)
 
 try:
     import httpx

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
+    parser.add_argument("--prefill-rows", type=int, default=0,
+                        help="requests prefilled together (default: --slots, so a full wave is one prefill)")
     parser.add_argument("--max-len", type=int, default=1024, help="tokens per slot: prompt and completion")
     parser.add_argument("--side-capacity", type=int, default=64, help="side networks per shape held on the device")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429")
@@ -56,7 +58,7 @@ def build_server(args: argparse.Namespace, log=print):
     import jax.numpy as jnp
 
     from qst_jax.data.specs import resolve_model_path
-    from qst_jax.generate.engine import Engine, Request
+    from qst_jax.generate.engine import Engine
     from qst_jax.generate.side_store import SideStore
     from qst_jax.methods import load_tuned
     from qst_jax.models import load_backbone, load_tokenizer
@@ -72,10 +74,11 @@ def build_server(args: argparse.Namespace, log=print):
     store = SideStore(backbone.cfg, sides, capacity=args.side_capacity, dtype=backbone.dtype)
     engine = Engine(backbone, tokenizer, slots=args.slots, max_len=min(args.max_len,
                                                                       backbone.cfg.max_position_embeddings),
-                    sides=store)
+                    sides=store, prefill_rows=args.prefill_rows or args.slots)
     start = time.perf_counter()
-    engine.generate([Request([int(tokenizer.eos_token_id or 0)] * 2, max_tokens=2, eos_ids=[])])  # compile
-    log(f"qst-serve: compiled the prefill and decode steps in {time.perf_counter() - start:.1f} s")
+    engine.warmup()  # every prefill bucket and the decode step, before the first request
+    log(f"qst-serve: compiled {len(engine.compiled)} programs (prefill buckets {engine.buckets()}, one decode step) "
+        f"in {time.perf_counter() - start:.1f} s")
     base = args.model_name or ("smollm2" if args.model == "smollm2" else os.path.basename(os.path.normpath(path)))
     return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
                   api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)

@@ -189,6 +189,33 @@ class Engine:
         self._insert_fn = jax.jit(insert, donate_argnums=(0,))
         return self._prefill_fn, self._decode_fn, self._insert_fn
 
+    def buckets(self) -> list[int]:
+        """The prefill lengths: powers of two from 16, and `max_len` itself."""
+        out, b = [], 16
+        while b < self.max_len:
+            out.append(b)
+            b *= 2
+        return out + [self.max_len]
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket and the decode step now, so no request waits for a compile."""
+        with self.lock:
+            model, params_of = self._model()
+            prefill, decode, _ = self._programs(model)
+            rows = self.prefill_rows
+            routes = np.tile(np.asarray([-1, 0], np.int32), (rows, 1))
+            for bucket in self.buckets():
+                ids = jnp.zeros((rows, bucket), jnp.int32)
+                jax.block_until_ready(prefill(self.backbone.params, params_of(routes), ids, jnp.ones_like(ids),
+                                              jnp.zeros((rows,), jnp.int32)))
+                self.compiled.add(("prefill", (rows, bucket)))
+            zeros = jnp.zeros((self.slots,), jnp.int32)
+            mask = jnp.zeros((self.slots, self.max_len), jnp.int32).at[:, 0].set(1)
+            logits, self.caches = decode(self.backbone.params, params_of(self.route), zeros, zeros, mask,
+                                         self.caches, zeros)
+            jax.block_until_ready(logits)
+            self.compiled.add(("decode", self.slots))
+
     # -- requests ----------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Raises EngineError for a request that cannot run (the server answers 400 / 404 with it)."""

@@ -130,3 +130,13 @@ def test_sample_rows_depends_on_each_rows_own_seed_and_settings():
     assert int(one[0]) == int(many[1])  # a row's draw never depends on the other rows
     np.testing.assert_array_equal(np.asarray(sample_rows(logits, jnp.arange(3), jnp.zeros(3, jnp.int32),
                                                          jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.ones(3))), 0)
+
+
+def test_warmup_compiles_every_bucket_and_nothing_more_is_compiled(backbone):
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=100)
+    engine.warmup()
+    assert engine.buckets() == [16, 32, 64, 100]
+    compiled = set(engine.compiled)
+    assert compiled == {("prefill", (2, b)) for b in (16, 32, 64, 100)} | {("decode", 2)}
+    engine.generate([Request(PROMPTS[i], max_tokens=3, eos_ids=[]) for i in range(len(PROMPTS))])
+    assert engine.compiled == compiled
