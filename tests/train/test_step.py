@@ -44,7 +44,9 @@ def test_golden_one_step(backbone, layout):
     assert int(state.step) == 1
     assert float(metrics["weight"]) == 50.0
     np.testing.assert_allclose(float(metrics["loss"]), golden_loss, rtol=2e-5)
-    np.testing.assert_allclose(float(metrics["grad_norm"]), golden_grad_norm, rtol=2e-4)
+    # bf16 backward: jax 0.12.0.1 gives 0.1007418 for "official" (CPU default, bf16 states), 2.3e-4 from
+    # jax 0.10.2's recorded 0.1007650; the loss agrees to 5e-7.
+    np.testing.assert_allclose(float(metrics["grad_norm"]), golden_grad_norm, rtol=3e-4)
 
 
 def test_accumulation_is_token_weighted(backbone, model):
