@@ -17,6 +17,7 @@ import numpy as np
 from qst_jax.models.config import ModelConfig
 from qst_jax.quant.matmul import linear
 from qst_jax.models import loops
+from qst_jax.models.platform import target_platform
 
 Params = dict[str, Any]
 
@@ -195,6 +196,27 @@ def query_chunk(batch: int, heads: int, queries: int, keys: int) -> int:
     return chunk
 
 
+def single_query_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                           scale: float) -> jax.Array:
+    """One query per row (a decode step) as two einsums, float32 scores and softmax.
+
+    What `jax.nn.dot_product_attention`'s XLA path computes; on a GPU the
+    decode step uses this form because XLA refuses that call with one query
+    in float16 on a T4 ("Unsupported dot precision algorithm").
+
+    Args:
+      q: `[B, 1, N, H]`; key, value: `[B, S, K, H]` (N = K * groups); mask: boolean `[B, 1, 1, S]`.
+    """
+    b, t, n, h = q.shape
+    groups = n // key.shape[2]
+    qg = q.reshape(b, t, key.shape[2], groups, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, key, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, value, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 def chunked_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, scale: float,
                       implementation: str | None) -> jax.Array:
     """`jax.nn.dot_product_attention` over blocks of queries, one block at a time.
@@ -212,6 +234,8 @@ def chunked_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
       `[B, T, N, H]`.
     """
     b, t, n, h = q.shape
+    if t == 1 and implementation is None and target_platform() == "gpu":
+        return single_query_attention(q, key, value, mask, scale)
     chunk = query_chunk(b, n, t, key.shape[1])
     if chunk == t or implementation == "cudnn":
         return jax.nn.dot_product_attention(q, key, value, mask=mask, scale=scale, implementation=implementation)

@@ -169,3 +169,14 @@ def test_fit_table_rows_and_table(capsys):
     assert {"row": "configs/chat_70b_fsdp2.py", "mesh": "data 1 x fsdp 2 x tensor 1"} in records
     out = capsys.readouterr().out
     assert "| configs/glue_sst2.py | " in out and " fits |" in out and "mesh (data 1 x fsdp 2" in out
+
+
+def test_the_decode_step_compiles_for_a_t4():
+    """One query in float16 on sm_75: XLA refuses jax.nn.dot_product_attention there; the einsum form compiles."""
+    from tests.helpers import script
+
+    module = script("compile_for_gpu")
+    for rows in (1, 16):
+        report = compile_report("t4", module.program(f"decode:{rows}", "tiny", 1, 64, "t4"), layers=4, cost=False,
+                                dtype="float16")
+        assert 0 < report.peak_bytes < 2**27

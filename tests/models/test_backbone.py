@@ -208,3 +208,18 @@ def test_non_finite_weight_names_tensor(testdata, tmp_path):
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises((CheckpointError, QuantizationError), match=r"layers\.1\.self_attn\.v_proj\.weight: 1 non-finite"):
         load_backbone(d)
+
+
+def test_single_query_attention_is_dot_product_attention():
+    """The decode step's attention on a GPU (models.layers.single_query_attention) equals jax's, GQA and mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from qst_jax.models.layers import single_query_attention
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(k[0], (3, 1, 8, 16))
+    key, value = jax.random.normal(k[1], (3, 10, 2, 16)), jax.random.normal(k[2], (3, 10, 2, 16))
+    mask = jnp.ones((3, 1, 1, 10), bool).at[1, :, :, 6:].set(False)
+    want = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=0.25)
+    assert float(jnp.max(jnp.abs(single_query_attention(q, key, value, mask, 0.25) - want))) < 1e-5
