@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     from qst_jax.data.offline import MissingPackageError
     from qst_jax.data.sources import DataError
     from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.train.checkpoint import ResumeError
+    from qst_jax.checkpoints import ResumeError
     from qst_jax.train.run_dir import RunDirectoryError
     from qst_jax.train.launch import make_trainer
     from qst_jax.train.trainer import TrainingError

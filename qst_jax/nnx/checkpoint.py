@@ -6,7 +6,7 @@
 
 The frozen backbone is never written: it is the same NF4 file at every step.
 A checkpoint holds `nnx.state(model, nnx.Param)` and `nnx.state(optimizer)`
-as pure dicts (`nnx.to_pure_dict`), through `train.checkpoint.Checkpointer`
+as pure dicts (`nnx.to_pure_dict`), through `qst_jax.checkpoints.Checkpointer`
 (atomic, read back before older ones are pruned, a damaged newest one set
 aside), so a restored model and optimizer continue bit for bit.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from qst_jax.train.checkpoint import Checkpointer
+from qst_jax.checkpoints import Checkpointer
 
 
 def _state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, nnx.State]:
@@ -46,7 +46,7 @@ class NNXCheckpointer:
         """Updates `model` and `optimizer` in place from the newest intact checkpoint; returns (step, meta).
 
         Raises:
-          train.checkpoint.ResumeError: no checkpoint, or none that reads.
+          qst_jax.checkpoints.ResumeError: no checkpoint, or none that reads.
         """
         states = _state(model, optimizer)
         target = {k: nnx.to_pure_dict(v) for k, v in states.items()}

@@ -39,7 +39,7 @@ from qst_jax.files import write_json_atomic
 from qst_jax.methods import FrozenModel, build_model, export_side
 from qst_jax.models import Backbone, ConfigError, load_backbone, load_config, load_tokenizer
 from qst_jax.tree import count_params
-from qst_jax.train.checkpoint import Checkpointer
+from qst_jax.checkpoints import Checkpointer
 from qst_jax.train.config import resume_changes, validate
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError, plot_loss_curve
 from qst_jax.train.optim import make_optimizer

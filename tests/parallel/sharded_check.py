@@ -26,7 +26,7 @@ from qst_jax.models import load_backbone  # noqa: E402
 from qst_jax.parallel import ShardedPlacement, backbone_shardings, batch_sharding, make_mesh, replicated  # noqa: E402
 from qst_jax.methods.side_config import SideConfig  # noqa: E402
 from qst_jax.methods import QSTModel  # noqa: E402
-from qst_jax.train.checkpoint import Checkpointer  # noqa: E402
+from qst_jax.checkpoints import Checkpointer  # noqa: E402
 from qst_jax.train.step import init_train_state, make_train_step  # noqa: E402
 from tests.helpers import lm_batch  # noqa: E402
 
