@@ -349,6 +349,21 @@ def test_resume_cuts_metrics_back_and_skips_a_damaged_checkpoint(model_dir, tmp_
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # no duplicate rows
 
 
+def _signal_at(tmp_path: pathlib.Path, driver_code: str, config: pathlib.Path, marker: str, sig: int) -> None:
+    """Runs qst-train through `driver_code` and sends `sig` once it prints `marker` (or after 240 s)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(driver_code)
+    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, str(driver), f"--config={config}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if marker in line or time.time() > deadline:
+            break
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+
 KILL_DURING_SAVE = """
 import asyncio, sys
 from orbax.checkpoint._src.path import async_path
@@ -370,17 +385,7 @@ train.run()
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_resume(model_dir, tmp_path):
     config = _config_file(tmp_path, model_dir, {"train.steps": 8, "train.checkpoint_every": 3, "data.eval": ""})
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DURING_SAVE)
-    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
-    proc = subprocess.Popen([sys.executable, str(driver), f"--config={config}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        if "WRITING 6" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _signal_at(tmp_path, KILL_DURING_SAVE, config, "WRITING 6", signal.SIGKILL)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not (checkpoints / "6").exists() and (checkpoints / "3").is_dir()
     resumed = qst_train(f"--config={config}", "--resume")
@@ -481,17 +486,7 @@ def test_a_run_stopped_in_its_first_evaluation_does_not_block_the_next(model_dir
     config = _config_file(tmp_path, model_dir, {"train.steps": 2, "train.checkpoint_every": 0})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "my-notes.txt").write_text("kept")
-    driver = tmp_path / "driver.py"
-    driver.write_text(STOP_DURING_FIRST_EVAL)
-    env = dict(os.environ, PYTHONPATH=str(REPO), QST_NO_PROGRESS="1")
-    proc = subprocess.Popen([sys.executable, str(driver), f"--config={config}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        if "EVALUATING" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    _signal_at(tmp_path, STOP_DURING_FIRST_EVAL, config, "EVALUATING", signal.SIGTERM)
     run = tmp_path / "run"
     assert (run / "metrics.jsonl").read_text() == "" and not list((run / "checkpoints").iterdir())
     resumed = qst_train(f"--config={config}", "--resume")
