@@ -125,6 +125,26 @@ async def load(url: str, jobs: list[tuple[str, str]], max_tokens: int, concurren
         return results, time.perf_counter() - start
 
 
+def engine_counts(url: str) -> tuple[float, float]:
+    """(prefill calls, decode steps) so far, from the server's /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("qst_prefill_calls_total", "qst_decode_steps_total"):
+            values[name] = float(value)
+    return values["qst_prefill_calls_total"], values["qst_decode_steps_total"]
+
+
+def measured(url: str, name: str, run, reference: dict | None) -> dict:
+    """`run()` -> (results, wall) summarised, with the prefill calls and decode steps it took."""
+    before = engine_counts(url)
+    results, wall = run()
+    after = engine_counts(url)
+    record = summary(name, results, wall, reference)
+    record["prefill_calls"], record["decode_steps"] = (int(a - b) for a, b in zip(after, before))
+    return record, results
+
+
 def summary(name: str, results: list[dict], wall: float, reference: dict | None) -> dict:
     def stats(values):
         values = sorted(values)
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--skew", action="store_true", help="side networks drawn Zipf-like, not uniformly")
+    parser.add_argument("--no-static", action="store_true", help="leave out the static qst-generate row")
+    parser.add_argument("--serve-args", default="", help="more qst-serve arguments, e.g. '--admit-wait-ms 0'")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args(argv)
     counts = [int(k) for k in args.sides.split(",")]
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "qst_jax.cli.serve", "--port", str(port), "--slots",
-                               str(args.slots), "--max-len", "256", *[f"--side={n}={p}" for n, p in paths.items()]],
+                               str(args.slots), "--max-len", "256", *args.serve_args.split(), *[f"--side={n}={p}" for n, p in paths.items()]],
                               cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                               stderr=subprocess.STDOUT)
     records = []
@@ -185,20 +207,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             mixes[k] = [(rng.choices(names, weights)[0], p) for p in texts]
         reference_jobs = sorted({job for jobs in mixes.values() for job in jobs})
         seq_jobs = reference_jobs[: args.sequential_requests]
-        results, wall = asyncio.run(load(url, seq_jobs, args.max_tokens, 1, 0.0))
-        records.append(summary("one at a time", results, wall, None))
+        alone_run = lambda: asyncio.run(load(url, seq_jobs, args.max_tokens, 1, 0.0))  # noqa: E731
+        record, results = measured(url, "one at a time", alone_run, None)
+        records.append(record)
         reference = {(r["model"], r["prompt"]): r["text"] for r in results}
         rest, _ = asyncio.run(load(url, [j for j in reference_jobs if j not in reference], args.max_tokens,
                                    args.concurrency, 0.0))
         reference.update({(r["model"], r["prompt"]): r["text"] for r in rest})  # checked against the alone runs
         alone = {(r["model"], r["prompt"]): r["text"] for r in results}
         for k in counts:
-            results, wall = asyncio.run(load(url, mixes[k], args.max_tokens, args.concurrency, args.request_rate))
-            record = summary(f"{k} side networks", results, wall, reference)
+            record, results = measured(url, f"{k} side networks", lambda: asyncio.run(
+                load(url, mixes[k], args.max_tokens, args.concurrency, args.request_rate)), reference)
             record["mixed_vs_alone"] = sum(1 for r in results if (r["model"], r["prompt"]) in alone and
                                            alone[(r["model"], r["prompt"])] != r["text"])
             records.append(record)
-        records.append(static_batch(paths, mixes[counts[0]], args))
+        if not args.no_static:
+            records.append(static_batch(paths, mixes[counts[0]], args))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -233,14 +257,14 @@ def static_batch(paths: dict[str, str], jobs: list[tuple[str, str]], args) -> di
 
 def print_table(records: list[dict]) -> None:
     print(f"\n{'row':<52} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>8} {'p99':>6} {'TPOT p50':>8} {'ITL p50':>7} "
-          f"{'E2E p50':>7} {'mixed':>5}")
+          f"{'E2E p50':>7} {'mixed':>5} {'prefills':>8}")
     for r in records:
         if "ttft" not in r:
             print(f"{r['row']:<52} {r['req_per_s']:>6.2f}  (wall {r['wall_s']:.1f} s{', failed' if not r['ok'] else ''})")
             continue
         print(f"{r['row']:<52} {r['req_per_s']:>6.2f} {r['out_tok_per_s']:>9.1f} {r['ttft']['p50']:>8.3f} "
               f"{r['ttft']['p99']:>6.3f} {r['tpot']['p50']:>8.3f} {(r['itl']['p50'] or 0):>7.3f} "
-              f"{r['e2e']['p50']:>7.3f} {r['mixed']:>5}")
+              f"{r['e2e']['p50']:>7.3f} {r['mixed']:>5} {r.get('prefill_calls', ''):>8}")
 
 
 if __name__ == "__main__":

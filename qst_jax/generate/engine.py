@@ -142,6 +142,8 @@ class Engine:
         self.settings = np.zeros((slots, 4), np.float32)  # temperature, top_k, top_p, seed
         self._model_key: Any = None
         self.compiled: set[tuple[str, int]] = set()  # (program, shape) compiled so far
+        self.prefills = 0  # prefill calls so far (each `prefill_rows` rows of one bucket)
+        self.decode_steps = 0  # decode steps so far
 
     # -- the model -------------------------------------------------------------------------
     def _model(self) -> tuple[Any, Callable[[np.ndarray], Params]]:
@@ -302,6 +304,7 @@ class Engine:
         logits, row_caches = prefill(self.backbone.params, params_of(routes), jnp.asarray(ids), jnp.asarray(mask),
                                      jnp.asarray(last))
         self.compiled.add(("prefill", (rows, bucket)))
+        self.prefills += 1
         slots = np.asarray([slot for slot, _ in group])
         for i, (slot, r) in enumerate(group):
             self.caches = insert(self.caches, row_caches, jnp.int32(i), jnp.int32(slot))
@@ -333,6 +336,7 @@ class Engine:
         logits, self.caches = decode(self.backbone.params, params_of(self.route), jnp.asarray(self.last),
                                      jnp.asarray(write), jnp.asarray(key_mask), self.caches, jnp.asarray(write))
         self.compiled.add(("decode", self.slots))
+        self.decode_steps += 1
         slots = np.flatnonzero(live)
         tokens = self._sample(logits[slots], slots)
         for slot, token in zip(slots, tokens):

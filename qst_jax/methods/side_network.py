@@ -229,7 +229,7 @@ def joint_pass(
             per_layer = _layer_major(per_layer)
         else:
             s0s.append(down_fn(first, read))
-        steps.append(side_step)
+        steps.append(lambda x, h, s, kv, side_step=side_step: side_step(x[2], x[0], x[1], h, s, kv))
         xs_side.append(per_layer)
         finals.append((side, scfg, sp, params, stacked))
 
@@ -240,8 +240,8 @@ def joint_pass(
         h = jax.lax.stop_gradient(h)
         h_normed = h if next_norm is None else norm(next_norm, h, backbone_cfg.norm_eps)
         out_states, out_kvs = [], []
-        for (side, *_), step, s, (down, gate, layer), kv in zip(groups, steps, states, side_xs, s_kvs):
-            s, kv = step(layer, down, gate, h_normed if side.input_norm == "backbone" else h, s, kv)
+        for (side, *_), step, s, x, kv in zip(groups, steps, states, side_xs, s_kvs):
+            s, kv = step(x, h_normed if side.input_norm == "backbone" else h, s, kv)
             out_states.append(s)
             out_kvs.append(kv)
         return (h, tuple(out_states)), (b_kv, tuple(out_kvs))
@@ -276,10 +276,12 @@ def _rows_group(side: SideConfig, scfg: ModelConfig, params: tuple[Params, jax.A
                 attention_impl: str | None, remat: bool, hidden_store: str):
     """(step, s_0, per-layer xs, final) of a group whose row b runs member `index[b]` of `stack`.
 
-    Each layer gathers its rows' params from the stack by index (one
-    gather of `[B, ...]` per layer, whatever K is), and the side layer runs
-    under `vmap` over rows, each row with a batch of one and its own mask,
-    RoPE and cache slot. The carried side state is `[B, 1, T, d/r]`.
+    Each layer gathers its rows' params from the stack by (index, layer):
+    the scan's xs are the layer numbers and the stack stays as it is, so a
+    step reads B members' layer, whatever K is (moving the stack to
+    layer-major order would copy all K members every call). The side layer
+    runs under `vmap` over rows, each row with a batch of one and its own
+    mask, RoPE and cache slot. The carried side state is `[B, 1, T, d/r]`.
     """
     stack, index = params
     rest = {k: v for k, v in stack.items() if k not in _PER_LAYER}
@@ -297,15 +299,19 @@ def _rows_group(side: SideConfig, scfg: ModelConfig, params: tuple[Params, jax.A
 
     rows_step = jax.vmap(one_row)
 
-    def step(layer, down, gate, h, s, kv):
+    down_all, gates_all, layers_all = (stack[k] for k in _PER_LAYER)
+
+    def step(layer_number, h, s, kv):
+        of_rows = lambda tree: jax.tree.map(lambda x: x[index, layer_number], tree)  # noqa: E731 [B, ...]
         kv_rows = None if kv is None else jax.tree.map(lambda x: x[:, None], kv)
-        s, kv_rows = rows_step(_gather(layer, index), _gather(down, index), gate[index], h[:, None], s, kv_rows, ctx)
+        s, kv_rows = rows_step(of_rows(layers_all), of_rows(down_all), of_rows(gates_all), h[:, None], s, kv_rows,
+                               ctx)
         return s, (None if kv_rows is None else jax.tree.map(lambda x: x[:, 0], kv_rows))
 
-    first = _gather(jax.tree.map(lambda x: x[:, 0], stack["down"]), index)
+    first = jax.tree.map(lambda x: x[index, 0], down_all)
     s0 = jax.vmap(down_fn)(first, read[:, None])
-    per_layer = _layer_major(tuple(stack[k] for k in _PER_LAYER))
-    return step, s0, per_layer, (side, scfg, sp, raw, ROWS)
+    layers = jax.tree.leaves(gates_all)[0].shape[1]
+    return step, s0, jnp.arange(layers, dtype=jnp.int32), (side, scfg, sp, raw, ROWS)
 
 
 def reader_norms(bp: Params, cfg: ModelConfig) -> tuple[Params, Params] | None:

@@ -39,18 +39,19 @@ class Server:
       side_root: the folder `load_side` may read under (None: `load_side` is off).
       api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
       max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
+      admit_wait: seconds without a new arrival that end a burst when every slot is free (`EngineRunner`).
     """
 
     def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
                  side_paths: dict[str, str] | None = None, side_root: str | None = None, api_key: str | None = None,
-                 max_queue: int = 256, drain_timeout: float = 30.0):
+                 max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float = 0.01):
         self.backbone, self.tokenizer, self.engine = backbone, tokenizer, engine
         self.base_name, self.side_paths = base_name, dict(side_paths or {})
         self.side_root = os.path.realpath(side_root) if side_root else None
         self.api_key, self.drain_timeout = api_key, drain_timeout
         self.metrics = ServeMetrics()
-        self.runner = EngineRunner(engine, max_queue=max_queue, on_step=self.metrics.observe_engine,
-                                   on_finish=self.metrics.finished)
+        self.runner = EngineRunner(engine, max_queue=max_queue, admit_wait=admit_wait,
+                                   on_step=self.metrics.observe_engine, on_finish=self.metrics.finished)
         self.created = int(time.time())
 
     # -- models -------------------------------------------------------------------------------

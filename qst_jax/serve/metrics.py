@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +26,11 @@ class ServeMetrics:
         self.slots_busy = Gauge("qst_slots_busy", "decode slots holding a request", registry=r)
         self.slots = Gauge("qst_slots", "decode slots", registry=r)
         self.sides_loaded = Gauge("qst_side_networks_loaded", "side networks loaded (host)", registry=r)
+        self.prefill_calls = Counter("qst_prefill_calls", "prefill calls (each --prefill-rows rows of one length "
+                                     "bucket)", registry=r)
+        self.decode_steps = Counter("qst_decode_steps", "decode steps (one backbone pass for every slot)", registry=r)
+        self._counted = (0, 0)  # the engine's prefills and decode steps already counted
+        self._lock = threading.Lock()  # the engine thread and a /metrics request both observe
         self.ttft = Histogram("qst_time_to_first_token_seconds", "submit to first token", buckets=LATENCY_BUCKETS,
                               registry=r)
         self.tpot = Histogram("qst_time_per_output_token_seconds", "(end - first token) / (tokens - 1)",
@@ -34,6 +40,11 @@ class ServeMetrics:
         self.queue_depth.set(len(engine.waiting))
         self.slots_busy.set(engine.busy)
         self.slots.set(engine.slots)
+        with self._lock:
+            prefills, steps = engine.prefills, engine.decode_steps
+            self.prefill_calls.inc(prefills - self._counted[0])
+            self.decode_steps.inc(steps - self._counted[1])
+            self._counted = (prefills, steps)
 
     def finished(self, r: Any) -> None:
         """One request done (called by the engine thread, whatever its finish reason)."""

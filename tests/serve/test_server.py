@@ -187,6 +187,9 @@ def test_a_disconnect_frees_the_slot(setup):
     assert _busy(server) == 0
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert 'qst_requests_finished_total{reason="cancelled"}' in text and 'qst_requests_total{model="b"}' in text
+    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("qst_prefill_calls_total ", "qst_decode_steps_total "))}
+    assert counts["qst_prefill_calls_total"] >= 1 and counts["qst_decode_steps_total"] >= 1
 
 
 BAD = [
