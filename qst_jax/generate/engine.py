@@ -200,23 +200,34 @@ class Engine:
         return out + [self.max_len]
 
     def warmup(self) -> None:
-        """Compiles every prefill bucket and the decode step now, so no request waits for a compile."""
+        """Compiles what serving runs, so no request waits for a compile.
+
+        That is every prefill bucket with its cache insert, the decode step,
+        the sampler of both, and each side stack's update; the arrays go in
+        as the requests' do (numpy), so nothing else compiles later.
+        """
         with self.lock:
             model, params_of = self._model()
-            prefill, decode, _ = self._programs(model)
+            prefill, decode, insert = self._programs(model)
             rows = self.prefill_rows
             routes = np.tile(np.asarray([-1, 0], np.int32), (rows, 1))
             for bucket in self.buckets():
-                ids = jnp.zeros((rows, bucket), jnp.int32)
-                jax.block_until_ready(prefill(self.backbone.params, params_of(routes), ids, jnp.ones_like(ids),
-                                              jnp.zeros((rows,), jnp.int32)))
+                ids = np.zeros((rows, bucket), np.int32)
+                logits, row_caches = prefill(self.backbone.params, params_of(routes), ids, np.ones_like(ids),
+                                             np.zeros(rows, np.int32))
+                if self.active[0] is None:  # slot 0's cache is free: its contents are never read unmasked
+                    self.caches = insert(self.caches, row_caches, np.int32(0), np.int32(0))
                 self.compiled.add(("prefill", (rows, bucket)))
-            zeros = jnp.zeros((self.slots,), jnp.int32)
-            mask = jnp.zeros((self.slots, self.max_len), jnp.int32).at[:, 0].set(1)
+            self._sample(logits, np.full(rows, -1))  # the sampler of a prefill's rows
+            zeros = np.zeros(self.slots, np.int32)
+            mask = np.zeros((self.slots, self.max_len), np.int32)
+            mask[:, 0] = 1
             logits, self.caches = decode(self.backbone.params, params_of(self.route), zeros, zeros, mask,
                                          self.caches, zeros)
-            jax.block_until_ready(logits)
+            self._sample(logits, np.full(self.slots, -1))  # and of the decode step's
             self.compiled.add(("decode", self.slots))
+            if self.fixed is None:
+                self.sides.warmup()
 
     # -- requests ----------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -257,8 +268,11 @@ class Engine:
         return list(requests)
 
     # -- one step ----------------------------------------------------------------------------
-    def step(self) -> bool:
+    def step(self, admit: bool = True) -> bool:
         """Admits waiting requests into free slots (prefilled `prefill_rows` at a time), then one decode step.
+
+        Args:
+          admit: False: only the decode step (the server waits for the rest of a burst).
 
         Returns whether work remains.
         """
@@ -268,7 +282,7 @@ class Engine:
                     self._finish(slot, "cancelled")
             admitted: dict[int, list[tuple[int, Request]]] = {}
             free = [slot for slot, r in enumerate(self.active) if r is None]
-            while self.waiting and free:
+            while admit and self.waiting and free:
                 r = self.waiting.popleft()
                 if r.cancelled:
                     self._done(r, "cancelled")
@@ -301,28 +315,38 @@ class Engine:
             n = len(r.prompt)
             ids[i, :n], mask[i, :n], last[i] = r.prompt, 1, n - 1
             routes[i] = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
-        logits, row_caches = prefill(self.backbone.params, params_of(routes), jnp.asarray(ids), jnp.asarray(mask),
-                                     jnp.asarray(last))
+        logits, row_caches = prefill(self.backbone.params, params_of(routes), ids, mask, last)
         self.compiled.add(("prefill", (rows, bucket)))
         self.prefills += 1
         slots = np.asarray([slot for slot, _ in group])
         for i, (slot, r) in enumerate(group):
-            self.caches = insert(self.caches, row_caches, jnp.int32(i), jnp.int32(slot))
+            self.caches = insert(self.caches, row_caches, np.int32(i), np.int32(slot))
             self.route[slot] = routes[i]
             self.settings[slot] = (r.temperature, r.top_k, r.top_p, r.seed)
             self.lengths[slot] = len(r.prompt)
             self.key_mask[slot] = 0
             self.key_mask[slot, : len(r.prompt)] = 1
-        tokens = self._sample(logits[: len(group)], slots)
+        row_slots = np.full(rows, -1)
+        row_slots[: len(group)] = slots
+        tokens = self._sample(logits, row_slots)
         for slot, token in zip(slots, tokens):
             self._append(int(slot), int(token))
 
-    def _sample(self, logits: jax.Array, slots: np.ndarray) -> np.ndarray:
-        s = self.settings[slots]
-        steps = np.asarray([len(self.active[i].tokens) for i in slots], np.int32)
-        return np.asarray(_sample_jit(logits, jnp.asarray(s[:, 3].astype(np.int32)), jnp.asarray(steps),
-                                      jnp.asarray(s[:, 0]), jnp.asarray(s[:, 1].astype(np.int32)),
-                                      jnp.asarray(s[:, 2])))
+    def _sample(self, logits: jax.Array, row_slots: np.ndarray) -> np.ndarray:
+        """Next token of every row of `logits` `[R, V]`; row i belongs to slot `row_slots[i]` (-1: unused).
+
+        Every row is sampled (unused ones greedily), so the sampler compiles
+        once per program shape, never once per number of requests; a row's
+        draw depends only on its own slot's settings and seed.
+        """
+        used = row_slots >= 0
+        s = np.zeros((len(row_slots), 4), np.float32)
+        s[:, 2] = 1.0  # top_p of the unused rows
+        s[used] = self.settings[row_slots[used]]
+        steps = np.zeros(len(row_slots), np.int32)
+        steps[used] = [len(self.active[i].tokens) for i in row_slots[used]]
+        return np.asarray(_sample_jit(logits, s[:, 3].astype(np.int32), steps, s[:, 0], s[:, 1].astype(np.int32),
+                                      s[:, 2]))
 
     def _decode(self) -> None:
         model, params_of = self._model()
@@ -333,13 +357,13 @@ class Engine:
             self.key_mask[slot, self.lengths[slot]] = 1
         key_mask = self.key_mask.copy()
         key_mask[~live, 0] = 1  # a free row attends to something finite; its output is never read
-        logits, self.caches = decode(self.backbone.params, params_of(self.route), jnp.asarray(self.last),
-                                     jnp.asarray(write), jnp.asarray(key_mask), self.caches, jnp.asarray(write))
+        logits, self.caches = decode(self.backbone.params, params_of(self.route), self.last.copy(), write, key_mask,
+                                     self.caches, write)
         self.compiled.add(("decode", self.slots))
         self.decode_steps += 1
-        slots = np.flatnonzero(live)
-        tokens = self._sample(logits[slots], slots)
-        for slot, token in zip(slots, tokens):
+        tokens = self._sample(logits, np.where(live, np.arange(self.slots), -1))
+        for slot in np.flatnonzero(live):
+            token = tokens[slot]
             self.lengths[slot] += 1
             self._append(int(slot), int(token))
 

@@ -15,6 +15,7 @@ the decode step compiles once per set of shapes, whatever is loaded.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +34,9 @@ class SideStoreError(ValueError):
     """A side network that cannot be served (not QST, not an LM, a full device stack)."""
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _put(stack: Params, params: Params, index: jax.Array) -> Params:
+    """Member `index` of `stack` set to `params`, in place (the old stack is donated)."""
     return jax.tree.map(lambda s, p: s.at[index].set(p.astype(s.dtype)), stack, params)
 
 
@@ -115,7 +117,7 @@ class SideStore:
             index = slots.index(name)
         else:
             index = self._free_index(shape)
-            self.stacks[shape] = _put(self.stacks[shape], params, jnp.int32(index))
+            self.stacks[shape] = _put(self.stacks[shape], params, np.int32(index))
             old = slots[index]
             if old is not None:
                 self.recent.pop(old, None)
@@ -136,6 +138,11 @@ class SideStore:
         raise SideStoreError(f"all {self.capacity} device entries of this side shape are in use by running "
                              "requests; raise --side-capacity or wait")
 
+    def warmup(self) -> None:
+        """Compiles each stack's update (`_put`) by writing its member 0 back unchanged."""
+        for shape, stack in enumerate(self.stacks):
+            self.stacks[shape] = _put(stack, jax.tree.map(lambda x: x[0], stack), np.int32(0))
+
     def unpin(self, route: tuple[int, int]) -> None:
         shape, index = (int(x) for x in route)
         if shape < 0:
@@ -148,4 +155,4 @@ class SideStore:
     def params(self, routes: np.ndarray) -> Params:
         """IndexedSides' params for rows routed `routes` `[R, 2]` (stack, index)."""
         routes = np.asarray(routes, np.int32)
-        return {"stacks": tuple(self.stacks), "group": jnp.asarray(routes[:, 0]), "index": jnp.asarray(routes[:, 1])}
+        return {"stacks": tuple(self.stacks), "group": routes[:, 0].copy(), "index": routes[:, 1].copy()}

@@ -6,12 +6,13 @@
     runner.drain(timeout=30)                  # SIGTERM: finish what runs, refuse new, then stop
 
 The thread steps the engine while it has work and sleeps on an event when
-it has none; a new request, a cancel or a side load wakes it. When every
-slot is free, it first lets a burst finish arriving (until no request has
-come for `admit_wait` seconds, at most `5 * admit_wait`), so the burst is
-prefilled together instead of its first request alone and the rest after
-it (clients freed by one finished wave send their next requests within a
-few milliseconds of each other). Callbacks run
+it has none; a new request, a cancel or a side load wakes it. It lets a
+burst finish arriving before admitting it (until no request has come for
+`admit_wait` seconds, at most `5 * admit_wait`): with every slot free it
+waits, otherwise it runs the decode step meanwhile. So a burst is
+prefilled together, not its first request alone and the rest after it
+(clients freed by one finished wave send their next requests within a few
+milliseconds of each other). Callbacks run
 on the engine thread and reach the handler through
 `loop.call_soon_threadsafe`, so no handler ever blocks on a decode step.
 """
@@ -40,7 +41,7 @@ class EngineRunner:
     Args:
       engine: the decoding engine.
       max_queue: most requests waiting for a slot; one more is refused.
-      admit_wait: seconds of no new arrival that end a burst, when every slot is free (0: admit at once).
+      admit_wait: seconds of no new arrival that end a burst (0: admit at once).
       on_step: called after every step (metrics), on the engine thread.
       on_finish: called with each request as it finishes, whatever the reason (metrics).
     """
@@ -49,7 +50,7 @@ class EngineRunner:
                  on_finish: Any = None):
         self.engine, self.max_queue, self.on_step, self.on_finish = engine, max_queue, on_step, on_finish
         self.admit_wait = admit_wait
-        self._arrived = 0.0  # monotonic time of the last submit
+        self._arrived = 0.0  # perf_counter time of the last submit (as Request.t_submit)
         self.wake = threading.Event()
         self.accepting = True
         self.error: BaseException | None = None
@@ -61,29 +62,34 @@ class EngineRunner:
 
     def _loop(self) -> None:
         while not self._stop:
-            if self.engine.pending():
-                if self.admit_wait > 0 and not self.engine.busy:
-                    self._gather()
-                try:
-                    self.engine.step()
-                except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving
-                    self.error = err
-                    self._fail_all()
-                if self.on_step is not None:
-                    self.on_step(self.engine)
-            else:
+            if not self.engine.pending():
                 self.wake.wait(0.05)
                 self.wake.clear()
+                continue
+            hold = self._arriving()
+            if hold > 0 and not self.engine.busy:
+                time.sleep(hold)  # nothing to decode: let the rest of the burst arrive
+                continue
+            try:
+                self.engine.step(admit=hold <= 0)  # slots busy: decode now, the burst is admitted next step
+            except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving
+                self.error = err
+                self._fail_all()
+            if self.on_step is not None:
+                self.on_step(self.engine)
 
-    def _gather(self) -> None:
-        """Every slot is free: waits until no request has arrived for `admit_wait` s (at most 5x that)."""
-        end = time.monotonic() + 5 * self.admit_wait
-        while len(self.engine.waiting) < self.engine.slots and not self._stop:
-            now = time.monotonic()
-            quiet = self._arrived + self.admit_wait - now
-            if quiet <= 0 or now >= end:
-                return
-            time.sleep(min(quiet, end - now))
+    def _arriving(self) -> float:
+        """Seconds until the burst now arriving is complete (0: admit what waits now).
+
+        A burst is complete once no request has come for `admit_wait`
+        seconds, its first has waited `5 * admit_wait`, or it fills the free
+        slots.
+        """
+        waiting = self.engine.waiting
+        if self.admit_wait <= 0 or not waiting or len(waiting) >= self.engine.slots - self.engine.busy:
+            return 0.0
+        until = min(self._arrived + self.admit_wait, waiting[0].t_submit + 5 * self.admit_wait)
+        return max(0.0, until - time.perf_counter())
 
     def _fail_all(self) -> None:
         with self.engine.lock:
@@ -114,7 +120,7 @@ class EngineRunner:
 
         request.on_done = done
         self.engine.submit(request)
-        self._arrived = time.monotonic()
+        self._arrived = time.perf_counter()
         self.wake.set()
         return events
 

@@ -132,11 +132,39 @@ def test_sample_rows_depends_on_each_rows_own_seed_and_settings():
                                                          jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.ones(3))), 0)
 
 
-def test_warmup_compiles_every_bucket_and_nothing_more_is_compiled(backbone):
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=100)
+def test_warmup_compiles_everything_serving_runs(backbone):
+    store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1), "b": _side(backbone.cfg, 3)}, dtype=jnp.float32)
+    engine = Engine(backbone, _Tokens(), slots=3, max_len=100, sides=store)
     engine.warmup()
     assert engine.buckets() == [16, 32, 64, 100]
     compiled = set(engine.compiled)
-    assert compiled == {("prefill", (2, b)) for b in (16, 32, 64, 100)} | {("decode", 2)}
-    engine.generate([Request(PROMPTS[i], max_tokens=3, eos_ids=[]) for i in range(len(PROMPTS))])
-    assert engine.compiled == compiled
+    assert compiled == {("prefill", (3, b)) for b in (16, 32, 64, 100)} | {("decode", 3)}
+    compiles = []
+    listener = lambda event, seconds, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:  # every bucket, 1 to 3 requests a prefill, sides moving to the device, sampled and greedy rows
+        engine.generate([Request(p, side=[None, "a", "b"][i % 3], max_tokens=3, eos_ids=[], temperature=0.7 * (i % 2))
+                         for i, p in enumerate(PROMPTS + PROMPTS[:2])])
+        engine.generate([Request(PROMPTS[1], side="b", max_tokens=2, eos_ids=[])])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and engine.compiled == compiled
+
+
+def _decode_temp_bytes(backbone, capacity: int) -> tuple[int, int]:
+    """(XLA's temporary bytes of the engine's compiled decode step, the side stack's bytes) at `capacity`."""
+    store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1)}, capacity=capacity, dtype=jnp.float32)
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, sides=store)
+    model, params_of = engine._model()
+    _, decode, _ = engine._programs(model)
+    zeros = jnp.zeros((2,), jnp.int32)
+    compiled = decode.lower(backbone.params, params_of(engine.route), zeros, zeros, jnp.ones((2, 64), jnp.int32),
+                            engine.caches, zeros).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, sum(x.nbytes for x in jax.tree.leaves(store.stacks))
+
+
+def test_the_decode_step_reads_the_side_stack_in_place(backbone):
+    """Each layer gathers its rows' members from the stack: nothing the size of the stack is copied per step."""
+    small, _ = _decode_temp_bytes(backbone, 2)
+    large, stack = _decode_temp_bytes(backbone, 64)
+    assert large - small < stack / 16, (small, large, stack)  # moving it to layer-major order took a whole copy

@@ -1,4 +1,5 @@
-"""The engine thread: a burst that arrives over milliseconds while every slot is free is prefilled in one call."""
+"""The engine thread: a burst that arrives over milliseconds is prefilled in one call, whether the other slots
+are free or decoding, and batching it so changes no token."""
 
 from __future__ import annotations
 
@@ -25,23 +26,33 @@ def backbone(testdata):
     return load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
 
 
-def _burst(backbone, admit_wait: float, gap: float) -> tuple[Engine, list[Request]]:
-    """4 requests of one length bucket, `gap` seconds apart, into an idle engine of 4 slots; all run to the end."""
-    engine = Engine(backbone, _Tokens(), slots=4, max_len=64, prefill_rows=4)
-    engine.warmup()
+def _burst(backbone, admit_wait: float, gap: float, running: bool = False) -> tuple[Engine, list[Request]]:
+    """4 requests of one length bucket, `gap` seconds apart, into 5 slots (with `running`, one slot decoding
+    a long request meanwhile); the 4 run to the end. Returns the engine and the 4 requests."""
+    engine = Engine(backbone, _Tokens(), slots=5, max_len=1024, prefill_rows=4)
+    engine.generate([Request([3] * 20, max_tokens=2), Request([5, 6, 7], max_tokens=2)])  # compiles what runs here
+    engine.prefills = engine.decode_steps = 0
     runner = EngineRunner(engine, admit_wait=admit_wait)
     runner.start()
     loop = asyncio.new_event_loop()  # never run: the callbacks only queue on it
+    long = Request([3] * 20, max_tokens=1000, eos_ids=[])  # bucket 32: its own prefill
     requests = [Request([5 + i, 6, 7], max_tokens=3, eos_ids=[]) for i in range(4)]
     try:
+        if running:
+            runner.submit(long, loop)
+            while not long.tokens:
+                time.sleep(0.01)
         for r in requests:
             runner.submit(r, loop)
             time.sleep(gap)
         deadline = time.monotonic() + 60
         while any(r.finish_reason is None for r in requests) and time.monotonic() < deadline:
             time.sleep(0.01)
+        if running:
+            assert long.finish_reason is None  # still decoding when the burst was done
+            runner.cancel(long)
     finally:
-        assert runner.drain(timeout=10)
+        assert runner.drain(timeout=30)
         loop.close()
     assert [r.finish_reason for r in requests] == ["length"] * 4
     return engine, requests
@@ -51,6 +62,11 @@ def test_a_burst_into_free_slots_is_prefilled_together(backbone):
     engine, _ = _burst(backbone, admit_wait=0.3, gap=0.02)
     assert engine.prefills == 1  # not the first request alone and the other three after it
     assert engine.decode_steps == 2  # all four decode together: 1 token from the prefill, 2 from decode steps
+
+
+def test_a_burst_beside_running_slots_is_admitted_together_while_they_decode(backbone):
+    engine, _ = _burst(backbone, admit_wait=0.3, gap=0.02, running=True)
+    assert engine.prefills == 2  # the long request's, then the whole burst's
 
 
 def test_without_the_wait_the_first_request_is_prefilled_alone(backbone):
