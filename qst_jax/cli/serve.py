@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
     parser.add_argument("--prefill-rows", type=int, default=0,
                         help="requests prefilled together (default: --slots, so a full wave is one prefill)")
-    parser.add_argument("--admit-wait-ms", type=float, default=10.0,
-                        help="when every slot is free, prefill once no request has arrived for this long (at most "
-                             "5x), so a burst is prefilled together (0: at once)")
+    parser.add_argument("--admit-wait-ms", type=float, default=None,
+                        help="admit a burst once no request has arrived for this long (at most 5x), so it is "
+                             "prefilled together (0: at once; default 5%% of a prefill call, 2-50 ms)")
     parser.add_argument("--max-len", type=int, default=1024, help="tokens per slot: prompt and completion")
     parser.add_argument("--side-capacity", type=int, default=64, help="side networks per shape held on the device")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429")
@@ -85,7 +85,7 @@ def build_server(args: argparse.Namespace, log=print):
     base = args.model_name or ("smollm2" if args.model == "smollm2" else os.path.basename(os.path.normpath(path)))
     return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
                   api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
-                  admit_wait=args.admit_wait_ms / 1000)
+                  admit_wait=None if args.admit_wait_ms is None else args.admit_wait_ms / 1000)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,7 @@ class Engine:
         self.compiled: set[tuple[str, int]] = set()  # (program, shape) compiled so far
         self.prefills = 0  # prefill calls so far (each `prefill_rows` rows of one bucket)
         self.decode_steps = 0  # decode steps so far
+        self.prefill_seconds: float | None = None  # a prefill call's time to its first tokens (moving average)
 
     # -- the model -------------------------------------------------------------------------
     def _model(self) -> tuple[Any, Callable[[np.ndarray], Params]]:
@@ -303,6 +304,7 @@ class Engine:
         The prefill always has `prefill_rows` rows (unused ones are padding),
         so a request's prefill is the same program whatever arrived with it.
         """
+        start = time.perf_counter()
         model, params_of = self._model()
         prefill, _, insert = self._programs(model)
         rows = self.prefill_rows
@@ -329,6 +331,8 @@ class Engine:
         row_slots = np.full(rows, -1)
         row_slots[: len(group)] = slots
         tokens = self._sample(logits, row_slots)
+        took = time.perf_counter() - start
+        self.prefill_seconds = took if self.prefill_seconds is None else 0.8 * self.prefill_seconds + 0.2 * took
         for slot, token in zip(slots, tokens):
             self._append(int(slot), int(token))
 

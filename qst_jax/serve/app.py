@@ -39,12 +39,12 @@ class Server:
       side_root: the folder `load_side` may read under (None: `load_side` is off).
       api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
       max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
-      admit_wait: seconds without a new arrival that end a burst when every slot is free (`EngineRunner`).
+      admit_wait: seconds without a new arrival that end a burst (`EngineRunner`; None: 5% of a prefill).
     """
 
     def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
                  side_paths: dict[str, str] | None = None, side_root: str | None = None, api_key: str | None = None,
-                 max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float = 0.01):
+                 max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float | None = None):
         self.backbone, self.tokenizer, self.engine = backbone, tokenizer, engine
         self.base_name, self.side_paths = base_name, dict(side_paths or {})
         self.side_root = os.path.realpath(side_root) if side_root else None

@@ -11,7 +11,7 @@ import pytest
 
 from qst_jax.generate.engine import Engine, Request
 from qst_jax.models import load_backbone
-from qst_jax.serve.runner import EngineRunner
+from qst_jax.serve.runner import EngineRunner, auto_admit_wait
 
 
 class _Tokens:
@@ -74,3 +74,13 @@ def test_without_the_wait_the_first_request_is_prefilled_alone(backbone):
     assert engine.prefills >= 2 and engine.decode_steps > 2
     _, together = _burst(backbone, admit_wait=0.3, gap=0.02)
     assert [r.tokens for r in apart] == [r.tokens for r in together]  # batching changed no token
+
+
+def test_the_default_wait_is_a_twentieth_of_a_prefill_within_bounds(backbone):
+    engine = Engine(backbone, _Tokens(), slots=2, max_len=64)
+    assert engine.prefill_seconds is None and auto_admit_wait(engine) == 0.01  # before any prefill
+    engine.generate([Request([5, 6, 7], max_tokens=2, eos_ids=[])])
+    assert engine.prefill_seconds > 0
+    for seconds, wait in ((0.6, 0.03), (0.01, 0.002), (4.0, 0.05)):
+        engine.prefill_seconds = seconds
+        assert auto_admit_wait(engine) == pytest.approx(wait)
