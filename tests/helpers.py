@@ -20,6 +20,15 @@ def script(name: str) -> types.ModuleType:
     return module
 
 
+class IdTokenizer:
+    """A tokenizer of ids only: text is the ids joined by spaces (so stop strings can be tested); no EOS."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
 def adamw(lr: float) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=0.0)
 

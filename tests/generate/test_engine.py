@@ -12,15 +12,7 @@ from qst_jax.generate.sampling import sample_rows
 from qst_jax.generate.side_store import SideStore, SideStoreError
 from qst_jax.methods import QLoRAModel, QSTModel, SideConfig
 from qst_jax.models import load_backbone
-
-
-class _Tokens:
-    """Ids in, ids out (text: the ids joined), so stop strings can be tested."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(map(str, ids))
+from tests.helpers import IdTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,7 @@ PROMPTS = [[5, 17, 99, 300, 42, 7, 8], [11, 12, 13], [900, 1, 2, 3, 4], list(ran
 
 
 def _alone(backbone, sides, prompt, side, **kw):
-    engine = Engine(backbone, _Tokens(), slots=3, max_len=128, sides=SideStore(backbone.cfg, sides, dtype=jnp.float32))
+    engine = Engine(backbone, IdTokenizer(), slots=3, max_len=128, sides=SideStore(backbone.cfg, sides, dtype=jnp.float32))
     return engine.generate([Request(prompt, side=side, max_tokens=6, eos_ids=[], **kw)])[0].tokens
 
 
@@ -47,7 +39,7 @@ def test_continuous_batching_changes_no_output(backbone):
     sides = {"a": _side(backbone.cfg, 1), "b": _side(backbone.cfg, 3), "pool": _side(backbone.cfg, 5,
                                                                                       downsampler="avgpool")}
     store = SideStore(backbone.cfg, sides, dtype=jnp.float32)
-    engine = Engine(backbone, _Tokens(), slots=3, max_len=128, sides=store)
+    engine = Engine(backbone, IdTokenizer(), slots=3, max_len=128, sides=store)
     route = ["a", None, "pool", "b", "a", "b", None]
     requests = [Request(PROMPTS[i % len(PROMPTS)], side=s, max_tokens=6 - i % 3, eos_ids=[])
                 for i, s in enumerate(route)]  # 7 requests through 3 slots, finishing at different steps
@@ -63,7 +55,7 @@ def test_continuous_batching_changes_no_output(backbone):
 def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
     sides = {n: _side(backbone.cfg, 10 + i) for i, n in enumerate("abc")}
     store = SideStore(backbone.cfg, sides, capacity=2, dtype=jnp.float32)
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, sides=store)
+    engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64, sides=store)
     out = {}
     for name in ["a", "b", "c", "a"]:  # c takes a's entry (least recent), then a takes b's
         out.setdefault(name, engine.generate([Request(PROMPTS[0], side=name, max_tokens=4, eos_ids=[])])[0].tokens)
@@ -77,7 +69,7 @@ def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
 
 
 def test_stops_cancels_and_refusals(backbone):
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=32)
+    engine = Engine(backbone, IdTokenizer(), slots=2, max_len=32)
     free = engine.generate([Request(PROMPTS[1], max_tokens=5, eos_ids=[])])[0]
     stop_at = str(free.tokens[2])
     r = engine.generate([Request(PROMPTS[1], max_tokens=5, eos_ids=[], stop=(stop_at,))])[0]
@@ -105,10 +97,10 @@ def test_qlora_decodes_through_the_same_slots(backbone):
     model = QLoRAModel(backbone.cfg, rank=4, dtype=jnp.float32)
     params = model.init(jax.random.PRNGKey(0))
     params["lora"]["mlp"]["up"]["b"] = jnp.ones_like(params["lora"]["mlp"]["up"]["b"]) * 0.05
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, model=model, params=params)
+    engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64, model=model, params=params)
     together = engine.generate([Request(p, max_tokens=4, eos_ids=[]) for p in PROMPTS[:3]])
     for r in together:
-        alone = Engine(backbone, _Tokens(), slots=2, max_len=64, model=model, params=params)
+        alone = Engine(backbone, IdTokenizer(), slots=2, max_len=64, model=model, params=params)
         assert alone.generate([Request(r.prompt, max_tokens=4, eos_ids=[])])[0].tokens == r.tokens
     with pytest.raises(SideStoreError, match=r"only QST language-model side networks are served"):
         SideStore(backbone.cfg, {"q": (model, params)})
@@ -134,7 +126,7 @@ def test_sample_rows_depends_on_each_rows_own_seed_and_settings():
 
 def test_warmup_compiles_everything_serving_runs(backbone):
     store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1), "b": _side(backbone.cfg, 3)}, dtype=jnp.float32)
-    engine = Engine(backbone, _Tokens(), slots=3, max_len=100, sides=store)
+    engine = Engine(backbone, IdTokenizer(), slots=3, max_len=100, sides=store)
     engine.warmup()
     assert engine.buckets() == [16, 32, 64, 100]
     compiled = set(engine.compiled)
@@ -154,7 +146,7 @@ def test_warmup_compiles_everything_serving_runs(backbone):
 def _decode_temp_bytes(backbone, capacity: int) -> tuple[int, int]:
     """(XLA's temporary bytes of the engine's compiled decode step, the side stack's bytes) at `capacity`."""
     store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1)}, capacity=capacity, dtype=jnp.float32)
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=64, sides=store)
+    engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64, sides=store)
     model, params_of = engine._model()
     _, decode, _ = engine._programs(model)
     zeros = jnp.zeros((2,), jnp.int32)

@@ -12,13 +12,7 @@ import pytest
 from qst_jax.generate.engine import Engine, Request
 from qst_jax.models import load_backbone
 from qst_jax.serve.runner import EngineRunner, auto_admit_wait
-
-
-class _Tokens:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(map(str, ids))
+from tests.helpers import IdTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def backbone(testdata):
 def _burst(backbone, admit_wait: float, gap: float, running: bool = False) -> tuple[Engine, list[Request]]:
     """4 requests of one length bucket, `gap` seconds apart, into 5 slots (with `running`, one slot decoding
     a long request meanwhile); the 4 run to the end. Returns the engine and the 4 requests."""
-    engine = Engine(backbone, _Tokens(), slots=5, max_len=1024, prefill_rows=4)
+    engine = Engine(backbone, IdTokenizer(), slots=5, max_len=1024, prefill_rows=4)
     engine.generate([Request([3] * 20, max_tokens=2), Request([5, 6, 7], max_tokens=2)])  # compiles what runs here
     engine.prefills = engine.decode_steps = 0
     runner = EngineRunner(engine, admit_wait=admit_wait)
@@ -77,7 +71,7 @@ def test_without_the_wait_the_first_request_is_prefilled_alone(backbone):
 
 
 def test_the_default_wait_is_a_twentieth_of_a_prefill_within_bounds(backbone):
-    engine = Engine(backbone, _Tokens(), slots=2, max_len=64)
+    engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64)
     assert engine.prefill_seconds is None and auto_admit_wait(engine) == 0.01  # before any prefill
     engine.generate([Request([5, 6, 7], max_tokens=2, eos_ids=[])])
     assert engine.prefill_seconds > 0
