@@ -135,8 +135,8 @@ def engine_counts(url: str) -> tuple[float, float]:
     return values["qst_prefill_calls_total"], values["qst_decode_steps_total"]
 
 
-def measured(url: str, name: str, run, reference: dict | None) -> dict:
-    """`run()` -> (results, wall) summarised, with the prefill calls and decode steps it took."""
+def measured(url: str, name: str, run, reference: dict | None) -> tuple[dict, list[dict]]:
+    """(the summary of `run()`'s (results, wall), with the prefill calls and decode steps it took; the results)."""
     before = engine_counts(url)
     results, wall = run()
     after = engine_counts(url)
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "qst_jax.cli.serve", "--port", str(port), "--slots",
-                               str(args.slots), "--max-len", "256", *args.serve_args.split(), *[f"--side={n}={p}" for n, p in paths.items()]],
+                               str(args.slots), "--max-len", "256", *args.serve_args.split(),
+                               *[f"--side={n}={p}" for n, p in paths.items()]],
                               cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                               stderr=subprocess.STDOUT)
     records = []

@@ -46,13 +46,6 @@ from qst_jax.models.loader import Backbone
 __all__ = ["FINISH_REASONS", "Engine", "EngineError", "Request"]  # Request and its error live in request.py
 
 
-def _bucket(n: int, smallest: int = 16) -> int:
-    b = smallest
-    while b < n:
-        b *= 2
-    return b
-
-
 class Engine:
     """Continuous batching over `slots` decode slots (see the module docstring).
 
@@ -152,6 +145,10 @@ class Engine:
             b *= 2
         return out + [self.max_len]
 
+    def bucket_of(self, length: int) -> int:
+        """The prefill length a prompt of `length` tokens is padded to: the smallest bucket that holds it."""
+        return next(b for b in self.buckets() if b >= length)
+
     def warmup(self) -> None:
         """Compiles what serving runs, so no request waits for a compile.
 
@@ -242,7 +239,7 @@ class Engine:
                     continue
                 slot = free.pop(0)
                 self.active[slot] = r  # reserved; filled by _admit
-                admitted.setdefault(min(_bucket(len(r.prompt)), self.max_len), []).append((slot, r))
+                admitted.setdefault(self.bucket_of(len(r.prompt)), []).append((slot, r))
             for bucket, group in admitted.items():
                 for start in range(0, len(group), self.prefill_rows):
                     self._admit(bucket, group[start : start + self.prefill_rows])

@@ -285,7 +285,8 @@ def _rows_group(side: SideConfig, scfg: ModelConfig, params: tuple[Params, jax.A
     """
     stack, index = params
     rest = {k: v for k, v in stack.items() if k not in _PER_LAYER}
-    sp, raw = cast_params(_gather(rest, index), dtype), _gather(rest, index)
+    raw = _gather(rest, index)
+    sp = cast_params(raw, dtype)
     down_fn = _cast_inputs(make_downsampler(side, scfg.hidden_size, hidden_store), dtype)
     ctx = make_context(scfg, key_mask, positions, dtype, attention_impl, cache_index)
     rows = index.shape[0]
@@ -300,18 +301,16 @@ def _rows_group(side: SideConfig, scfg: ModelConfig, params: tuple[Params, jax.A
     rows_step = jax.vmap(one_row)
 
     down_all, gates_all, layers_all = (stack[k] for k in _PER_LAYER)
+    of_rows = lambda tree, layer: jax.tree.map(lambda x: x[index, layer], tree)  # noqa: E731 leaves [B, ...]
 
-    def step(layer_number, h, s, kv):
-        of_rows = lambda tree: jax.tree.map(lambda x: x[index, layer_number], tree)  # noqa: E731 [B, ...]
+    def step(layer, h, s, kv):
         kv_rows = None if kv is None else jax.tree.map(lambda x: x[:, None], kv)
-        s, kv_rows = rows_step(of_rows(layers_all), of_rows(down_all), of_rows(gates_all), h[:, None], s, kv_rows,
-                               ctx)
+        s, kv_rows = rows_step(of_rows(layers_all, layer), of_rows(down_all, layer), gates_all[index, layer],
+                               h[:, None], s, kv_rows, ctx)
         return s, (None if kv_rows is None else jax.tree.map(lambda x: x[:, 0], kv_rows))
 
-    first = jax.tree.map(lambda x: x[index, 0], down_all)
-    s0 = jax.vmap(down_fn)(first, read[:, None])
-    layers = jax.tree.leaves(gates_all)[0].shape[1]
-    return step, s0, jnp.arange(layers, dtype=jnp.int32), (side, scfg, sp, raw, ROWS)
+    s0 = jax.vmap(down_fn)(of_rows(down_all, 0), read[:, None])
+    return step, s0, jnp.arange(gates_all.shape[1], dtype=jnp.int32), (side, scfg, sp, raw, ROWS)
 
 
 def reader_norms(bp: Params, cfg: ModelConfig) -> tuple[Params, Params] | None:

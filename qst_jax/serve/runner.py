@@ -59,7 +59,6 @@ class EngineRunner:
                  on_finish: Any = None):
         self.engine, self.max_queue, self.on_step, self.on_finish = engine, max_queue, on_step, on_finish
         self.admit_wait = admit_wait
-        self._arrived = 0.0  # perf_counter time of the last submit (as Request.t_submit)
         self.wake = threading.Event()
         self.accepting = True
         self.error: BaseException | None = None
@@ -91,14 +90,14 @@ class EngineRunner:
         """Seconds until the burst now arriving is complete (0: admit what waits now).
 
         A burst is complete once no request has come for `admit_wait`
-        seconds, its first has waited `5 * admit_wait`, or it fills the free
-        slots.
+        seconds (the newest waiting request is the last to have come), its
+        first has waited `5 * admit_wait`, or it fills the free slots.
         """
         waiting = self.engine.waiting
         wait = auto_admit_wait(self.engine) if self.admit_wait is None else self.admit_wait
         if wait <= 0 or not waiting or len(waiting) >= self.engine.slots - self.engine.busy:
             return 0.0
-        until = min(self._arrived + wait, waiting[0].t_submit + 5 * wait)
+        until = min(waiting[-1].t_submit + wait, waiting[0].t_submit + 5 * wait)
         return max(0.0, until - time.perf_counter())
 
     def _fail_all(self) -> None:
@@ -130,7 +129,6 @@ class EngineRunner:
 
         request.on_done = done
         self.engine.submit(request)
-        self._arrived = time.perf_counter()
         self.wake.set()
         return events
 

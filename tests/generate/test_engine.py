@@ -31,7 +31,8 @@ PROMPTS = [[5, 17, 99, 300, 42, 7, 8], [11, 12, 13], [900, 1, 2, 3, 4], list(ran
 
 
 def _alone(backbone, sides, prompt, side, **kw):
-    engine = Engine(backbone, IdTokenizer(), slots=3, max_len=128, sides=SideStore(backbone.cfg, sides, dtype=jnp.float32))
+    store = SideStore(backbone.cfg, sides, dtype=jnp.float32)
+    engine = Engine(backbone, IdTokenizer(), slots=3, max_len=128, sides=store)
     return engine.generate([Request(prompt, side=side, max_tokens=6, eos_ids=[], **kw)])[0].tokens
 
 
