@@ -104,7 +104,7 @@ def nnx_runner(model, cfg, backbone, data, loop: str):
     from flax import nnx
 
     from qst_jax import nnx as qnnx
-    from qst_jax.models.loader import Backbone
+    from qst_jax.models.backbone import Backbone
 
     module = qnnx.Tuned(qnnx.Backbone(Backbone(cfg, backbone)), model, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(module, optax.adamw(1e-4), wrt=nnx.Param)

@@ -110,7 +110,7 @@ class _IdTokenizer:
 def bench_decode(cfg, params, new_tokens: int, interpret: bool) -> list[dict]:
     """Greedy KV-cached decoding of one sequence (`generate.Generator`), per new token."""
     from qst_jax.generate.decode import Generator
-    from qst_jax.models.loader import Backbone
+    from qst_jax.models.backbone import Backbone
 
     records = []
     for path, mode in _modes(interpret):

@@ -43,7 +43,7 @@ def write_checkpoint(directory: str) -> None:
     from safetensors.numpy import save_file
 
     from qst_jax.models.config import from_hf_config
-    from qst_jax.models.loader import global_specs, layer_specs
+    from qst_jax.models.params import global_specs, layer_specs
 
     cfg = from_hf_config(CONFIG)
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ import json, sys, threading, time
 import jax, numpy as np
 from qst_jax.models import load_backbone
 from qst_jax.models.config import from_hf_config
-from qst_jax.models.loader import layer_specs
+from qst_jax.models.params import layer_specs
 
 def rss():
     out = {}

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec
 from qst_jax.models.random_init import llama2_config, random_params
 from qst_jax.parallel.sharding import backbone_specs
 from qst_jax.methods.side_config import SideConfig
-from qst_jax.methods.side_network import init_side_params
+from qst_jax.methods.side_params import init_side_params
 
 
 class _Sizes:

@@ -11,7 +11,7 @@ import pytest
 
 from qst_jax.methods.side_config import SideConfig, side_model_config
 from qst_jax.methods.downsamplers import downsample
-from qst_jax.methods.side_network import init_side_params
+from qst_jax.methods.side_params import init_side_params
 from qst_jax.models import load_backbone
 from qst_jax.models.config import ConfigError
 from qst_jax.models.layers import rope_cos_sin

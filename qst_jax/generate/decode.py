@@ -32,7 +32,7 @@ from qst_jax.generate.side_store import SideStore
 from qst_jax.methods import FrozenModel
 from qst_jax.methods.side_set import RoutedSides, SideSet
 from qst_jax.models.layers import Params, positions_from_mask
-from qst_jax.models.loader import Backbone
+from qst_jax.models.backbone import Backbone
 
 
 TUNED = "tuned"  # the one side network of `Generator(..., tuned=(a QSTModel, params))`

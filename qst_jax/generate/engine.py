@@ -41,7 +41,7 @@ from qst_jax.generate.request import FINISH_REASONS, EngineError, Request
 from qst_jax.generate.sampling import sample_rows
 from qst_jax.generate.side_store import SideStore
 from qst_jax.models.layers import Params
-from qst_jax.models.loader import Backbone
+from qst_jax.models.backbone import Backbone
 
 __all__ = ["FINISH_REASONS", "Engine", "EngineError", "Request"]  # Request and its error live in request.py
 

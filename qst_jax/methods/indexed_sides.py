@@ -6,7 +6,7 @@
 
 Row b goes through member `index[b]` of stack `group[b]` (-1: the base model
 alone). Each layer gathers the rows' params from the stack
-(`side_network.ROWS`), so a step costs the same whether the stack holds 2 or
+(`side_groups.RowSides`), so a step costs the same whether the stack holds 2 or
 200 side networks; side networks of another shape are another stack, and
 each stack runs on every row (its result is kept for its own rows). The KV
 caches are one per row, whichever side network the row uses, and
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 
 from qst_jax.methods.base import TaskHeads
 from qst_jax.methods.side_config import SideConfig, side_model_config
-from qst_jax.methods.side_network import ROWS, init_side_params, joint_pass
+from qst_jax.methods.side_groups import RowSides
+from qst_jax.methods.side_network import joint_pass
+from qst_jax.methods.side_params import init_side_params
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.decoder import init_caches
 from qst_jax.models.layers import Params
@@ -61,7 +63,7 @@ class IndexedSides(TaskHeads):
                positions: jax.Array | None = None, key_mask: jax.Array | None = None,
                caches: Params | None = None, cache_index: jax.Array | None = None):
         group, index = params["group"], params["index"]
-        groups = tuple((shape, (stack, jnp.where(group == g, index, 0)), ROWS)
+        groups = tuple(RowSides(shape, stack, jnp.where(group == g, index, 0))
                        for g, (shape, stack) in enumerate(zip(self.shapes, params["stacks"])))
         base, outs, caches = joint_pass(backbone_params, self.cfg, groups, ids, mask, positions=positions,
                                         key_mask=key_mask, caches=caches, cache_index=cache_index, dtype=self.dtype,

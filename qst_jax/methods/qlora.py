@@ -23,7 +23,7 @@ from qst_jax.methods.base import TaskHeads, score_init
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.decoder import forward, init_caches
 from qst_jax.models.layers import Params
-from qst_jax.models.loader import layer_specs
+from qst_jax.models.params import layer_specs
 from qst_jax.quant.matmul import LoRAWeight
 
 LORA_TARGETS = {

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from qst_jax.methods.base import TaskHeads
 from qst_jax.methods.side_config import SideConfig, side_model_config
-from qst_jax.methods.side_network import init_side_params, qst_pass
+from qst_jax.methods.side_network import qst_pass
+from qst_jax.methods.side_params import init_side_params
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.decoder import init_caches
 from qst_jax.models.layers import Params

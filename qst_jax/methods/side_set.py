@@ -31,7 +31,9 @@ from qst_jax.methods.base import TaskHeads, score
 from qst_jax.methods.losses import chunked_lm_loss, classification_loss, shift_targets
 from qst_jax.methods.qst import QSTModel
 from qst_jax.methods.side_config import SideConfig, side_model_config
-from qst_jax.methods.side_network import init_side_params, joint_pass
+from qst_jax.methods.side_groups import StackedSides
+from qst_jax.methods.side_network import joint_pass
+from qst_jax.methods.side_params import init_side_params
 from qst_jax.models.config import ConfigError, ModelConfig
 from qst_jax.models.decoder import init_caches, lm_head
 from qst_jax.models.layers import Params
@@ -157,7 +159,7 @@ class SideSet:
                 positions: jax.Array | None = None, key_mask: jax.Array | None = None,
                 caches: Params | None = None, cache_index: jax.Array | None = None):
         """(Norm(h_L) `[B, T, d]`, o per group `[K_g, B, T, d]`, caches): one backbone pass."""
-        groups = tuple((self.members[g[0]], p, True) for g, p in zip(self.groups, params))
+        groups = tuple(StackedSides(self.members[g[0]], p) for g, p in zip(self.groups, params))
         return joint_pass(backbone_params, self.cfg, groups, ids, mask, positions=positions, key_mask=key_mask,
                           caches=caches, cache_index=cache_index, dtype=self.dtype,
                           attention_impl=self.attention_impl, remat_side=self.remat_side,

@@ -2,10 +2,11 @@
 
 from qst_jax.models.axes import logical_axes
 from qst_jax.models.blocks import BlockContext, block_fn
-from qst_jax.models.checkpoint import CheckpointError
+from qst_jax.models.weight_sources import CheckpointError
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
 from qst_jax.models.decoder import forward, init_caches, lm_head, logits_fn
-from qst_jax.models.loader import Backbone, load_backbone, load_config, load_tokenizer
+from qst_jax.models.backbone import Backbone
+from qst_jax.models.loader import load_backbone, load_config, load_tokenizer
 
 __all__ = [
     "Backbone",

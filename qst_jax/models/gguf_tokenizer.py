@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qst_jax.models.checkpoint import gguf_field as _field
+from qst_jax.models.weight_sources import gguf_field as _field
 
 CONTROL = 3  # llama.cpp token type of control (special) tokens
 USER_DEFINED = 4

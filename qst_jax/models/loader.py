@@ -13,7 +13,6 @@ Embeddings, norms, biases and the LM head stay in the compute dtype.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -23,80 +22,13 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401
 import numpy as np
 
-from qst_jax.models.axes import logical_axes
-from qst_jax.models.checkpoint import CheckpointError, GGUFSource, SafetensorsSource, read_json
+from qst_jax.models.backbone import Backbone
+from qst_jax.models.weight_sources import CheckpointError, GGUFSource, SafetensorsSource, read_json
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
-from qst_jax.models.decoder import logits_fn
+from qst_jax.models.params import Spec, global_specs, layer_specs
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
-from qst_jax.quant.nf4 import NF4Weight, QuantizationError, check_finite, quantize_jit
+from qst_jax.quant.nf4 import QuantizationError, check_finite, quantize_jit
 from qst_jax.tree import set_path
-
-
-# (param path, HF name suffix, shape function, is a quantizable linear weight)
-Spec = tuple[tuple[str, ...], str, tuple[int, ...], bool]
-
-
-def _linear(path: tuple[str, ...], hf: str, out_dim: int, in_dim: int, bias: bool) -> list[Spec]:
-    specs: list[Spec] = [((*path, "w"), f"{hf}.weight", (out_dim, in_dim), True)]
-    if bias:
-        specs.append(((*path, "b"), f"{hf}.bias", (out_dim,), False))
-    return specs
-
-
-def layer_specs(cfg: ModelConfig) -> list[Spec]:
-    """HF names and shapes of one decoder layer's tensors."""
-    d, n, k, h, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    if cfg.family == "llama":
-        specs = [(("attn_norm", "scale"), "input_layernorm.weight", (d,), False)]
-        specs += _linear(("attn", "q"), "self_attn.q_proj", n * h, d, cfg.qkv_bias)
-        specs += _linear(("attn", "k"), "self_attn.k_proj", k * h, d, cfg.qkv_bias)
-        specs += _linear(("attn", "v"), "self_attn.v_proj", k * h, d, cfg.qkv_bias)
-        specs += _linear(("attn", "o"), "self_attn.o_proj", d, n * h, cfg.o_bias)
-        specs += [(("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), False)]
-        specs += _linear(("mlp", "gate"), "mlp.gate_proj", i, d, cfg.mlp_bias)
-        specs += _linear(("mlp", "up"), "mlp.up_proj", i, d, cfg.mlp_bias)
-        specs += _linear(("mlp", "down"), "mlp.down_proj", d, i, cfg.mlp_bias)
-        return specs
-    specs = [
-        (("attn_norm", "scale"), "self_attn_layer_norm.weight", (d,), False),
-        (("attn_norm", "bias"), "self_attn_layer_norm.bias", (d,), False),
-    ]
-    specs += _linear(("attn", "q"), "self_attn.q_proj", d, d, cfg.qkv_bias)
-    specs += _linear(("attn", "k"), "self_attn.k_proj", d, d, cfg.qkv_bias)
-    specs += _linear(("attn", "v"), "self_attn.v_proj", d, d, cfg.qkv_bias)
-    specs += _linear(("attn", "o"), "self_attn.out_proj", d, d, cfg.o_bias)
-    specs += [
-        (("mlp_norm", "scale"), "final_layer_norm.weight", (d,), False),
-        (("mlp_norm", "bias"), "final_layer_norm.bias", (d,), False),
-    ]
-    specs += _linear(("mlp", "fc1"), "fc1", i, d, cfg.mlp_bias)
-    specs += _linear(("mlp", "fc2"), "fc2", d, i, cfg.mlp_bias)
-    return specs
-
-
-def global_specs(cfg: ModelConfig) -> list[Spec]:
-    """HF names (without the model prefix) and shapes of the non-layer tensors."""
-    d, e, v = cfg.hidden_size, cfg.embed_dim, cfg.vocab_size
-    if cfg.family == "llama":
-        specs: list[Spec] = [(("embed",), "embed_tokens.weight", (v, d), False)]
-        if cfg.final_norm:
-            specs.append((("final_norm", "scale"), "norm.weight", (d,), False))
-    else:
-        specs = [
-            (("embed",), "embed_tokens.weight", (v, e), False),
-            (("pos_embed",), "embed_positions.weight", (cfg.max_position_embeddings + 2, d), False),
-        ]
-        if e != d:
-            specs += [
-                (("project_in", "w"), "project_in.weight", (d, e), False),
-                (("project_out", "w"), "project_out.weight", (e, d), False),
-            ]
-        if cfg.final_norm:
-            specs += [
-                (("final_norm", "scale"), "final_layer_norm.weight", (d,), False),
-                (("final_norm", "bias"), "final_layer_norm.bias", (d,), False),
-            ]
-    return specs
 
 
 class _Reader:
@@ -219,42 +151,6 @@ def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: An
         del layer
     params["layers"] = placement.finish()
     return params
-
-
-@dataclasses.dataclass
-class Backbone:
-    """A frozen decoder: config, params (a pytree) and where it came from.
-
-    Attributes:
-      cfg: the ModelConfig.
-      params: the parameter pytree (decoder.py documents its layout); linear
-        weights are NF4Weight when quantized.
-      dtype: compute dtype.
-      source: the path it was loaded from.
-      axes: logical axis names of every parameter (`models.axes`).
-    """
-
-    cfg: ModelConfig
-    params: dict[str, Any]
-    dtype: Any = jnp.bfloat16
-    source: str = ""
-    axes: dict[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.axes:
-            self.axes = logical_axes(self.params)
-        self._logits = jax.jit(logits_fn(self.cfg, dtype=self.dtype))
-
-    def logits(self, input_ids: Any, attention_mask: Any = None) -> jax.Array:
-        """Float32 logits `[B, T, vocab]` of `input_ids` `[B, T]`."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        return self._logits(self.params, input_ids, jnp.asarray(attention_mask, jnp.int32))
-
-    @property
-    def quantized(self) -> bool:
-        return isinstance(self.params["layers"]["attn"]["q"]["w"], NF4Weight)
 
 
 def _to_device(params: dict[str, Any]) -> dict[str, Any]:

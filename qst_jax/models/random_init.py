@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params
-from qst_jax.models.loader import global_specs, layer_specs
+from qst_jax.models.params import global_specs, layer_specs
 from qst_jax.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight
 from qst_jax.tree import set_path
 

@@ -37,7 +37,7 @@ from qst_jax.methods.base import Method
 from qst_jax.methods.export import export_side
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params
-from qst_jax.models.loader import Backbone as FunctionalBackbone
+from qst_jax.models.backbone import Backbone as FunctionalBackbone
 from qst_jax.quant.nf4 import NF4Weight
 from qst_jax.tree import count_params, flatten
 

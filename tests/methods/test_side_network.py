@@ -12,7 +12,7 @@ import pytest
 from qst_jax.models import ModelConfig, load_backbone
 from qst_jax.methods.side_config import DOWNSAMPLERS, SideConfig, side_model_config
 from qst_jax.methods import QLoRAModel, QSTModel
-from qst_jax.methods.side_network import init_side_params
+from qst_jax.methods.side_params import init_side_params
 from qst_jax.tree import count_params
 from qst_jax.train.step import init_train_state, make_train_step
 from tests.helpers import adamw, lm_batch
