@@ -15,7 +15,7 @@ from typing import Any
 
 from qst_jax.methods.base import Method
 from qst_jax.methods.frozen import FrozenModel
-from qst_jax.methods.qlora import QLoRAModel
+from qst_jax.methods.qlora import QLoRAConfig, QLoRAModel
 from qst_jax.methods.qst import QSTModel
 from qst_jax.methods.side_config import SideConfig
 from qst_jax.models.config import ConfigError, ModelConfig
@@ -41,7 +41,8 @@ def method_record(config: Any) -> dict[str, Any]:
         record["side"] = SideConfig.from_dict(dict(config["side"]), task=record["task"],
                                               num_labels=record["num_labels"], pool=record["pool"]).to_dict()
     elif config["method"] == "qlora":
-        record["qlora"] = {"rank": int(config["qlora"]["rank"]), "alpha": float(config["qlora"]["alpha"])}
+        qlora = QLoRAConfig(rank=int(config["qlora"]["rank"]), alpha=float(config["qlora"]["alpha"]))
+        record["qlora"] = {"rank": qlora.rank, "alpha": qlora.alpha}
     return record
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qst_jax.methods.side_config import SideConfig
+from qst_jax.methods.side_config import HIDDEN_STORES, SideConfig
 from qst_jax.models.layers import Params, norm
 from qst_jax.models.platform import target_platform
 from qst_jax.quant.matmul import linear
@@ -34,7 +34,6 @@ def downsample(p: Params, h: jax.Array, side: SideConfig, width: int) -> jax.Arr
     return jnp.mean(groups.astype(jnp.float32), axis=-1).astype(h.dtype)
 
 
-HIDDEN_STORES = ("auto", "compute", "fp8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from qst_jax.methods.base import TaskHeads, score_init
-from qst_jax.models.config import ModelConfig
+from qst_jax.methods.settings import field_problems, setting
+from qst_jax.models.config import ConfigError, ModelConfig
 from qst_jax.models.decoder import forward, init_caches
 from qst_jax.models.layers import Params
 from qst_jax.models.params import layer_specs
@@ -30,6 +31,23 @@ LORA_TARGETS = {
     "llama": (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"), ("mlp", "up"), ("mlp", "down")),
     "opt": (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "fc1"), ("mlp", "fc2")),
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QLoRAConfig:
+    """The QLoRA baseline's settings: the one definition of the run config's `qlora` section."""
+
+    # LoRA's r on every targeted linear.
+    rank: int = setting(16, key="qlora.rank", minimum=1, shape=True)
+    # LoRA's alpha: the update B @ A is scaled by alpha / r.
+    alpha: float = setting(16.0, key="qlora.alpha")
+    # Recompute each layer in the backward pass (runtime only, not stored with the params).
+    remat: bool = setting(True, key="qlora.remat")
+
+    def __post_init__(self) -> None:
+        problems = field_problems(self)
+        if problems:
+            raise ConfigError(problems[0])
 
 
 @dataclasses.dataclass(frozen=True)

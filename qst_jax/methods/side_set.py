@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from qst_jax.methods.base import TaskHeads, score
 from qst_jax.methods.losses import chunked_lm_loss, classification_loss, shift_targets
 from qst_jax.methods.qst import QSTModel
-from qst_jax.methods.side_config import SideConfig, side_model_config
+from qst_jax.methods.side_config import SideConfig, init_only_fields, side_model_config
 from qst_jax.methods.side_groups import StackedSides
 from qst_jax.methods.side_network import joint_pass
 from qst_jax.methods.side_params import init_side_params
@@ -38,12 +38,9 @@ from qst_jax.models.config import ConfigError, ModelConfig
 from qst_jax.models.decoder import init_caches, lm_head
 from qst_jax.models.layers import Params
 
-INIT_ONLY_FIELDS = ("gate_init", "output_gate_init", "init_std", "init_scheme")  # change the init, never the forward
-
-
 def shape_of(side: SideConfig) -> SideConfig:
     """What decides a side network's forward and param shapes: `side` less its init-only fields."""
-    blank = {f: getattr(SideConfig, f) for f in INIT_ONLY_FIELDS}  # the defaults, so every shape's init is one
+    blank = {f.name: f.default for f in dataclasses.fields(SideConfig) if f.name in init_only_fields()}  # one init
     return dataclasses.replace(side, **blank)
 
 

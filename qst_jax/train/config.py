@@ -14,8 +14,9 @@ import ml_collections
 
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
-from qst_jax.methods.side_config import DOWNSAMPLERS, HEAD_LAYOUTS, INIT_SCHEMES, INPUT_NORMS, OUTPUT_MIXES, POOLS
-from qst_jax.methods.downsamplers import HIDDEN_STORES
+from qst_jax.methods.qlora import QLoRAConfig
+from qst_jax.methods.settings import field_problems, settings
+from qst_jax.methods.side_config import SideConfig, SideOptions
 from qst_jax.models.config import ConfigError
 from qst_jax.models.random_init import LLAMA2_SHAPES
 from qst_jax.train.optim import SCHEDULES
@@ -26,18 +27,16 @@ ATTENTION_IMPLS = ("", "xla", "cudnn")
 SIDE_PLACEMENTS = ("replicated", "fsdp")
 DTYPES = ("bfloat16", "float16", "float32")
 SWEEP_MODES = ("zip", "grid")
+# The config dataclasses whose fields are run-config keys (each field's `setting` names its key).
+SETTINGS = (SideConfig, SideOptions, QLoRAConfig)
 # sweep.<key> -> the config key each member's value replaces ("seed": the member's init seed)
 SWEEP_KEYS = {
     "lr": "optim.lr", "schedule": "optim.schedule", "warmup_steps": "optim.warmup_steps",
     "warmup_ratio": "optim.warmup_ratio", "final_lr_fraction": "optim.final_lr_fraction",
     "weight_decay": "optim.weight_decay", "b1": "optim.b1", "b2": "optim.b2", "eps": "optim.eps",
     "clip_norm": "optim.clip_norm", "readout_lr": "optim.readout_lr", "gate_lr": "optim.gate_lr",
-    "seed": "train.seed", "gate_init": "side.gate_init",
-    "output_gate_init": "side.output_gate_init", "init_std": "side.init_std",
-    "reduction_factor": "side.reduction_factor", "adapter_rank": "side.adapter_rank",
-    "downsampler": "side.downsampler", "side_heads": "side.side_heads", "head_layout": "side.head_layout",
-    "output_mix": "side.output_mix", "input_norm": "side.input_norm", "init_scheme": "side.init_scheme",
-    "pool": "data.pool",
+    "seed": "train.seed",
+    **{f.name: f.metadata["key"] for f in settings(SideConfig) if f.metadata["sweep"]},
 }
 
 
@@ -54,26 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
     c.model.shape = ""  # "llama2-7b" / "llama2-13b" / "llama2-70b": the shape --plan compiles when model.path has none
 
-    c.side = ml_collections.ConfigDict()
-    c.side.reduction_factor = 16
-    c.side.adapter_rank = 16
-    c.side.downsampler = "adapter"  # adapter | lora | linear | maxpool | avgpool
-    c.side.side_heads = 0  # 0: as head_layout says
-    c.side.head_layout = "wide"  # "wide": heads of 64 dims (one head if narrower); "official": the backbone's count
-    c.side.gate_init = 0.5
-    c.side.output_gate_init = 1.0
-    c.side.output_mix = "residual"  # "residual": Norm(h_L) + Up(s), Up zero-init; "gated": the official a-mix
-    c.side.input_norm = "none"  # "backbone": D_i reads h_i through the backbone's next norm; "none": raw h_i
-    c.side.init_std = 0.02
-    c.side.init_scheme = "fixed"  # "fan_in": side linears drawn with std 1/sqrt(input width); "fixed": init_std
-    c.side.remat = True  # recompute side blocks in the backward pass (each layer keeps only its side-width inputs)
-    c.side.hidden_store = "auto"  # how the backward keeps backbone states for trainable downsamplers: "fp8", "compute"
-    # (bf16), or "auto": fp8 on a GPU (half the bytes), compute on a CPU (XLA emulates fp8 there, slowly)
-
-    c.qlora = ml_collections.ConfigDict()
-    c.qlora.rank = 16
-    c.qlora.alpha = 16.0
-    c.qlora.remat = True
+    c.side = ml_collections.ConfigDict()  # every key, its default and its meaning: methods/side_config.py
+    c.qlora = ml_collections.ConfigDict()  # methods/qlora.py (QLoRAConfig)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "shakespeare:train"  # files/folders/globs (comma-separated) or shakespeare:train
@@ -84,8 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_column = "text"
     c.data.text_pair_column = ""
     c.data.label_column = "label"
-    c.data.num_labels = 2  # classification classes (1: regression)
-    c.data.pool = "last"  # classification: the score reads each row's "last" real token or the "mean" of its tokens
+    # data.num_labels and data.pool: methods/side_config.py
     c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)
     c.data.eval_examples = 64  # cap on held-out examples/windows (0: all)
 
@@ -148,6 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sweep.mode = "zip"
     for key in SWEEP_KEYS:
         setattr(c.sweep, key, "")
+
+    for cls in SETTINGS:  # the sections' keys written once, in the config dataclasses
+        for f in settings(cls):
+            if f.metadata["key"] is not None:
+                section, name = f.metadata["key"].split(".")
+                setattr(c[section], name, f.default)
 
     c.lock()
     return c
@@ -220,19 +206,13 @@ def validate(c: Any, context: int | None = None, *, planning: bool = False) -> N
     _enum(errors, "model.dtype", c.model.dtype, DTYPES)
     _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
     _enum(errors, "model.shape", c.model.shape, ("", *(f"llama2-{k}" for k in LLAMA2_SHAPES)))
-    _enum(errors, "side.downsampler", c.side.downsampler, DOWNSAMPLERS)
-    _enum(errors, "side.output_mix", c.side.output_mix, OUTPUT_MIXES)
-    _enum(errors, "side.head_layout", c.side.head_layout, HEAD_LAYOUTS)
-    _enum(errors, "side.input_norm", c.side.input_norm, INPUT_NORMS)
-    _enum(errors, "data.pool", c.data.pool, POOLS)
-    _enum(errors, "side.init_scheme", c.side.init_scheme, INIT_SCHEMES)
-    _enum(errors, "side.hidden_store", c.side.hidden_store, HIDDEN_STORES)
-    for key in ("side.reduction_factor", "side.adapter_rank", "qlora.rank", "data.num_labels", "train.batch_size",
+    errors += field_problems(c, classes=SETTINGS)
+    for key in ("train.batch_size",
                 "train.micro_batches", "train.eval_batch_size", "train.keep_checkpoints", "train.ce_chunk",
                 "train.log_every", "parallel.data", "parallel.fsdp", "parallel.tensor"):
         section, name = key.split(".")
         _at_least(errors, key, c[section][name], 1)
-    for key in ("side.side_heads", "train.epochs", "train.eval_every", "train.checkpoint_every",
+    for key in ("train.epochs", "train.eval_every", "train.checkpoint_every",
                 "data.eval_examples", "optim.warmup_steps"):
         section, name = key.split(".")
         _at_least(errors, key, c[section][name], 0)
@@ -273,9 +253,8 @@ def validate(c: Any, context: int | None = None, *, planning: bool = False) -> N
 
 
 # Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.
-SHAPE_KEYS = ("method", "task", "model.path", "model.quantize", "side.reduction_factor", "side.adapter_rank",
-              "side.downsampler", "side.side_heads", "side.head_layout", "side.output_mix", "side.input_norm",
-              "qlora.rank", "data.num_labels", "data.pool")
+SHAPE_KEYS = ("method", "task", "model.path", "model.quantize",
+              *(f.metadata["key"] for cls in SETTINGS for f in settings(cls) if f.metadata["shape"] and f.metadata["key"]))
 SHAPE_KEYS += tuple(f"sweep.{k}" for k in ("mode", *SWEEP_KEYS))  # which members a sweep has
 NOT_COMPARED_ON_RESUME = ("train.output_dir",)
 # Keys that add a part to the optimizer (its state) when > 0: clipping, a parameter group's own learning rate.

@@ -93,7 +93,7 @@ def test_every_method_pools_as_its_record_says(backbone, make):
 
 
 def test_bad_readout_settings_are_refused():
-    with pytest.raises(ConfigError, match=r"side.input_norm 'rms' is not one of \('none', 'backbone'\)"):
+    with pytest.raises(ConfigError, match=r"side.input_norm: 'rms' is not one of \('none', 'backbone'\)"):
         SideConfig(input_norm="rms")
-    with pytest.raises(ConfigError, match=r"pool 'max' is not one of \('last', 'mean'\)"):
+    with pytest.raises(ConfigError, match=r"data.pool: 'max' is not one of \('last', 'mean'\)"):
         SideConfig(pool="max")
