@@ -18,15 +18,10 @@ OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANS
 for _name, _value in OFFLINE_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
+from qst_jax.environment import cuda_plugin_without_driver  # noqa: E402  (imports no jax)
+from qst_jax.errors import QSTError  # noqa: E402,F401  (the base of every error qst_jax raises)
 
-
-def _cuda_plugin_without_driver() -> bool:
-    from qst_jax.aot.targets import plugin_installed  # imports no jax
-
-    return plugin_installed() and not os.path.exists("/proc/driver/nvidia/version")
-
-
-if "JAX_PLATFORMS" not in os.environ and _cuda_plugin_without_driver():
+if "JAX_PLATFORMS" not in os.environ and cuda_plugin_without_driver():
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 __version__ = "0.1.0"

@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from qst_jax.errors import InputError, QSTError
 from qst_jax.tree import first_non_finite
 
 
-class ResumeError(RuntimeError):
+class ResumeError(QSTError, RuntimeError):
     """No intact checkpoint to resume from; the message names each damaged one."""
 
 
@@ -34,7 +35,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 2):
         if keep < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+            raise InputError(f"keep_checkpoints must be >= 1, got {keep}")
         self.keep = keep
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -76,7 +77,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         bad = first_non_finite(restored["state"])
         if bad is not None:  # the trainer never saves one: a damaged checkpoint, and `restore` takes an older one
-            raise ValueError(f"{bad} holds NaN or infinite values")
+            raise InputError(f"{bad} holds NaN or infinite values")
         return restored["state"], restored["meta"]
 
     def restore(self, abstract_state: Any, log=print) -> tuple[Any, dict[str, Any], int]:

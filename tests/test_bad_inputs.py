@@ -99,7 +99,7 @@ TRAIN_CASES = [
     ("invalid UTF-8 in a jsonl", [], lambda root, m: [f"--config.data.train={_data(root, 'bad.jsonl', BAD_UTF8)}",
                                                       f"--config.train.output_dir={root / 'utf8'}"],
      r"^\S+/bad.jsonl:2: not UTF-8 \(byte 0xff\); save the file as UTF-8$"),
-    ("whitespace-only jsonl", [], lambda root, m: [f"--config.data.train={_data(root, 'blank.jsonl', b'  \n\n ')}",
+    ("whitespace-only jsonl", [], lambda root, m: [f"--config.data.train={_data(root, 'blank.jsonl', BLANK)}",
                                                    f"--config.train.output_dir={root / 'blank'}"],
      r"^\S+/blank.jsonl: no records \(only whitespace\)$"),
     ("a path split at a comma", [], lambda root, m: [f"--config.data.train={root / 'no,such.txt'}",
@@ -111,6 +111,7 @@ TRAIN_CASES = [
      r"members/<name>/, metrics tagged by name\), so another list is other members, whose params and optimizer "
      r"state the checkpoint does not hold; keep the checkpoint's list, or start over with --overwrite$"),
 ]
+BLANK = b"  \n\n "
 BAD_UTF8 = b'{"text": "fine"}\n{"text": "bad \xff byte"}\n'
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+from qst_jax.errors import InputError, QSTError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,21 +130,12 @@ def target(name: str) -> GpuTarget:
     """
     key = name.lower()
     if key not in TARGETS:
-        raise ValueError(f"--plan {name!r}: not a known GPU; one of {', '.join(TARGETS)}")
+        raise InputError(f"--plan {name!r}: not a known GPU; one of {', '.join(TARGETS)}")
     return TARGETS[key]
 
 
-class AotUnavailable(RuntimeError):
+class AotUnavailable(QSTError, RuntimeError):
     """The CUDA plugin that compiles for a GPU is not installed (`bash scripts/setup.sh aot`)."""
-
-
-def plugin_installed() -> bool:
-    import importlib.util
-
-    try:
-        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (13, 12))
-    except ImportError:
-        return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 
+from qst_jax.errors import InputError, QSTError
 from qst_jax.cli.common import add_model_args, load_model
 
 
@@ -38,7 +39,7 @@ def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
         from qst_jax.eval.tasks import make_sides_eval_step, split_members
 
         if model.task != "lm":
-            raise ValueError("perplexity needs LM side networks; these were trained for classification")
+            raise InputError("perplexity needs LM side networks; these were trained for classification")
         result = perplexity(make_sides_eval_step(model, include_base=True), params, backbone.params, examples,
                             batch_size=args.batch_size, pad_token=pad_id(tokenizer))
         return split_members(result, ["frozen", *info])
@@ -53,7 +54,7 @@ def _classify(args, backbone, tokenizer, model, params, info) -> dict:
     from qst_jax.eval.tasks import classify
 
     if model.task != "classification":
-        raise ValueError("classify needs a side network trained with task=classification (--side)")
+        raise InputError("classify needs a side network trained with task=classification (--side)")
     task = GLUE_TASKS.get(args.task)
     if task is None:
         labels = tuple(str(i) for i in range(model.num_labels))
@@ -72,7 +73,7 @@ def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
 
     several = len(args.side) > 1
     if model.task != "lm":
-        raise ValueError("mmlu needs LM side networks; these were trained for classification")
+        raise InputError("mmlu needs LM side networks; these were trained for classification")
     if several:
         fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask, last_only=True)[:, :, -1])
     else:
@@ -135,17 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from qst_jax.data.sources import DataError
-    from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.methods import ExportError
-
     try:
         loaded = load_model(args)
         if args.seq_len is None:
             info = loaded[-1] if len(args.side) < 2 else next(iter(loaded[-1].values()))
             args.seq_len = 2048 if args.kind == "mmlu" else int(info.get("seq_len") or 128)
         result = {"perplexity": _perplexity, "classify": _classify, "mmlu": _mmlu}[args.kind](args, *loaded)
-    except (CheckpointError, ConfigError, DataError, ExportError, ValueError, FileNotFoundError) as err:
+    except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
         print(f"qst-eval: error: {err}", file=sys.stderr)
         return 1
     (_print_rows if len(args.side) > 1 else _print)(args.kind, result)

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 
+from qst_jax.errors import QSTError
 from qst_jax.cli.common import add_model_args, load_model
 
 
@@ -123,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from qst_jax.generate.decode import GenerationError, Generator
     from qst_jax.generate.sampling import SamplingConfig
-    from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.methods import ExportError
 
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 history.append({"role": "assistant", "content": reply})
         else:
             _complete_file(gen, tokenizer, args, sampling)
-    except (CheckpointError, ConfigError, ExportError, GenerationError, FileNotFoundError, ValueError) as err:
+    except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
         print(f"qst-generate: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from qst_jax.errors import InputError, QSTError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def side_args(values: list[str]) -> dict[str, str]:
         name, path = value.split("=", 1) if "=" in value and not os.path.exists(value) else (None, value)
         name = name or os.path.basename(os.path.normpath(path))
         if name in sides:
-            raise ValueError(f"--side {value}: the name {name!r} is given twice; write NAME=PATH")
+            raise InputError(f"--side {value}: the name {name!r} is given twice; write NAME=PATH")
         sides[name] = path
     return sides
 
@@ -92,13 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
-    from qst_jax.methods import ExportError
-    from qst_jax.models import CheckpointError, ConfigError
-
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         server = build_server(args, log)
-    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ValueError) as err:
+    except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
         print(f"qst-serve: error: {err}", file=sys.stderr)
         return 1
     names = ", ".join([server.base_name, *server.engine.sides.names()])

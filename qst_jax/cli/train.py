@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qst_jax.errors import QSTError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in train.output_dir from its newest intact checkpoint")
 _PLAN = flags.DEFINE_string("plan", None, "compile the run's train step for this GPU (t4, l4, a100-40, a100-80, h100, "
@@ -77,13 +79,7 @@ def main(argv: list[str]) -> int:
     from qst_jax.parallel.distributed import initialize_from_env
 
     initialize_from_env()  # several processes: QST_COORDINATOR, QST_NUM_PROCESSES, QST_PROCESS_ID
-    from qst_jax.data.offline import MissingPackageError
-    from qst_jax.data.sources import DataError
-    from qst_jax.models import CheckpointError, ConfigError
-    from qst_jax.checkpoints import ResumeError
-    from qst_jax.train.run_dir import RunDirectoryError
     from qst_jax.train.launch import make_trainer
-    from qst_jax.train.trainer import TrainingError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
@@ -94,8 +90,7 @@ def main(argv: list[str]) -> int:
     try:
         trainer = make_trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
         summary = trainer.run()
-    except (CheckpointError, ConfigError, DataError, MissingPackageError, ResumeError, RunDirectoryError,
-            TrainingError, ValueError) as err:
+    except (QSTError, ValueError) as err:  # ValueError: what a tokenizer or a data library raises
         print(f"qst-train: error: {err}", file=sys.stderr)
         return 1
     if "signal" in summary:
@@ -111,8 +106,7 @@ def main(argv: list[str]) -> int:
 
 def _plan(config, name: str) -> int:
     """`--plan NAME`: the compiled step's figures for one GPU; nothing is loaded, nothing written."""
-    from qst_jax.aot.targets import AotUnavailable, target
-    from qst_jax.models import ConfigError
+    from qst_jax.aot.targets import target
     from qst_jax.train.config import validate
 
     try:
@@ -121,7 +115,7 @@ def _plan(config, name: str) -> int:
         from qst_jax.train.plan import plan_run
 
         report, notes = plan_run(config, name)
-    except (AotUnavailable, ConfigError, ValueError) as err:
+    except (QSTError, ValueError) as err:
         print(f"qst-train: error: {err}", file=sys.stderr)
         return 1
     for note in notes:

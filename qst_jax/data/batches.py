@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from qst_jax.errors import InputError
 from qst_jax.data.examples import Examples
 
 
@@ -68,13 +69,13 @@ class Batcher:
         longest = max(len(t) for t in examples.tokens)
         self.buckets = sorted(buckets) if buckets else [longest]
         if longest > self.buckets[-1]:
-            raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {self.buckets[-1]}")
+            raise InputError(f"an example of {longest} tokens exceeds the largest bucket {self.buckets[-1]}")
         self.pad_id, self.seed, self.shuffle, self.drop_remainder = pad_id, seed, shuffle, drop_remainder
         lengths = np.asarray([len(t) for t in examples.tokens])
         self._bucket_of = np.searchsorted(np.asarray(self.buckets), lengths, side="left")
         self.position = Position()
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise InputError(
                 f"{len(examples)} examples make no full batch of {self.per_step}; lower the batch size"
             )
 

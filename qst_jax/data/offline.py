@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from qst_jax.errors import QSTError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class MissingPackageError(FileNotFoundError):
+class MissingPackageError(QSTError, FileNotFoundError):
     """An offline content package is not installed."""
 
 

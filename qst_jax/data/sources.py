@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 from typing import Any
+from qst_jax.errors import QSTError
 
 FORMATS = {
     ".jsonl": "json",
@@ -31,7 +32,7 @@ FORMATS = {
 }
 
 
-class DataError(ValueError):
+class DataError(QSTError, ValueError):
     """A dataset that cannot be used as configured."""
 
 

@@ -1,0 +1,1 @@
+"""Held-out evaluation: perplexity, GLUE-style classification, MMLU-style multiple choice."""

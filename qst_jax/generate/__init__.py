@@ -1,0 +1,1 @@
+"""Decoding: the one engine (continuous batching, per-row side networks), requests, sampling, `Generator`."""

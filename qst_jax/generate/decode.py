@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import QSTError
 from qst_jax.data.examples import CHAT_ROLES, pad_id
 from qst_jax.generate.engine import Engine, EngineError, Request
 from qst_jax.generate.sampling import SamplingConfig
@@ -38,7 +39,7 @@ from qst_jax.models.backbone import Backbone
 TUNED = "tuned"  # the one side network of `Generator(..., tuned=(a QSTModel, params))`
 
 
-class GenerationError(ValueError):
+class GenerationError(QSTError, ValueError):
     """Bad generation input (prompt too long, unknown chat role, ...)."""
 
 

@@ -183,17 +183,17 @@ class Engine:
     def check(self, request: Request) -> None:
         """Raises EngineError for a request that cannot run (the server answers 400 / 404 with it)."""
         if len(request.prompt) == 0:
-            raise EngineError("prompt: empty")
+            raise EngineError("prompt: empty", field="prompt")
         if len(request.prompt) + 1 > self.max_len:
             raise EngineError(f"prompt: {len(request.prompt)} tokens do not fit the context of {self.max_len} "
-                              "(prompt and at least one new token)")
+                              "(prompt and at least one new token)", field="prompt")
         if request.max_tokens < 1:
-            raise EngineError(f"max_tokens: {request.max_tokens} must be at least 1")
+            raise EngineError(f"max_tokens: {request.max_tokens} must be at least 1", field="max_tokens")
         if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
             raise EngineError(f"sampling: temperature {request.temperature} must be >= 0, top_k {request.top_k} "
-                              f">= 0, top_p {request.top_p} in (0, 1]")
+                              f">= 0, top_p {request.top_p} in (0, 1]", field="sampling")
         if request.side is not None and (self.fixed is not None or request.side not in self.sides):
-            raise EngineError(f"side {request.side!r} is not loaded")
+            raise EngineError(f"side {request.side!r} is not loaded", field="side")
 
     def submit(self, request: Request) -> Request:
         """Queues `request` (checked first); it is admitted when a slot frees."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from qst_jax.errors import QSTError
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
-class EngineError(ValueError):
+class EngineError(QSTError, ValueError):
     """A request the engine cannot take (prompt too long, unknown side network, bad settings)."""
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from qst_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+            raise InputError(f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
 def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import QSTError
 from qst_jax.methods.indexed_sides import IndexedSides
 from qst_jax.methods.side_config import SideConfig
 from qst_jax.methods.side_set import shape_of
@@ -30,7 +31,7 @@ from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params
 
 
-class SideStoreError(ValueError):
+class SideStoreError(QSTError, ValueError):
     """A side network that cannot be served (not QST, not an LM, a full device stack)."""
 
 

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 
+from qst_jax.errors import InputError
 from qst_jax.methods.losses import chunked_lm_loss, classification_loss, last_token_index, shift_targets
 from qst_jax.models.config import ModelConfig
 from qst_jax.models.decoder import lm_head
@@ -95,7 +96,7 @@ def score(params: Params, hidden: jax.Array, mask: jax.Array, pool: str = "last"
         real tokens, summed in float32).
     """
     if pool not in POOLS:
-        raise ValueError(f"pool {pool!r} is not one of {POOLS}")
+        raise InputError(f"pool {pool!r} is not one of {POOLS}")
     if pool == "mean":
         weights = mask.astype(jnp.float32)[..., None]
         total = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qst_jax.errors import InputError
 from qst_jax.methods.side_config import HIDDEN_STORES, SideConfig
 from qst_jax.models.layers import Params, norm
 from qst_jax.models.platform import target_platform
@@ -71,7 +72,7 @@ def make_downsampler(side: SideConfig, width: int, hidden_store: str = "compute"
     backbone state gets no gradient either way. Pooling keeps nothing.
     """
     if hidden_store not in HIDDEN_STORES:
-        raise ValueError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES}")
+        raise InputError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES}")
     hidden_store = resolve_store(hidden_store)
     plain = lambda p, h: downsample(p, h, side, width)  # noqa: E731
     if hidden_store == "compute" or side.downsampler in ("maxpool", "avgpool"):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import QSTError
 from qst_jax.files import write_atomic, write_json_atomic
 from qst_jax.methods.base import Method
 from qst_jax.methods.build import head_task, model_from_dict
@@ -33,7 +34,7 @@ CONFIG_FILE = "qst_config.json"
 WEIGHTS_FILE = "side.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(QSTError, ValueError):
     """An export that is missing, unreadable, or does not fit the backbone or its own config."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from qst_jax.errors import InputError
 from qst_jax.methods.base import TaskHeads, score
 from qst_jax.methods.losses import chunked_lm_loss, classification_loss, shift_targets
 from qst_jax.methods.qst import QSTModel
@@ -130,7 +131,7 @@ class SideSet:
     def stack(self, member_params: Sequence[Params]) -> tuple[Params, ...]:
         """Per-member params (member order) as the set's grouped, stacked params."""
         if len(member_params) != self.size:
-            raise ValueError(f"{len(member_params)} param trees for {self.size} members")
+            raise InputError(f"{len(member_params)} param trees for {self.size} members")
         return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *[member_params[i] for i in g]) for g in self.groups)
 
     def unstack(self, params: tuple[Params, ...]) -> list[Params]:

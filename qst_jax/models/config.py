@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
+from qst_jax.errors import QSTError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm2")
 OPT_TYPES = ("opt",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(QSTError, ValueError):
     """A model configuration that qst_jax cannot run."""
 
 

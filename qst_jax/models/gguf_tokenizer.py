@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from qst_jax.errors import QSTError
 from qst_jax.models.weight_sources import gguf_field as _field
 
 CONTROL = 3  # llama.cpp token type of control (special) tokens
 USER_DEFINED = 4
 
 
-class GGUFTokenizerError(ValueError):
+class GGUFTokenizerError(QSTError, ValueError):
     pass
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import InputError
 from qst_jax.models.config import ModelConfig
 from qst_jax.quant.matmul import linear
 from qst_jax.models import loops
@@ -45,7 +46,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.relu(x)
     if name in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         return jax.nn.gelu(x, approximate=name != "gelu")
-    raise ValueError(f"unsupported activation {name!r}")
+    raise InputError(f"unsupported activation {name!r}")
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

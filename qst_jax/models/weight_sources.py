@@ -16,10 +16,11 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (bf16 for safetensors' numpy reader)
 import numpy as np
 
+from qst_jax.errors import QSTError
 from qst_jax.quant.bnb_io import SafetensorsView
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QSTError, ValueError):
     """A checkpoint that is missing, incomplete or inconsistent with its config."""
 
 

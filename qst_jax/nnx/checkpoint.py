@@ -17,11 +17,16 @@ from typing import Any
 
 from flax import nnx
 
+from qst_jax.errors import QSTError
 from qst_jax.checkpoints import Checkpointer
 
 
 def _state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, nnx.State]:
     return {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+
+
+class CheckpointExistsError(QSTError, FileExistsError):
+    """A checkpoint of that step is there already."""
 
 
 class NNXCheckpointer:
@@ -37,7 +42,7 @@ class NNXCheckpointer:
           FileExistsError: `directory` already holds step `step` (it is not overwritten).
         """
         if step in self.checkpointer.steps():
-            raise FileExistsError(f"{self.checkpointer.manager.directory}/{step}: a checkpoint of step {step} "
+            raise CheckpointExistsError(f"{self.checkpointer.manager.directory}/{step}: a checkpoint of step {step} "
                                   "already exists; save another step or use another directory")
         state = {k: nnx.to_pure_dict(v) for k, v in _state(model, optimizer).items()}
         self.checkpointer.save(step, state, {"step": int(step), **(meta or {})})

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qst_jax.errors import InputError, UsageError
 from qst_jax.methods import ExportError, FrozenModel, QLoRAModel, QSTModel, SideConfig, build_model, load_tuned
 from qst_jax.methods.base import Method
 from qst_jax.methods.export import export_side
@@ -150,10 +151,10 @@ def _check_structure(method: Method, params: Params) -> None:
     expected, found = flatten(jax.eval_shape(method.init, jax.random.PRNGKey(0))), flatten(params)
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"params do not fit the {method.name} model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise InputError(f"params do not fit the {method.name} model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for key, spec in expected.items():
         if tuple(found[key].shape) != tuple(spec.shape):
-            raise ValueError(f"params: {key} has shape {tuple(found[key].shape)}, the {method.name} model "
+            raise InputError(f"params: {key} has shape {tuple(found[key].shape)}, the {method.name} model "
                              f"expects {tuple(spec.shape)}")
 
 
@@ -182,7 +183,7 @@ class Tuned(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         if params is None:
             if rngs is None:
-                raise TypeError(f"{type(self).__name__}: give rngs=nnx.Rngs(seed) to initialize the params")
+                raise UsageError(f"{type(self).__name__}: give rngs=nnx.Rngs(seed) to initialize the params")
             params = method.init(rngs.params())
         else:
             _check_structure(method, params)

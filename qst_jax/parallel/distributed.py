@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import jax
+from qst_jax.errors import InputError
 
 
 def initialize_from_env() -> bool:
@@ -26,7 +27,7 @@ def initialize_from_env() -> bool:
         num_processes = int(os.environ["QST_NUM_PROCESSES"])
         process_id = int(os.environ["QST_PROCESS_ID"])
     except (KeyError, ValueError) as err:
-        raise ValueError("QST_COORDINATOR needs QST_NUM_PROCESSES and QST_PROCESS_ID (integers)") from err
+        raise InputError("QST_COORDINATOR needs QST_NUM_PROCESSES and QST_PROCESS_ID (integers)") from err
     if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)

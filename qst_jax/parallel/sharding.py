@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qst_jax.errors import InputError
 from qst_jax.models.axes import axes_for
 from qst_jax.tree import path_names
 from qst_jax.quant.nf4 import NF4Weight
@@ -49,7 +50,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: list | Non
     """A `(data, fsdp, tensor)` mesh over `devices` (default: all of them)."""
     devices = list(jax.devices() if devices is None else devices)
     if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {data * fsdp * tensor} devices, have {len(devices)}")
+        raise InputError(f"mesh {data}x{fsdp}x{tensor} needs {data * fsdp * tensor} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 

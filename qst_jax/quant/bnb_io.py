@@ -24,6 +24,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 
+from qst_jax.errors import InputError
 from qst_jax.files import write_atomic
 from qst_jax.quant.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_TABLE, NF4Weight, QuantizationError
 
@@ -179,7 +180,7 @@ def read_nf4(prefix: str, tensors: Mapping[str, np.ndarray], *, source: str = ""
 def to_bnb_tensors(prefix: str, w: NF4Weight) -> dict[str, np.ndarray]:
     """The bitsandbytes tensors (HF `save_pretrained` layout) of one NF4Weight."""
     if w.lead_shape:
-        raise ValueError(f"{prefix}: to_bnb_tensors takes one matrix, got stacked leading axes {w.lead_shape}")
+        raise InputError(f"{prefix}: to_bnb_tensors takes one matrix, got stacked leading axes {w.lead_shape}")
     out_dim, in_dim = w.shape
     state: dict[str, Any] = {
         "quant_type": "nf4",

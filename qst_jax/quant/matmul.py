@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import InputError
 from qst_jax.quant import nf4_kernel
 from qst_jax.quant.nf4 import NF4Weight
 
@@ -42,7 +43,7 @@ def set_kernel_mode(mode: str) -> str:
     """
     global _kernel_mode
     if mode not in _KERNEL_MODES:
-        raise ValueError(f"kernel mode must be one of {_KERNEL_MODES}, got {mode!r}")
+        raise InputError(f"kernel mode must be one of {_KERNEL_MODES}, got {mode!r}")
     previous, _kernel_mode = _kernel_mode, mode
     return previous
 
@@ -154,7 +155,7 @@ def matmul(x: jax.Array, w: Weight, *, precision: Any = None) -> jax.Array:
     """
     out_dim, in_dim = weight_shape(w)
     if x.shape[-1] != in_dim:
-        raise ValueError(f"matmul: x has {x.shape[-1]} features, weight expects {in_dim} (shape {(out_dim, in_dim)})")
+        raise InputError(f"matmul: x has {x.shape[-1]} features, weight expects {in_dim} (shape {(out_dim, in_dim)})")
     if isinstance(w, LoRAWeight):
         low_rank = _dot(_dot(x, w.a.astype(x.dtype), precision), w.b.astype(x.dtype), precision)
         return _dot(x, materialize(w.base, x.dtype), precision) + (w.scale * low_rank).astype(x.dtype)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.errors import QSTError
 from qst_jax.quant.dynamic_map import DYNAMIC_MAP_HEX
 
 NF4_TABLE = np.array(
@@ -62,7 +63,7 @@ DYNAMIC_MAP = np.array([float.fromhex(h) for h in DYNAMIC_MAP_HEX], dtype=np.flo
 NESTED_BLOCKSIZE = 256
 
 
-class QuantizationError(ValueError):
+class QuantizationError(QSTError, ValueError):
     """A weight cannot be quantized, or stored 4-bit data is inconsistent."""
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from qst_jax.errors import InputError
 from qst_jax.quant.nf4 import NF4_TABLE, NF4Weight
 
 MAX_FUSED_TOKENS = 64
@@ -117,11 +118,11 @@ def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, block_n: 
       `[..., N]` in `x.dtype`.
     """
     if not fused_supported(w):
-        raise ValueError(f"nf4_matmul: unsupported weight (shape {w.shape}, blocksize {w.blocksize}, "
+        raise InputError(f"nf4_matmul: unsupported weight (shape {w.shape}, blocksize {w.blocksize}, "
                          f"lead axes {w.lead_shape}); use quant.matmul")
     out_dim, in_dim = w.shape
     if x.shape[-1] != in_dim:
-        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {in_dim}")
+        raise InputError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {in_dim}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead)) if lead else 1
     padded = max(_MIN_ROWS, -(-rows // _MIN_ROWS) * _MIN_ROWS)
@@ -130,7 +131,7 @@ def nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool = False, block_n: 
     scales_t = w.scales().T  # [K / 64, N] float32
     block_n = block_n or block_n_for(out_dim)
     if block_n not in _BLOCK_N_CHOICES or out_dim % block_n:
-        raise ValueError(f"nf4_matmul: block_n {block_n} must be one of {_BLOCK_N_CHOICES} and divide {out_dim}")
+        raise InputError(f"nf4_matmul: block_n {block_n} must be one of {_BLOCK_N_CHOICES} and divide {out_dim}")
     half = w.blocksize // 2
     kernel = functools.partial(_kernel, num_blocks=in_dim // w.blocksize, half=half)
     compiler_params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -147,8 +147,7 @@ class Server:
         except EngineError as err:
             for r in parsed.requests:
                 self.runner.cancel(r)
-            field = str(err).split(":", 1)[0]
-            raise api.APIError(400, str(err), field if field in api.FIELDS[parsed.kind] else None) from None
+            raise api.APIError(400, str(err), err.field if err.field in api.FIELDS[parsed.kind] else None) from None
         self.metrics.requests.labels(model=parsed.model).inc(len(parsed.requests))
         return queues
 

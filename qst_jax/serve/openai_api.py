@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from qst_jax.errors import QSTError
 from qst_jax.generate.engine import Request
 
 COMMON = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user")
@@ -25,11 +26,11 @@ MAX_N = 16
 MAX_STOP = 4
 
 
-class APIError(Exception):
+class APIError(QSTError):
     """An OpenAI-style error: HTTP status, message, the offending field (`param`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
+        super().__init__(message, field=param)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def body(self) -> dict[str, Any]:

@@ -26,14 +26,15 @@ import threading
 import time
 from typing import Any
 
+from qst_jax.errors import QSTError
 from qst_jax.generate.engine import Engine, Request
 
 
-class QueueFull(RuntimeError):
+class QueueFull(QSTError, RuntimeError):
     """More requests wait than the queue holds (the server answers 429)."""
 
 
-class Draining(RuntimeError):
+class Draining(QSTError, RuntimeError):
     """The server is shutting down and takes no new requests (503)."""
 
 

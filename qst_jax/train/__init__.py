@@ -1,0 +1,1 @@
+"""Training: the run config, optimizers, the jitted step, the guarded run directory, metrics, the trainer."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from qst_jax.errors import InputError, MissingFileError
 from qst_jax.eval.glue import GLUE_TASKS
 from qst_jax.methods.build import TRAINABLE_METHODS
 from qst_jax.methods.qlora import QLoRAConfig
@@ -146,7 +147,7 @@ def load_preset(anchor: str, name: str) -> ml_collections.ConfigDict:
 
     path = os.path.join(os.path.dirname(os.path.abspath(anchor)), f"{name}.py")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such recipe")
+        raise MissingFileError(f"{path}: no such recipe")
     spec = importlib.util.spec_from_file_location(f"qst_preset_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -163,7 +164,7 @@ def on_mesh(c: ml_collections.ConfigDict, *, data: int = 1, fsdp: int = 1, tenso
     """
     per_micro = data * fsdp
     if sequences_per_step % per_micro:
-        raise ValueError(f"{sequences_per_step} sequences a step do not split over data x fsdp = {per_micro}")
+        raise InputError(f"{sequences_per_step} sequences a step do not split over data x fsdp = {per_micro}")
     c.parallel.data, c.parallel.fsdp, c.parallel.tensor = data, fsdp, tensor
     c.train.batch_size = per_micro
     c.train.micro_batches = sequences_per_step // per_micro

@@ -9,11 +9,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from qst_jax.errors import QSTError
 
 MEAN_KEYS = ("loss", "grad_norm")  # per-step means; every other metric (weight, correct, ...) is a count, summed
 
 
-class NonFiniteError(ArithmeticError):
+class NonFiniteError(QSTError, ArithmeticError):
     """A train step with a non-finite loss or gradient norm.
 
     Attributes:
@@ -21,7 +22,7 @@ class NonFiniteError(ArithmeticError):
     """
 
     def __init__(self, step: int, key: str, value: float):
-        super().__init__(f"non-finite {key} {value} at step {step}")
+        super().__init__(f"non-finite {key} {value} at step {step}", field=key)
         self.step, self.key, self.value = step, key, value
 
 

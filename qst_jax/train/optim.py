@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import optax
 
+from qst_jax.errors import QSTError
 from qst_jax.tree import path_names
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -31,7 +32,7 @@ NO_DECAY = ("scale", "bias", "b", "gates", "out_gate")
 PARAM_GROUPS = {"readout": ("readout_lr", ("score", "up")), "gates": ("gate_lr", ("gates", "out_gate"))}
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(QSTError, ValueError):
     pass
 
 

@@ -36,6 +36,7 @@ import re
 import shutil
 from typing import Any
 
+from qst_jax.errors import QSTError
 from qst_jax.files import write_text_atomic
 
 RUN_FILES = ("side.safetensors", "qst_config.json", "metrics.jsonl", "summary.json", "loss.png")
@@ -47,7 +48,7 @@ _EVENTS = re.compile(r"^events\.out\.tfevents\.")
 LOCK_FILE = ".lock"
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(QSTError, RuntimeError):
     """The output directory cannot be used as asked; the message says why and what to do."""
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qst_jax.errors import QSTError
 from qst_jax.data.batches import Batcher, bucket_lengths
 from qst_jax.data.examples import pad_id
 from qst_jax.data.specs import build_examples, resolve_model_path
@@ -49,7 +50,7 @@ from qst_jax.train.step import TrainState, init_train_state, make_train_step
 from qst_jax.train.sweep import is_sweep
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QSTError, RuntimeError):
     """The run stopped (non-finite loss); the message says where."""
 
 
