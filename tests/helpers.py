@@ -6,8 +6,19 @@ import importlib.util
 import pathlib
 import types
 
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+
+from qst_jax.data.examples import pad_id
+from qst_jax.methods.base import TaskHeads
+from qst_jax.methods.side_set import SideSet
+from qst_jax.models.config import ModelConfig
+from qst_jax.models.layers import Params, positions_from_mask
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -113,3 +124,87 @@ def tiny_config(model_dir, tmp_path, **overrides):
         section, name = key.split(".")
         c[section][name] = value
     return c
+
+
+# -- the uncached oracle cached decoding is checked against ---------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RoutedSides(TaskHeads):
+    """A `Method` whose rows each go through one member of `sides` (route -1: the base model).
+
+    Params: `{"sides": the set's params, "route": int32 [B]}`. Every member
+    runs on every row (side networks are small); the backbone runs once.
+    """
+
+    name: ClassVar[str] = "routed"
+    sides: SideSet
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.sides.cfg
+
+    @property
+    def task(self) -> str:
+        return self.sides.task
+
+    @property
+    def num_labels(self) -> int:
+        return self.sides.num_labels
+
+    @property
+    def pool(self) -> str:
+        return self.sides.pool
+
+    @property
+    def ce_chunk(self) -> int:
+        return self.sides.ce_chunk
+
+    def hidden(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array, *,
+               positions: jax.Array | None = None, key_mask: jax.Array | None = None,
+               caches: Params | None = None, cache_index: jax.Array | None = None):
+        base, outs, caches = self.sides.outputs(params["sides"], backbone_params, ids, mask, positions=positions,
+                                                key_mask=key_mask, caches=caches, cache_index=cache_index)
+        states = jnp.concatenate([base[None], self.sides.in_member_order(outs)])  # [K + 1, B, T, d]
+        rows = jnp.arange(ids.shape[0])
+        return states[params["route"] + 1, rows], caches
+
+    def init_caches(self, batch: int, length: int) -> Params:
+        return self.sides.init_caches(batch, length)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "members": [m.to_dict() for m in self.sides.members]}
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask `[B, P]` of token-id rows."""
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def uncached_logits(gen: Any, rows: list[list[int]], side: list[str | None] | None = None) -> np.ndarray:
+    """Float32 logits `[B, T, V]` of a Generator's model over left-padded `rows`, one full pass, no cache.
+
+    With named side networks (`Generator(sides=...)`), row b goes through
+    `side[b]` (None: the base model) by `RoutedSides`: every member runs on
+    every row and each row keeps its own member's output.
+    """
+    if gen.side_names:
+        sides = SideSet.of([m for m, _ in gen._sides.values()])
+        model = RoutedSides(sides)
+        route = [-1 if s is None else gen.side_names.index(s) for s in (side or [None] * len(rows))]
+        params = {"sides": sides.stack([p for _, p in gen._sides.values()]), "route": jnp.asarray(route, jnp.int32)}
+    else:
+        model, params = gen.model, gen.params
+    ids, mask = (jnp.asarray(a) for a in left_pad(rows, pad_id(gen.tokenizer)))
+
+    @jax.jit
+    def full(params, backbone_params, ids, mask):
+        hidden, _ = model.hidden(params, backbone_params, ids, mask, positions=positions_from_mask(mask),
+                                 key_mask=mask)
+        return model.head(params, backbone_params, hidden, mask)
+
+    return np.asarray(full(params, gen.backbone.params, ids, mask))

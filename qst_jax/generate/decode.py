@@ -11,9 +11,7 @@ Every prompt becomes a `Request` of the one decoding engine (`engine.py`,
 which `qst-serve` runs too): prefilled alone into a decode slot, then decoded
 with the other slots, one backbone pass per token; QST side networks are
 gathered per row from a stack (`SideStore`), so rows naming different side
-networks decode together. `full_logits` is the uncached oracle the tests
-compare the engine with (the method's own `hidden`, `methods.RoutedSides`
-for several sides).
+networks decode together.
 """
 
 from __future__ import annotations
@@ -21,18 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from qst_jax.errors import QSTError
-from qst_jax.data.examples import CHAT_ROLES, pad_id
+from qst_jax.data.examples import CHAT_ROLES
 from qst_jax.generate.engine import Engine, EngineError, Request
 from qst_jax.generate.sampling import SamplingConfig
 from qst_jax.generate.side_store import SideStore
 from qst_jax.methods import FrozenModel
-from qst_jax.methods.side_set import RoutedSides, SideSet
-from qst_jax.models.layers import Params, positions_from_mask
+from qst_jax.methods.side_set import SideSet
 from qst_jax.models.backbone import Backbone
 
 
@@ -79,64 +72,25 @@ class Generator:
         if sides:
             if tuned is not None:
                 raise GenerationError("give either tuned= (one model) or sides= (several), not both")
-            side_set = SideSet.of([model for model, _ in sides.values()])
+            side_set = SideSet.of([model for model, _ in sides.values()], names=list(sides))  # QST, one backbone
             self.side_names = list(sides)
-            self.model = RoutedSides(side_set)
-            self.params = {"sides": side_set.stack([params for _, params in sides.values()])}
-        if self.model.task != "lm":
+            self.model, self.params = None, None  # each request names its side network; the engine's store holds them
+        if (side_set.task if sides else self.model.task) != "lm":
             raise GenerationError("a classification model cannot generate text")
-        self._step = jax.jit(self._pass, static_argnames=("last_only",))
 
-    # -- the model pass ----------------------------------------------------------
-    def _pass(self, backbone_params, params, ids, token_mask, positions, key_mask, caches, cache_index, last_only=True):
-        hidden, caches = self.model.hidden(
-            params, backbone_params, ids, token_mask, positions=positions, key_mask=key_mask, caches=caches,
-            cache_index=cache_index,
-        )
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.model.head(params, backbone_params, hidden, token_mask), caches
-
-    def full_logits(self, ids: np.ndarray, mask: np.ndarray, side: Sequence[str | None] | None = None) -> jax.Array:
-        """Uncached float32 logits `[B, T, V]` of the same model (the test oracle)."""
-        ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-        logits, _ = jax.jit(self._pass, static_argnames=("last_only",))(
-            self.backbone.params, self._routed(side, len(ids)), ids, mask, positions_from_mask(mask), mask, None,
-            None, last_only=False,
-        )
-        return logits
-
-    def _routed(self, side: Sequence[str | None] | None, batch: int) -> Any:
-        """The params for a batch whose row i goes through side network `side[i]` (None: the base model)."""
+    # -- prompts -----------------------------------------------------------------
+    def check_sides(self, side: Sequence[str | None] | None, batch: int) -> None:
+        """Raises GenerationError unless `side` names one known side network (or None: the base model) per row."""
         if not self.side_names:
             if side is not None and any(s is not None for s in side):
                 raise GenerationError(f"side {next(s for s in side if s is not None)!r}: this generator has no "
                                       "named side networks (give sides=)")
-            return self.params
-        side = [None] * batch if side is None else list(side)
-        if len(side) != batch:
+            return
+        if side is not None and len(side) != batch:
             raise GenerationError(f"{len(side)} side names for {batch} prompts")
-        for s in side:
+        for s in side or ():
             if s is not None and s not in self.side_names:
                 raise GenerationError(f"side {s!r} is not one of {self.side_names} (or None: the base model)")
-        route = [-1 if s is None else self.side_names.index(s) for s in side]
-        return {**self.params, "route": jnp.asarray(route, jnp.int32)}
-
-    # -- prompts -----------------------------------------------------------------
-    def encode(self, prompts: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and mask `[B, P]`."""
-        rows = [
-            list(self.tokenizer(p).input_ids) if isinstance(p, str) else [int(t) for t in p] for p in prompts
-        ]
-        if any(len(r) == 0 for r in rows):
-            raise GenerationError("empty prompt")
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), pad_id(self.tokenizer), np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r) :] = r
-            mask[i, length - len(r) :] = 1
-        return ids, mask
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return render_chat(self.tokenizer, messages)
@@ -177,7 +131,7 @@ class Generator:
         rows = [list(self.tokenizer(p).input_ids) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if any(len(r) == 0 for r in rows):
             raise GenerationError("empty prompt")
-        self._routed(side, len(rows))  # names checked
+        self.check_sides(side, len(rows))
         sides = [None] * len(rows) if side is None else list(side)
         if not self.side_names and self.model.name == "qst":
             sides = [TUNED] * len(rows)

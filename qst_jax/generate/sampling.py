@@ -28,25 +28,6 @@ class SamplingConfig:
             raise InputError(f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
-def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Next tokens `[B]` from float32 logits `[B, V]`."""
-    if cfg.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
-        inverse = jnp.argsort(order, axis=-1)
-        logits = jnp.take_along_axis(sorted_logits, inverse, axis=-1)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
 def sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
                 top_p: jax.Array) -> jax.Array:
     """Next tokens `[B]` with each row's own settings (a decode slot each), float32 logits `[B, V]`.

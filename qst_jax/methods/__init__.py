@@ -4,7 +4,7 @@
   QLoRAModel   the QLoRA baseline: LoRA on every linear of the NF4 backbone
   FrozenModel  the backbone alone
   SideSet      several QST side networks over one backbone pass (sweeps,
-               multi-side evaluation); RoutedSides: a row per side network
+               multi-side evaluation); IndexedSides: a side network per row (serving)
 
 Train, eval, generate and export use only the interface; `build_model` (a run
 config) and `load_tuned` (an export) are the two ways to get a method.
@@ -17,7 +17,8 @@ from qst_jax.methods.frozen import FrozenModel
 from qst_jax.methods.qlora import LORA_TARGETS, QLoRAModel
 from qst_jax.methods.qst import QSTModel
 from qst_jax.methods.side_config import DOWNSAMPLERS, SideConfig
-from qst_jax.methods.side_set import RoutedSides, SideSet
+from qst_jax.methods.indexed_sides import IndexedSides
+from qst_jax.methods.side_set import SideSet
 
 __all__ = [
     "DOWNSAMPLERS",
@@ -25,10 +26,10 @@ __all__ = [
     "METHODS",
     "ExportError",
     "FrozenModel",
+    "IndexedSides",
     "Method",
     "QLoRAModel",
     "QSTModel",
-    "RoutedSides",
     "SideConfig",
     "SideSet",
     "build_model",

@@ -53,9 +53,9 @@ def fp8_load(q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
 def resolve_store(hidden_store: str) -> str:
     """"auto": "fp8" on a GPU (a cheap conversion, half the bytes), "compute" elsewhere.
 
-    On a CPU XLA emulates float8 conversions: at SmolLM2 4 x 128 the fp8
-    store takes 0.9 s of a 1.7 s step, and memory is rarely what a CPU run
-    lacks. Decided when the step is traced (`models.platform`).
+    On a CPU XLA emulates float8 conversions, slowly (docs/performance.md
+    has the cost), and memory is rarely what a CPU run lacks. Decided when
+    the step is traced (`models.platform`).
     """
     if hidden_store != "auto":
         return hidden_store

@@ -13,22 +13,21 @@ another inside the same scan step.
     totals, weight, aux = sides.losses(params, backbone.params, batch)   # totals [K]
     per_member = sides.unstack(params)              # each loadable as a QSTModel's params
 
-`RoutedSides` is a `Method` whose rows each go through one member (or the
-base model): the generator decodes a mixed batch with it, one backbone pass
-per token.
+(The engine serves many side networks a row each through
+`indexed_sides.IndexedSides`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from qst_jax.errors import InputError
-from qst_jax.methods.base import TaskHeads, score
+from qst_jax.methods.base import score
 from qst_jax.methods.losses import chunked_lm_loss, classification_loss, shift_targets
 from qst_jax.methods.qst import QSTModel
 from qst_jax.methods.side_config import SideConfig, init_only_fields, side_model_config
@@ -215,50 +214,3 @@ class SideSet:
         pools = [self.members[g[0]].pool for g in self.groups]
         return self.in_member_order([jax.vmap(lambda p, o, pool=pool: score(p, o, mask, pool))(p, o)
                                      for p, o, pool in zip(params, outs, pools)])
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutedSides(TaskHeads):
-    """A `Method` whose rows each go through one member of `sides` (route -1: the base model).
-
-    Params: `{"sides": the set's params, "route": int32 [B]}`. Every member
-    runs on every row (side networks are small); the backbone runs once.
-    """
-
-    name: ClassVar[str] = "routed"
-    sides: SideSet
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.sides.cfg
-
-    @property
-    def task(self) -> str:
-        return self.sides.task
-
-    @property
-    def num_labels(self) -> int:
-        return self.sides.num_labels
-
-    @property
-    def pool(self) -> str:
-        return self.sides.pool
-
-    @property
-    def ce_chunk(self) -> int:
-        return self.sides.ce_chunk
-
-    def hidden(self, params: Params, backbone_params: Params, ids: jax.Array, mask: jax.Array, *,
-               positions: jax.Array | None = None, key_mask: jax.Array | None = None,
-               caches: Params | None = None, cache_index: jax.Array | None = None):
-        base, outs, caches = self.sides.outputs(params["sides"], backbone_params, ids, mask, positions=positions,
-                                                key_mask=key_mask, caches=caches, cache_index=cache_index)
-        states = jnp.concatenate([base[None], self.sides.in_member_order(outs)])  # [K + 1, B, T, d]
-        rows = jnp.arange(ids.shape[0])
-        return states[params["route"] + 1, rows], caches
-
-    def init_caches(self, batch: int, length: int) -> Params:
-        return self.sides.init_caches(batch, length)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "members": [m.to_dict() for m in self.sides.members]}

@@ -225,7 +225,7 @@ def chunked_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     Each query's softmax reads only its own row of scores, so a block gives
     exactly the rows the whole would, while the float32 scores, their bf16
     copy and the broadcast mask exist for one block of queries at a time
-    (7B at 16 x 512: 64 MiB instead of 512 MiB). cuDNN's fused attention
+    (`query_chunk` picks the block). cuDNN's fused attention
     never materialises the scores, so it runs whole.
 
     Args:

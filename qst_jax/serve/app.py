@@ -15,7 +15,6 @@ key, 404 for an unknown model, 429 with `Retry-After` when the queue is full,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from typing import Any
@@ -155,12 +154,3 @@ class Server:
         from qst_jax.serve.routes import build_app
 
         return build_app(self)
-
-    @contextlib.contextmanager
-    def running(self):
-        """Starts the engine thread; on exit drains it (what the app's lifespan does)."""
-        self.runner.start()
-        try:
-            yield self
-        finally:
-            self.runner.drain(self.drain_timeout)

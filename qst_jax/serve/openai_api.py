@@ -165,4 +165,3 @@ def sse(payload: Any) -> str:
 
 
 DONE = "data: [DONE]\n\n"
-FINISH_REASON = FINISH

@@ -11,10 +11,9 @@ burst finish arriving before admitting it (until no request has come for
 `admit_wait` seconds, at most `5 * admit_wait`): with every slot free it
 waits, otherwise it runs the decode step meanwhile. So a burst is
 prefilled together, not its first request alone and the rest after it
-(clients freed by one finished wave send their next requests over 5-20 ms
-on a 2-core CPU, with gaps up to 8 ms). By default `admit_wait` is 5% of
-a prefill call's time (2 to 50 ms: 30-50 ms on that CPU), so a lone
-request pays at most 5% more for its first token. Callbacks run
+(docs/performance.md has how bursts arrive). By default `admit_wait` is 5%
+of a prefill call's time, within 2 to 50 ms, so a lone request pays at most
+5% more for its first token. Callbacks run
 on the engine thread and reach the handler through
 `loop.call_soon_threadsafe`, so no handler ever blocks on a decode step.
 """

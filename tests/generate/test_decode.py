@@ -9,10 +9,11 @@ import pytest
 
 from qst_jax.data.offline import MissingPackageError
 from qst_jax.generate.decode import GenerationError, Generator
-from qst_jax.generate.sampling import SamplingConfig, sample
+from qst_jax.generate.sampling import SamplingConfig, sample_rows
 from qst_jax.models import load_backbone
 from qst_jax.methods.side_config import SideConfig
 from qst_jax.methods import QSTModel
+from tests.helpers import uncached_logits
 
 
 class _IdTokenizer:
@@ -33,15 +34,27 @@ def _randomized_side(cfg, key=1):
     return model, params
 
 
-def check_cached_equals_uncached(gen: Generator, prompts: list[list[int]], steps: int) -> int:
+def check_cached_equals_uncached(gen: Generator, prompts: list[list[int]], steps: int, tolerance: float = 0.0) -> int:
+    """Each greedy token of cached decoding against the uncached forward's logits over the same text.
+
+    `tolerance` 0 (float32 backbones, where both paths round alike): the
+    token is the uncached argmax. Otherwise (bf16, where the cached and the
+    uncached pass round differently): the token's uncached logit is within
+    `tolerance` times the largest logit's magnitude of it, so a near-tie may
+    go either way.
+    """
     outs = gen.generate_ids(prompts, max_new_tokens=steps, eos_ids=[])
     checked = 0
     for i in range(steps):
         seqs = [p + o[:i] for p, o in zip(prompts, outs)]
-        ids, mask = gen.encode(seqs)
-        logits = np.asarray(gen.full_logits(ids, mask))[:, -1]
+        logits = uncached_logits(gen, seqs)[:, -1]
         for b, o in enumerate(outs):
-            assert int(np.argmax(logits[b])) == o[i], f"row {b}, step {i}"
+            if tolerance == 0:
+                assert int(np.argmax(logits[b])) == o[i], f"row {b}, step {i}"
+            else:
+                best = float(np.max(logits[b]))
+                assert float(logits[b, o[i]]) >= best - tolerance * abs(best), (
+                    f"row {b}, step {i}: token {o[i]} at {logits[b, o[i]]:.3f}, the maximum {best:.3f}")
             checked += 1
     return checked
 
@@ -74,16 +87,20 @@ def test_prompt_longer_than_context(testdata):
         gen.generate_ids([[1] * 600], max_new_tokens=4)
 
 
+def _draws(temperature: float, top_k: int, top_p: float, rows: int) -> set[int]:
+    """The tokens `rows` rows draw from one distribution, each row its own seed (one call of `sample_rows`)."""
+    logits = jnp.tile(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), (rows, 1))
+    full = lambda v, dtype: jnp.full((rows,), v, dtype)  # noqa: E731
+    drawn = sample_rows(logits, jnp.arange(rows, dtype=jnp.int32), full(0, jnp.int32), full(temperature, jnp.float32),
+                        full(top_k, jnp.int32), full(top_p, jnp.float32))
+    return {int(t) for t in drawn}
+
+
 def test_sampling_modes():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    key = jax.random.PRNGKey(0)
-    assert int(sample(logits, key, SamplingConfig())[0]) == 0
-    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0, top_k=2))[0]) for k in jax.random.split(key, 200)]
-    assert set(draws) == {0, 1}
-    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0, top_p=0.6))[0]) for k in jax.random.split(key, 200)]
-    assert set(draws) == {0, 1}  # 0.5 < 0.6: the second token is needed, the third is not
-    draws = [int(sample(logits, k, SamplingConfig(temperature=1.0))[0]) for k in jax.random.split(key, 400)]
-    assert set(draws) == {0, 1, 2, 3}
+    assert _draws(0.0, 0, 1.0, 8) == {0}  # greedy
+    assert _draws(1.0, 2, 1.0, 200) == {0, 1}
+    assert _draws(1.0, 0, 0.6, 200) == {0, 1}  # 0.5 < 0.6: the second token is needed, the third is not
+    assert _draws(1.0, 0, 1.0, 400) == {0, 1, 2, 3}
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0.0)
 
@@ -101,9 +118,11 @@ def test_smollm2_cached_equals_uncached_and_knows_paris():
     tokenizer = load_tokenizer(path)
     gen = Generator(backbone, tokenizer)
     prompts = [tokenizer("The capital of France is").input_ids, tokenizer("To be, or not to be:").input_ids]
-    assert check_cached_equals_uncached(gen, prompts, steps=5) == 10
+    # bf16: the cached and uncached passes round differently (a 0.23 margin at a logit of 47 was seen to flip),
+    # so a near-tie within 1% of the largest logit may go either way.
+    assert check_cached_equals_uncached(gen, prompts, steps=5, tolerance=0.01) == 10
     tuned = Generator(backbone, tokenizer, _randomized_side(backbone.cfg))
-    check_cached_equals_uncached(tuned, prompts, steps=3)
+    assert check_cached_equals_uncached(tuned, prompts, steps=3, tolerance=0.01) == 6
     assert "Paris" in gen.generate(["The capital of France is"], max_new_tokens=6)[0]
     with pytest.raises(GenerationError, match="unknown chat role 'wizard'"):
         gen.render_chat([{"role": "wizard", "content": "hi"}])
