@@ -23,12 +23,17 @@ from qst_jax.models.layers import Params, positions_from_mask
 REPO = pathlib.Path(__file__).parents[1]
 
 
-def script(name: str) -> types.ModuleType:
-    """`scripts/<name>.py` loaded as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+def script(name: str, folder: str = "scripts") -> types.ModuleType:
+    """`scripts/<name>.py` (a user tool) loaded as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def study(name: str) -> types.ModuleType:
+    """`benchmarks/studies/<name>.py` (a one-off study behind a doc's figures) loaded as a module."""
+    return script(name, "benchmarks/studies")
 
 
 class IdTokenizer:

@@ -95,3 +95,12 @@ def test_quantize_demo_prints_bits_per_parameter(capsys):
     assert quantize.main(["--random", "4096x4096"]) == 0
     out = capsys.readouterr().out
     assert "4096x4096" in out and "4.1270" in out
+
+
+def test_every_script_and_study_has_a_line_in_readme():
+    """README's Scripts section names each user tool in scripts/ and each study in benchmarks/studies/."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Scripts"):]
+    files = [f"scripts/{p.name}" for p in sorted((REPO / "scripts").iterdir()) if p.suffix in (".py", ".sh")]
+    files += [f"benchmarks/studies/{p.name}" for p in sorted((REPO / "benchmarks" / "studies").glob("*.py"))]
+    assert [f for f in files if f"| `{f}" not in section] == []

@@ -1,4 +1,4 @@
-"""scripts/probe_layers.py: per-layer features and the logistic-regression probe."""
+"""benchmarks/studies/probe_layers.py: per-layer features and the logistic-regression probe."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import numpy as np
 
 from qst_jax.models import load_backbone
 from qst_jax.models.decoder import forward
-from tests.helpers import script
+from tests.helpers import study
 
 
 def test_last_layer_features_are_the_backbones_final_states(testdata):
     backbone = load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
     rows = [[5, 9, 13, 2, 7], [11, 4], [3, 8, 6]]
-    last, mean = script("probe_layers").layer_features(backbone, rows, seq_len=8, batch=2)
+    last, mean = study("probe_layers").layer_features(backbone, rows, seq_len=8, batch=2)
     layers, d = backbone.cfg.num_layers, backbone.cfg.hidden_size
     assert last.shape == mean.shape == (layers, 3, d)
     for i, ids in enumerate(rows):
@@ -23,7 +23,7 @@ def test_last_layer_features_are_the_backbones_final_states(testdata):
 
 
 def test_probe_separates_what_is_separable_and_not_noise():
-    probe = script("probe_layers").probe_accuracy
+    probe = study("probe_layers").probe_accuracy
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 8))
     y = (x[:, 2] - 0.5 * x[:, 5] > 0).astype(int)
@@ -35,6 +35,6 @@ def test_probe_separates_what_is_separable_and_not_noise():
 def test_every_layer_puts_each_rows_states_side_by_side():
     last = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [L, N, d]
     mean = -last
-    both = script("probe_layers").every_layer(last, mean)
+    both = study("probe_layers").every_layer(last, mean)
     assert both.shape == (3, 16)
     np.testing.assert_array_equal(both[1], np.concatenate([last[0, 1], last[1, 1], mean[0, 1], mean[1, 1]]))

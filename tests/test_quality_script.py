@@ -1,15 +1,15 @@
-"""scripts/quality.py: the LoRA-depth variants' update mask."""
+"""benchmarks/studies/quality.py: the LoRA-depth variants' update mask."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from tests.helpers import script
+from tests.helpers import study
 
 
 def test_only_the_last_layers_lora_updates_pass():
-    mask = script("quality")._only_last_layers(2)
+    mask = study("quality")._only_last_layers(2)
     updates = {
         "lora": {"attn": {"q": {"a": jnp.ones((5, 3, 4)), "b": jnp.full((5, 4, 3), 2.0)}}},
         "score": {"w": jnp.full((2, 4), 3.0)},

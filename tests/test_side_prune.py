@@ -1,4 +1,4 @@
-"""scripts/side_prune.py: side blocks pruned from the backbone's weights."""
+"""benchmarks/studies/side_prune.py: side blocks pruned from the backbone's weights."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from qst_jax.models import load_backbone
 from qst_jax.models.config import ConfigError
 from qst_jax.models.layers import rope_cos_sin
 from qst_jax.quant.nf4 import NF4Weight
-from tests.helpers import script
+from tests.helpers import study
 
 
 def pruned_side_layers(*args):
-    return script("side_prune").pruned_side_layers(*args)
+    return study("side_prune").pruned_side_layers(*args)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_pruning_is_refused_where_heads_cannot_map(backbone):
 
 
 def test_the_selecting_downsamplers_pick_the_pruned_dims(backbone):
-    module = script("side_prune")
+    module = study("side_prune")
     side = SideConfig(reduction_factor=4, head_layout="official", downsampler="linear")
     cfg = backbone.cfg
     width = side_model_config(cfg, side).hidden_size

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import study
+
 from qst_jax.data.offline import MissingPackageError
 
 pytestmark = pytest.mark.slow
@@ -11,17 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def result():
-    try:
-        from scripts.smollm2_perplexity import evaluate
-    except ImportError:  # scripts/ is not a package when run from elsewhere
-        import importlib.util
-        import pathlib
-
-        path = pathlib.Path(__file__).parents[2] / "scripts" / "smollm2_perplexity.py"
-        spec = importlib.util.spec_from_file_location("smollm2_perplexity", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        evaluate = module.evaluate
+    evaluate = study("smollm2_perplexity").evaluate
     try:
         return evaluate(play="hamlet", windows=4, seq_len=512)
     except MissingPackageError as err:

@@ -1,6 +1,6 @@
 """How well each method learns, at equal steps and at equal wall-clock (issue: QST vs QLoRA quality).
 
-    python scripts/quality.py [--steps 250] [--batch 16] [--only qst-new,qlora] [--lm-steps 50]
+    python benchmarks/studies/quality.py [--steps 250] [--batch 16] [--only qst-new,qlora] [--lm-steps 50]
 
 SST-2 (the repo's `data/glue/sst2/`): trains on a fixed random slice of the
 train split with `configs/glue_sst2.py`'s recipe otherwise, and scores the
@@ -24,8 +24,8 @@ import pathlib
 import random
 import sys
 
-REPO = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+REPO = pathlib.Path(__file__).parents[2]
+sys.path.insert(0, str(REPO / "benchmarks" / "studies"))
 
 # name -> (method, overrides of the recipe, whose QST defaults are the new ones: residual mix, wide heads, SST-2 lr
 # 2e-3): the variants measured. "qst-old" is the official layout and the old default (gated mix, the backbone's head
@@ -108,7 +108,7 @@ def _last_window(metrics_path: str, steps: int) -> dict[str, float]:
 
 
 def _pruned_init_trainer():
-    """A Trainer whose side blocks start pruned from the backbone's (scripts/side_prune.py)."""
+    """A Trainer whose side blocks start pruned from the backbone's (benchmarks/studies/side_prune.py)."""
     import dataclasses
 
     from qst_jax.train.trainer import Trainer

@@ -1,6 +1,6 @@
 """Side blocks initialised from the backbone's own weights by structured pruning (Ladder Side-Tuning).
 
-A measured candidate of docs/quality.md (`scripts/quality.py --only
+A measured candidate of docs/quality.md (`benchmarks/studies/quality.py --only
 qst-pruned-official`), not a library option: on SST-2 it learned no better
 than the random init, so it stays here with its measurement.
 

@@ -1,10 +1,10 @@
 """Linear probes of every backbone layer on SST-2: how much sentiment each frozen state holds.
 
-    python scripts/probe_layers.py [--train-rows 4000] [--every 3]
-    python scripts/probe_layers.py --seq-len 96 --template $'Review: {sentence}\nIs the sentiment of this review positive or negative? Answer:'
+    python benchmarks/studies/probe_layers.py [--train-rows 4000] [--every 3]
+    python benchmarks/studies/probe_layers.py --seq-len 96 --template $'Review: {sentence}\nIs the sentiment of this review positive or negative? Answer:'
 
 Runs the packaged SmolLM2-135M-Instruct (NF4) once over a fixed slice of the
-SST-2 train split (the slice `scripts/quality.py` trains on, seed 0) and the
+SST-2 train split (the slice `benchmarks/studies/quality.py` trains on, seed 0) and the
 whole dev split, keeps each layer's state through the norm the backbone
 applies next (the last token's and the mean over real tokens), and fits an
 L2-regularised logistic regression (L-BFGS, standardised features) per layer.
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO = pathlib.Path(__file__).parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+REPO = pathlib.Path(__file__).parents[2]
+sys.path.insert(0, str(REPO / "benchmarks" / "studies"))
 
 
 def _rows(path: str) -> tuple[list[str], np.ndarray]:

@@ -1,6 +1,6 @@
 """Perplexity of the packaged SmolLM2-135M-Instruct on a held-out Shakespeare play.
 
-    python scripts/smollm2_perplexity.py [--play hamlet] [--windows 8] [--seq-len 512]
+    python benchmarks/studies/smollm2_perplexity.py [--play hamlet] [--windows 8] [--seq-len 512]
 
 Loads the GGUF twice (dense bf16 and NF4), prints both perplexities, their
 ratio, and the greedy continuation of "The capital of France is".

@@ -1,6 +1,6 @@
 """Peak host memory while loading (and quantizing) a ~1B-parameter checkpoint.
 
-    python scripts/load_memory.py [--dir /tmp/qst-1b] [--keep]
+    python benchmarks/studies/load_memory.py [--dir /tmp/qst-1b] [--keep]
 
 Writes a random LLaMA-shaped bf16 checkpoint (hidden 2048, MLP 5632, 22
 layers, vocab 32000: 1.1B parameters, 2.2 GB, two safetensors shards), then
