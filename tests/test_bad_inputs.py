@@ -18,7 +18,7 @@ import pytest
 from qst_jax.cli import eval as eval_cli
 from qst_jax.cli import generate as generate_cli
 from qst_jax.train.run_dir import RunDirectory
-from qst_jax.train.launch import make_trainer
+from qst_jax.train.trainer import Trainer
 from qst_jax.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_model_dir
 
@@ -422,12 +422,12 @@ def test_overwrite_deletes_exactly_the_run_files(model_dir, tmp_path):
 def test_overwrite_clears_a_previous_sweeps_members(model_dir, tmp_path):
     config = tiny_config(model_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 0, "data.eval": ""})
     config.sweep.lr = "1e-3,2e-3"
-    make_trainer(config, log=quiet).run()
+    Trainer(config, log=quiet).run()
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "members").iterdir()) == ["lr=1e-3", "lr=2e-3"]
     mine = _user_files(run)
     config.sweep.lr = "3e-3,4e-3"
-    make_trainer(config, overwrite=True, log=quiet).run()
+    Trainer(config, overwrite=True, log=quiet).run()
     assert sorted(p.name for p in (run / "members").iterdir()) == ["keep.txt", "lr=1e-3", "lr=3e-3", "lr=4e-3"]
     assert sorted(p.name for p in (run / "members" / "lr=1e-3").iterdir()) == ["notes.txt"]  # the user's file only
     config.sweep.lr = ""
@@ -471,14 +471,13 @@ def test_nan_side_weights_are_refused(finished, model_dir, capsys):
 STOP_DURING_FIRST_EVAL = """
 import sys, time
 from qst_jax.cli import train
-from qst_jax.train.launch import make_trainer
-from qst_jax.train.trainer import Trainer
+from qst_jax.train.single_run import SingleRun
 
 def evaluate_start(self, *args, **kwargs):
     print("EVALUATING", flush=True)
     time.sleep(600)
 
-Trainer._evaluate_start = evaluate_start
+SingleRun.evaluate_start = evaluate_start
 train.run()
 """
 

@@ -107,26 +107,20 @@ def _last_window(metrics_path: str, steps: int) -> dict[str, float]:
     return result
 
 
-def _pruned_init_trainer():
-    """A Trainer whose side blocks start pruned from the backbone's (benchmarks/studies/side_prune.py)."""
+def _pruned_init(ctx, spec, state):
+    """The Trainer's `init` hook: side blocks start pruned from the backbone's (benchmarks/studies/side_prune.py)."""
     import dataclasses
 
-    from qst_jax.train.trainer import Trainer
     from side_prune import dense_weights, pruned_dims, pruned_side_layers, selecting_downsamplers
 
-    class PrunedInitTrainer(Trainer):
-        def _fresh_state(self):
-            state = super()._fresh_state()
-            cfg, side = self.backbone.cfg, self.model.side
-            weights = dense_weights(self.backbone.params)  # dequantized once, for both
-            layers, final = pruned_side_layers(self.backbone.params, cfg, side, weights)
-            params = {**state.params, "layers": layers, "norm": final}
-            if side.downsampler == "linear":  # D_i picks the pruned dims: the side stream starts as h_i's
-                dims = pruned_dims(self.backbone.params, final["scale"].shape[0], weights)
-                params["down"] = selecting_downsamplers(dims, cfg.num_layers, cfg.hidden_size)
-            return dataclasses.replace(state, params=params, opt_state=self.tx.init(params))
-
-    return PrunedInitTrainer
+    backbone, side = ctx.backbone, spec.model.side
+    weights = dense_weights(backbone.params)  # dequantized once, for both
+    layers, final = pruned_side_layers(backbone.params, backbone.cfg, side, weights)
+    params = {**state.params, "layers": layers, "norm": final}
+    if side.downsampler == "linear":  # D_i picks the pruned dims: the side stream starts as h_i's
+        dims = pruned_dims(backbone.params, final["scale"].shape[0], weights)
+        params["down"] = selecting_downsamplers(dims, backbone.cfg.num_layers, backbone.cfg.hidden_size)
+    return dataclasses.replace(state, params=params, opt_state=spec.tx.init(params))
 
 
 def _only_last_layers(count: int):
@@ -176,7 +170,6 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
         if "." in key:
             section, field = key.split(".")
             config[section][field] = value
-    trainer_class = _pruned_init_trainer() if overrides.get("pruned") else Trainer
     tx = schedule = None
     if overrides.get("lora_last_layers"):
         import optax
@@ -185,8 +178,9 @@ def run_variant(task: str, name: str, method: str, overrides: dict, steps: int, 
 
         tx, schedule = make_optimizer(config.optim, steps)
         tx = optax.chain(tx, _only_last_layers(overrides["lora_last_layers"]))
-    trainer = trainer_class(config, tx=tx, schedule=schedule, backbone=shared.get("backbone"),
-                            tokenizer=shared.get("tokenizer"), overwrite=True, log=lambda *a: None)
+    trainer = Trainer(config, tx=tx, schedule=schedule, backbone=shared.get("backbone"),
+                      tokenizer=shared.get("tokenizer"), overwrite=True, log=lambda *a: None,
+                      init=_pruned_init if overrides.get("pruned") else None)
     shared.update(backbone=trainer.backbone, tokenizer=trainer.tokenizer)
     summary = trainer.run()
     row = {"task": task, "variant": name, "method": method, "steps": steps, "params": summary["trainable_params"],

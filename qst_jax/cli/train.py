@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     from qst_jax.parallel.distributed import initialize_from_env
 
     initialize_from_env()  # several processes: QST_COORDINATOR, QST_NUM_PROCESSES, QST_PROCESS_ID
-    from qst_jax.train.launch import make_trainer
+    from qst_jax.train.trainer import Trainer
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     if _PLAN.value:
         return _plan(config, _PLAN.value)
     try:
-        trainer = make_trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+        trainer = Trainer(config, resume=_RESUME.value, overwrite=_OVERWRITE.value)
         summary = trainer.run()
     except (QSTError, ValueError) as err:  # ValueError: what a tokenizer or a data library raises
         print(f"qst-train: error: {err}", file=sys.stderr)

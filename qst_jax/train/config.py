@@ -182,13 +182,22 @@ def _at_least(errors: list[str], key: str, value: Any, low: int) -> None:
         errors.append(f"{key}: {value!r} must be an integer >= {low}")
 
 
-def validate(c: Any, context: int | None = None, *, planning: bool = False) -> None:
-    """Checks every value of a run config; nothing is loaded.
+def check_context(c: Any, context: int) -> None:
+    """`data.seq_len` against the model's `max_position_embeddings` (known once its config is read).
+
+    Raises:
+      ConfigError: naming `data.seq_len`.
+    """
+    if c.data.seq_len > context:
+        raise ConfigError(f"bad config:\n  data.seq_len: {c.data.seq_len} exceeds the model's context of {context} "
+                          "positions", field="data.seq_len")
+
+
+def validate(c: Any, *, planning: bool = False) -> None:
+    """Checks every value of a run config; nothing is loaded (`check_context` checks it against the model).
 
     Args:
       c: a config like `base_config()`.
-      context: the model's `max_position_embeddings`, when known: `data.seq_len`
-        must fit it.
       planning: for `--plan`, which reads no data and may take its model
         from `model.shape`: `model.path` and `data.train` may be empty.
 
@@ -220,8 +229,6 @@ def validate(c: Any, context: int | None = None, *, planning: bool = False) -> N
     if c.train.epochs == 0:
         _at_least(errors, "train.steps", c.train.steps, 1)
     _at_least(errors, "data.seq_len", c.data.seq_len, 2)
-    if context is not None and isinstance(c.data.seq_len, int) and c.data.seq_len > context:
-        errors.append(f"data.seq_len: {c.data.seq_len} exceeds the model's context of {context} positions")
     lr = c.optim.lr
     if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         errors.append(f"optim.lr: {lr!r} must be a finite number > 0")
@@ -250,7 +257,7 @@ def validate(c: Any, context: int | None = None, *, planning: bool = False) -> N
     if swept and c.parallel.data * c.parallel.fsdp * c.parallel.tensor > 1:
         errors.append(f"sweep.{swept[0]}: a sweep runs on one device (parallel.* must be 1)")
     if errors:
-        raise ConfigError("bad config:\n" + "\n".join(f"  {e}" for e in errors))
+        raise ConfigError("bad config:\n" + "\n".join(f"  {e}" for e in errors), field=errors[0].split(":", 1)[0])
 
 
 # Keys whose change gives the trained params (or the optimizer state) other shapes: a resumed run refuses them.

@@ -50,6 +50,8 @@ class Member:
       side: its SideConfig.
       tx: its optax transformation; schedule: its `step -> lr` (None: unknown, for your own tx).
       seed: its init seed.
+      from_config: its tx is the configured AdamW (sized by `with_total_steps`), over
+        `given_schedule` when you gave one.
     """
 
     name: str
@@ -58,6 +60,8 @@ class Member:
     tx: optax.GradientTransformation
     schedule: Callable[[Any], Any] | None
     seed: int
+    from_config: bool = False
+    given_schedule: Callable[[Any], Any] | None = None
 
 
 def is_sweep(config: Any, tx: Any = None, schedule: Any = None) -> bool:
@@ -159,17 +163,30 @@ def plan_members(config: Any, tx: Any = None, schedule: Any = None, total_steps:
         except ConfigError as err:
             raise ConfigError(str(err).replace("bad config:", f"bad config of sweep member {name}:", 1)) from None
         member_tx = txs[i] if txs else tx  # one tx or schedule given for a swept config: every member's
-        member_schedule = schedules[i] if schedules else schedule
-        if member_tx is None:
-            member_tx, member_schedule = make_optimizer(member_config.optim, total_steps, member_schedule)
+        given = schedules[i] if schedules else schedule
+        member_schedule, from_config = given, member_tx is None
+        if from_config:
+            member_tx, member_schedule = make_optimizer(member_config.optim, total_steps, given)
         record = method_record(member_config)
         side = SideConfig.from_dict(record["side"], task=record["task"], num_labels=record["num_labels"])
-        members.append(Member(name, member_config, side, member_tx, member_schedule, int(member_config.train.seed)))
+        members.append(Member(name, member_config, side, member_tx, member_schedule, int(member_config.train.seed),
+                              from_config, given if from_config else None))
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ConfigError(f"bad config:\n  sweep: members share a name ({names}); give tx/schedule as a dict "
                           "of names")
     return members
+
+
+def with_total_steps(members: Sequence[Member], total_steps: int) -> list[Member]:
+    """The members with the optimizers they build from their config sized for `total_steps` (schedules' length)."""
+    out = []
+    for m in members:
+        if m.from_config:
+            tx, schedule = make_optimizer(m.config.optim, total_steps, m.given_schedule)
+            m = dataclasses.replace(m, tx=tx, schedule=schedule)
+        out.append(m)
+    return out
 
 
 @jax.tree_util.register_dataclass

@@ -57,7 +57,7 @@ def test_the_side_defaults_fit_sst2_rows_the_old_defaults_cannot(smollm2, tmp_pa
     """
     from qst_jax.models import Backbone
     from qst_jax.train.config import load_preset
-    from qst_jax.train.sweep_trainer import SweepTrainer
+    from qst_jax.train.trainer import Trainer
 
     full, tokenizer = smollm2
     layers = jax.tree.map(lambda x: x[:8], full.params["layers"])
@@ -73,7 +73,7 @@ def test_the_side_defaults_fit_sst2_rows_the_old_defaults_cannot(smollm2, tmp_pa
     c.sweep.output_mix = f"gated,{c.side.output_mix}"
     c.sweep.head_layout = f"official,{c.side.head_layout}"
     c.sweep.lr = f"4e-4,{c.optim.lr}"
-    SweepTrainer(c, backbone=backbone, tokenizer=tokenizer, overwrite=True, log=lambda *a: None).run()
+    Trainer(c, backbone=backbone, tokenizer=tokenizer, overwrite=True, log=lambda *a: None).run()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = {m["member"]: m["loss"] for m in metrics if m.get("split") == "train" and m["step"] == 50}
     old, new = (last[name] for name in sorted(last, key=lambda n: not n.startswith("lr=4e-4")))

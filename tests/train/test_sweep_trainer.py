@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 from qst_jax.methods import load_tuned
 from qst_jax.models import ConfigError, load_backbone
-from qst_jax.train.sweep_trainer import SweepTrainer
-from qst_jax.train.launch import make_trainer
+from qst_jax.train.sweep_run import SweepRun
+from qst_jax.train.single_run import SingleRun
 from qst_jax.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_model_dir
 
@@ -43,21 +43,27 @@ NAMES = ["lr=1e-3_seed=0", "lr=1e-2_seed=1"]
 def sweep_runs(model_dir, tmp_path_factory):
     """(reference: 4 steps straight, no eval; resumed: 2 steps, then --resume to 4, with eval) and the log."""
     ref, cut = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("cut")
-    make_trainer(_sweep_config(model_dir, ref, **{"data.eval": ""}), log=quiet).run()
-    make_trainer(_sweep_config(model_dir, cut, **{"train.steps": 2, "train.checkpoint_every": 2}), log=quiet).run()
+    Trainer(_sweep_config(model_dir, ref, **{"data.eval": ""}), log=quiet).run()
+    Trainer(_sweep_config(model_dir, cut, **{"train.steps": 2, "train.checkpoint_every": 2}), log=quiet).run()
     lines = []
-    trainer = make_trainer(_sweep_config(model_dir, cut, **{"train.checkpoint_every": 2}), resume=True, log=lines.append)
-    assert isinstance(trainer, SweepTrainer)
+    trainer = Trainer(_sweep_config(model_dir, cut, **{"train.checkpoint_every": 2}), resume=True, log=lines.append)
+    assert isinstance(trainer.spec, SweepRun)
     summary = trainer.run()
     return ref / "run", cut / "run", summary, lines, cut
 
 
-def test_a_plain_trainer_refuses_a_sweep(model_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"^a sweep \(config.sweep, or a list or dict of tx or schedule\) trains with "
-                                          r"SweepTrainer: build it with qst_jax.train.launch.make_trainer\(config, "
-                                          r"...\) or SweepTrainer\(...\)$"):
-        Trainer(_sweep_config(model_dir, tmp_path), log=quiet)
-    assert not (tmp_path / "run").exists()  # refused before the directory is touched
+def test_one_trainer_runs_either_spec(model_dir, tmp_path):
+    """The config (or a list of tx) decides the spec; the trainer is the same."""
+    folders = [tmp_path / name for name in "abc"]
+    for folder in folders:
+        folder.mkdir()
+    single = Trainer(tiny_config(model_dir, folders[0], **{"train.steps": 1}), log=quiet)
+    listed = Trainer(tiny_config(model_dir, folders[1], **{"train.steps": 1}), tx=[optax.adam(1e-3)] * 2, log=quiet)
+    swept = Trainer(_sweep_config(model_dir, folders[2]), log=quiet)
+    assert (type(single.spec), type(listed.spec), type(swept.spec)) == (SingleRun, SweepRun, SweepRun)
+    assert [m.name for m in swept.spec.members] == NAMES
+    for t in (single, listed, swept):
+        t.run_dir.release()
 
 
 def test_a_sweep_run_writes_each_members_outputs(model_dir, sweep_runs):
@@ -99,7 +105,7 @@ def test_a_sweep_of_your_own_optax_where_one_diverges(model_dir, tmp_path):
     """Members are your own optax transformations (named by the dict); the one that diverges is named, ranked last."""
     c = tiny_config(model_dir, tmp_path, **{"train.steps": 3, "train.checkpoint_every": 0, "train.log_every": 3})
     lines = []
-    summary = make_trainer(c, tx={"ok": optax.adam(1e-3), "wild": optax.sgd(1e38)}, log=lines.append).run()
+    summary = Trainer(c, tx={"ok": optax.adam(1e-3), "wild": optax.sgd(1e38)}, log=lines.append).run()
     assert [r["member"] for r in summary["members"]] == ["ok", "wild"]
     assert "diverged_at" in summary["members"][1] and "diverged_at" not in summary["members"][0]
     assert any(line.startswith("sweep member wild: non-finite loss or gradient norm at step") for line in lines)
@@ -112,12 +118,12 @@ def test_sweep_errors_come_before_loading(tmp_path):
     c = tiny_config(tmp_path / "no-such-model", tmp_path)
     c.sweep.lr = "1e-3,x"
     with pytest.raises(ConfigError, match=r"sweep.lr: 'x' is not a float"):
-        make_trainer(c, log=quiet)
+        Trainer(c, log=quiet)
     assert not (tmp_path / "run").exists()
     c.sweep.lr = "1e-3"
     c.method = "qlora"
     with pytest.raises(ConfigError, match=r"sweep.lr: a sweep trains QST side networks"):
-        make_trainer(c, log=quiet)
+        Trainer(c, log=quiet)
 
 
 def test_the_members_serve_qst_eval_and_qst_generate_together(model_dir, sweep_runs, tmp_path, capsys):
