@@ -81,3 +81,24 @@ def test_glue_sst2_recipe_runs_from_the_checkout(tmp_path):
     assert "67349 train examples" in proc.stdout
     info = json.loads((tmp_path / "run" / "qst_config.json").read_text())
     assert info["task"] == "classification" and info["step"] == 2
+
+
+def test_the_run_config_is_read_off_the_config_dataclasses():
+    """SideConfig, SideOptions and QLoRAConfig are the one definition: sections, sweep and shape keys follow them."""
+    import dataclasses
+
+    from qst_jax.methods.settings import settings
+    from qst_jax.methods.side_config import SideConfig, init_only_fields
+    from qst_jax.train.config import SETTINGS, SHAPE_KEYS, SWEEP_KEYS, base_config
+
+    c = base_config()
+    keyed = [f for cls in SETTINGS for f in settings(cls) if f.metadata["key"]]
+    assert {f.metadata["key"]: f.default for f in keyed} == {
+        f.metadata["key"]: c[f.metadata["key"].split(".")[0]][f.metadata["key"].split(".")[1]] for f in keyed}
+    assert set(c.side) == {f.metadata["key"].split(".")[1] for f in keyed if f.metadata["key"].startswith("side.")}
+    assert set(c.qlora) == {"rank", "alpha", "remat"}
+    swept_fields = {f.name: f.metadata["key"] for f in settings(SideConfig) if f.metadata["sweep"]}
+    assert {k: v for k, v in SWEEP_KEYS.items() if k in swept_fields} == swept_fields
+    assert {f.metadata["key"] for f in keyed if f.metadata["shape"]} <= set(SHAPE_KEYS)
+    assert init_only_fields() == ("gate_init", "output_gate_init", "init_std", "init_scheme")
+    assert [f.name for f in dataclasses.fields(SideConfig)] == [f.name for f in settings(SideConfig)]  # all declared
