@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+from qst_jax.environment import plugin_installed
 from qst_jax.errors import InputError, QSTError
 
 

@@ -127,9 +127,9 @@ def main() -> None:
             )
 
         result["trainer_param_diff"] = diff("side_fsdp")  # backbone split 8 ways and side state split too
-        shardings = jax.tree_util.tree_leaves(trainers["side_fsdp"].state_shardings)
+        shardings = jax.tree_util.tree_leaves(trainers["side_fsdp"].spec.state_shardings)
         abstract = jax.tree_util.tree_leaves(
-            jax.eval_shape(lambda k: init_train_state(trainers["side_fsdp"].model, trainers["side_fsdp"].tx, k),
+            jax.eval_shape(lambda k: init_train_state(trainers["side_fsdp"].spec.model, trainers["side_fsdp"].tx, k),
                            jax.random.PRNGKey(0)))
         largest = max(range(len(abstract)), key=lambda i: int(np.prod(abstract[i].shape)))
         shard_shape = shardings[largest].shard_shape(abstract[largest].shape)
