@@ -7,7 +7,9 @@ from typing import Any
 
 
 def add_model_args(parser: Any) -> None:
-    parser.add_argument("--model", required=True, help="HF dir, bnb NF4 dir, .gguf file, or 'smollm2'")
+    parser.add_argument("--model", required=True,
+                        help="HF dir, bnb NF4 dir, .gguf file, 'smollm2', or a Hub repo org/name (org/name:file.gguf)")
+    parser.add_argument("--revision", default=None, help="the Hub repo's branch, tag or commit (default: main)")
     parser.add_argument("--side", action="append", default=[],
                         help="a qst-train output dir (side.safetensors + qst_config.json); repeat it for several "
                              "QST side networks run from one backbone pass")
@@ -34,8 +36,9 @@ def load_model(args: Any):
     from qst_jax.methods import FrozenModel, load_tuned
     from qst_jax.methods.side_set import SideSet
     from qst_jax.models import load_backbone, load_tokenizer
+    from qst_jax.models.hub import resolve_model
 
-    path = resolve_model_path(args.model)
+    path = resolve_model(resolve_model_path(args.model), args.revision)
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
     if len(args.side) > 1:

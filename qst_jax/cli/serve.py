@@ -23,7 +23,9 @@ from qst_jax.errors import InputError, QSTError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qst-serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help="HF dir, bnb NF4 dir, .gguf file, or 'smollm2'")
+    parser.add_argument("--model", default="smollm2",
+                        help="HF dir, bnb NF4 dir, .gguf file, 'smollm2', or a Hub repo org/name (org/name:file.gguf)")
+    parser.add_argument("--revision", default=None, help="the Hub repo's branch, tag or commit (default: main)")
     parser.add_argument("--model-name", help="the base model's `model` name (default: the model's folder name)")
     parser.add_argument("--side", action="append", default=[], help="NAME=PATH or PATH of a QST export (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -66,9 +68,10 @@ def build_server(args: argparse.Namespace, log=print):
     from qst_jax.generate.side_store import SideStore
     from qst_jax.methods import load_tuned
     from qst_jax.models import load_backbone, load_tokenizer
+    from qst_jax.models.hub import resolve_model
     from qst_jax.serve.app import Server
 
-    path = resolve_model_path(args.model)
+    path = resolve_model(resolve_model_path(args.model), args.revision)
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
     sides, paths = {}, {}

@@ -1,8 +1,7 @@
 """Local records through `datasets`: jsonl, json, csv, tsv, parquet, text folders.
 
 Only local files are read. A `.txt` file or a folder of them gives one record per file
-(a document) in column `text`. Nothing is fetched: `qst_jax` sets
-`HF_DATASETS_OFFLINE=1` on import.
+(a document) in column `text`. Nothing is fetched for local files.
 
 A path list is comma-separated; a comma inside a path is written `\\,`.
 When a file cannot be parsed, the error names the file and the 1-based line

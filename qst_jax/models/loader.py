@@ -25,6 +25,7 @@ import numpy as np
 from qst_jax.models.backbone import Backbone
 from qst_jax.models.weight_sources import CheckpointError, GGUFSource, SafetensorsSource, read_json
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
+from qst_jax.models.hub import is_hub_id, resolve_model
 from qst_jax.models.params import Spec, global_specs, layer_specs
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
 from qst_jax.quant.nf4 import QuantizationError, check_finite, quantize_jit
@@ -182,9 +183,12 @@ def _check_quantization_config(hf: Mapping[str, Any], path: str) -> bool:
 
 
 def resolve_path(path: str | os.PathLike) -> str:
+    """A local path: `path` itself, or the Hub snapshot an `org/name` (or `org/name:file.gguf`) names (`models.hub`)."""
     path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path) and is_hub_id(path):
+        path = resolve_model(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory (qst_jax only reads local checkpoints)")
+        raise CheckpointError(f"{path}: no such file or directory")
     return path
 
 
@@ -207,10 +211,11 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16,
                   placement: Placement | None = None) -> Backbone:
-    """Loads a frozen backbone from a local directory or `.gguf` file.
+    """Loads a frozen backbone from a local directory or `.gguf` file, or one named on the Hub.
 
     Args:
-      path: HF directory (float or bitsandbytes NF4) or a `.gguf` file.
+      path: HF directory (float or bitsandbytes NF4) or a `.gguf` file, or
+        a Hub repo `org/name` (`org/name:file.gguf`; `models.hub`).
       quantize: hold linear weights as NF4 (bnb checkpoints are read as they
         are); False keeps them dense in `dtype` (a bnb checkpoint is then
         dequantized).
@@ -246,7 +251,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a local HF directory or GGUF file (never a hub).
+    """The tokenizer of a local HF directory or GGUF file, or of a Hub repo (`models.hub`).
 
     Raises:
       CheckpointError: the directory has no tokenizer files, or they do not load.

@@ -48,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.task = "lm"  # "lm" (raw text), "chat" (instruction records), "classification"
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = "smollm2"  # local HF dir, bnb NF4 dir, .gguf file, or "smollm2" (the packaged GGUF)
+    c.model.path = "smollm2"  # local HF dir, bnb NF4 dir, .gguf file, "smollm2" (the packaged GGUF), or a Hub repo
+    # "org/name" ("org/name:file.gguf" for one file of a GGUF repo): downloaded into the Hub cache (models/hub.py)
+    c.model.revision = ""  # the Hub repo's branch, tag or commit ("": its default branch)
     c.model.quantize = True  # hold the backbone's linears as NF4
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.attention = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from qst_jax.aot.compile import CompileReport, compile_report, replicated_on
 from qst_jax.aot.targets import abstract_mesh, target as get_target
 from qst_jax.data.specs import PACKAGED_MODEL, resolve_model_path
+from qst_jax.models.hub import is_hub_id, resolve_model
 from qst_jax.methods import SideSet, build_model
 from qst_jax.methods.build import method_options
 from qst_jax.models import ConfigError, ModelConfig, load_config
@@ -40,6 +41,8 @@ def model_config(config: Any) -> ModelConfig:
     path, shape = config.model.path, config.model.shape
     if path and (path == PACKAGED_MODEL or os.path.exists(os.path.expanduser(path))):
         return load_config(resolve_model_path(path))
+    if path and is_hub_id(path) and ":" not in path:  # a Hub repo: its config.json alone
+        return load_config(resolve_model(path, config.model.revision or None, config_only=True))
     if shape:
         if shape not in SHAPE_NAMES:
             raise ConfigError(f"model.shape {shape!r} is not one of {SHAPE_NAMES}")

@@ -36,6 +36,7 @@ from qst_jax.data.examples import pad_id
 from qst_jax.data.specs import build_examples, resolve_model_path
 from qst_jax.files import write_json_atomic
 from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
+from qst_jax.models.hub import resolve_model
 from qst_jax.train.config import check_context, resume_changes, validate
 from qst_jax.train.context import RunContext
 from qst_jax.train.loop import LoopHooks, Periods, train_loop
@@ -81,7 +82,7 @@ class Trainer:
                  init: Callable[[RunContext, Any, Any], Any] | None = None):
         validate(config)
         members = plan_members(config, tx, schedule) if is_sweep(config, tx, schedule) else None
-        path = resolve_model_path(config.model.path)
+        path = resolve_model(resolve_model_path(config.model.path), config.model.revision or None)
         check_context(config, (backbone.cfg if backbone else load_config(path)).max_position_embeddings)
         self.config, self.log, self.resume, self.init = config, log, resume, init
         self.output_dir = config.train.output_dir
