@@ -11,10 +11,11 @@ PACKAGE = pathlib.Path(__file__).parents[1] / "qst_jax"
 
 # Which rooms each room may import (besides itself and the package root). Downward only:
 # {tree, files} <- quant <- models <- methods <- {eval, generate} <- train <- cli; data, parallel and aot beside them.
-BOTTOM = {"errors", "environment", "tree", "files", "checkpoints"}
+BOTTOM = {"errors", "environment", "hub", "tree", "files", "checkpoints"}
 ALLOWED = {
     "errors": set(),
     "environment": set(),
+    "hub": {"errors"},
     "tree": set(),
     "files": set(),
     "checkpoints": {"errors", "tree"},

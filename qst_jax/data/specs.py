@@ -1,4 +1,4 @@
-"""What a config's data and model strings name: packaged plays, the packaged model, local files.
+"""What a config's data and model strings name: packaged plays, the packaged model, local files, Hub data sets.
 
     resolve_model_path("smollm2")                  -> the packaged GGUF file
     resolve_data("shakespeare:train", "hamlet")    -> every packaged play but Hamlet
@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
+from qst_jax.data.hub_sets import class_names, is_hub_set, load_hub_records
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
 from qst_jax.data.sources import DataError, load_records, split_paths
 
@@ -32,6 +33,7 @@ def resolve_data(spec: str, holdout: str) -> list[str]:
     `shakespeare:train` (every packaged play but the held-out ones),
     `shakespeare:heldout` and `shakespeare:<play>` name the packaged plays;
     anything else is a local file, folder or glob (`\\,` is a comma inside a path).
+    (`build_examples` reads a Hub data set, `hf:org/name[:config][@split]`, itself.)
     """
     files: list[str] = []
     parts = split_paths(spec)
@@ -70,8 +72,15 @@ def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: in
       limit: keep the first `limit` examples (0: all).
       log: where warnings go (unusable chat records).
     """
-    ds = load_records(resolve_data(spec, config.data.holdout), format=config.data.format or None)
     d = config.data
+    if is_hub_set(spec):
+        ds = load_hub_records(spec, where)
+        names = class_names(ds, d.label_column) if config.task == "classification" else None
+        if names is not None and len(names) != d.num_labels:
+            raise DataError(f"{where}: {spec}: column {d.label_column!r} has {len(names)} classes ({', '.join(names)}); "
+                            f"set data.num_labels={len(names)}")
+    else:
+        ds = load_records(resolve_data(spec, config.data.holdout), format=config.data.format or None)
     if config.task == "lm":
         examples = lm_windows(ds, tokenizer, d.seq_len, d.text_column, where)
     elif config.task == "chat":

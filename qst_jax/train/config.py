@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.qlora = ml_collections.ConfigDict()  # methods/qlora.py (QLoRAConfig)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "shakespeare:train"  # files/folders/globs (comma-separated) or shakespeare:train
+    c.data.train = "shakespeare:train"  # files/folders/globs (comma-separated), shakespeare:train, or a Hub data set
+    # hf:org/name[:config][@split] (e.g. hf:nyu-mll/glue:sst2; split default train, validation for data.eval)
     c.data.eval = "shakespeare:heldout"  # held-out data, same format; "" for none
     c.data.format = ""  # json | csv | tsv | parquet | text; default from the extension
     c.data.holdout = "hamlet"  # shakespeare plays held out (comma-separated)

@@ -25,18 +25,21 @@ REPO = "test-org/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def lay_out_hub_cache(cache, repo: str, folder, commit: str = COMMIT, branch: str = "main") -> str:
-    """`folder`'s files as huggingface_hub caches a download of `repo` at `commit`: blobs named by their
-    hash, the snapshot's files linking to them, `refs/<branch>` naming the commit. Returns the snapshot."""
-    root = cache / f"models--{repo.replace('/', '--')}"
+def lay_out_hub_cache(cache, repo: str, folder, commit: str = COMMIT, branch: str = "main", kind: str = "models") -> str:
+    """`folder`'s files (subfolders too) as huggingface_hub caches a download of `repo` at `commit`: blobs
+    named by their hash, the snapshot's files linking to them, `refs/<branch>` naming the commit. `kind`:
+    "models" or "datasets". Returns the snapshot."""
+    root = cache / f"{kind}--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / commit
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+        target = snapshot / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(os.path.relpath(blob, target.parent))
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / branch).write_text(commit)
     return str(snapshot)
