@@ -96,3 +96,33 @@ def explain(repo: str, repo_type: str, filename: str | None, revision: str | Non
 
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0]
+
+
+def push(repo: str, files: dict[str, bytes], *, message: str, private: bool = False) -> str:
+    """Commits `files` (path in the repo -> content) to model repo `repo`, creating it if needed.
+
+    Returns:
+      The commit's URL.
+
+    Raises:
+      HubError: offline mode, no token or one without write access, or the Hub refusing.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, errors
+
+    if offline():
+        raise HubError(f"{repo}: cannot push with HF_HUB_OFFLINE set; unset it (pushing needs the network)")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        info = api.create_commit(repo, operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+                                                   for name, data in files.items()], commit_message=message)
+    except errors.HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise HubError(f"{repo}: the Hub refused the push ({status}): log in with `huggingface-cli login` or set "
+                           "HF_TOKEN to a token with write access to it") from None
+        raise HubError(f"{repo}: the push failed ({status}: {_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - the network's errors
+        raise HubError(f"{repo}: the push failed ({type(err).__name__}: {_first_line(err)}); is the Hub reachable?") \
+            from None
+    return str(info.commit_url)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.hub import download, is_repo_id
 from qst_jax.errors import QSTError
 from qst_jax.files import write_atomic, write_json_atomic
 from qst_jax.methods.base import Method
@@ -74,8 +75,18 @@ def _legacy_record(info: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def side_directory(directory: str) -> str:
+    """`directory`, or, when no such path exists and it reads `org/name`, that Hub repo's export made local."""
+    if not os.path.exists(os.path.expanduser(directory)) and is_repo_id(directory):
+        return download(directory, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, "README.md"], field="side")
+    return os.path.expanduser(directory)
+
+
 def load_side(directory: str, backbone_cfg: ModelConfig | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The exported params (nested numpy arrays) and `qst_config.json`; checks the backbone.
+
+    `directory` is an export's folder, or a Hub repo `org/name` holding one
+    (`side_directory`: downloaded into the Hub cache).
 
     Raises:
       ExportError: missing or unreadable files, a backbone fingerprint mismatch, or a tensor
@@ -84,6 +95,7 @@ def load_side(directory: str, backbone_cfg: ModelConfig | None = None) -> tuple[
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    directory = side_directory(directory)
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for path in (config_path, weights_path):
@@ -125,6 +137,7 @@ def load_tuned(directory: str, backbone: Any) -> tuple[Method, Any, dict[str, An
       ExportError: missing or unreadable files, another backbone, or
         weights that do not fit the recorded method.
     """
+    directory = side_directory(directory)
     nested, info = load_side(directory, backbone.cfg)
     model = model_from_dict(info["model"], backbone.cfg, dtype=backbone.dtype)
     expected = jax.eval_shape(model.init, jax.random.PRNGKey(0))

@@ -186,3 +186,18 @@ def test_a_gguf_file_of_a_hub_repo(tmp_path, monkeypatch):
     assert path.endswith("smollm2.gguf") and load_config(path).num_layers == load_config(gguf).num_layers
     with pytest.raises(HubError, match=r"^test-org/smollm2-gguf:other.gguf: not in the Hub cache"):
         resolve_model("test-org/smollm2-gguf:other.gguf")
+
+
+def test_a_model_downloads_from_a_served_hub(model_dir, tmp_path, monkeypatch):
+    """snapshot_download over HTTP from a Hub on 127.0.0.1: the model's files only, then loaded."""
+    from tests.hub_server import HubServer
+
+    with HubServer() as hub:
+        hub.repos["test-org/served"] = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+        hub.repos["test-org/served"]["notes/big-unused.bin"] = b"x" * 1000  # not a model file: not fetched
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        _online(monkeypatch)
+        local = resolve_model("test-org/served")
+        assert sorted(os.listdir(local)) == sorted(p.name for p in model_dir.iterdir() if p.is_file())
+        assert load_config("test-org/served") == load_config(model_dir)
