@@ -23,6 +23,7 @@ COVERED_BY = {
     "qst-eval": "tests/eval/test_tasks.py",
     "qst-quantize": "tests/test_docs.py::test_quantize_demo_prints_bits_per_parameter",
     "qst-serve": "tests/serve/test_server.py (a live server driven by the openai client)",
+    "qst-export": "tests/test_hub_push.py (a Hub served on 127.0.0.1)",
     "pytest": "CI itself",
 }
 
@@ -79,8 +80,9 @@ def test_shell_command_parses(argv):
         for override in (a for a in args if a.startswith("--config.")):
             section, name = override.removeprefix("--config.").split("=")[0].split(".")
             assert name in keys[section], override
-    elif tool in ("qst-generate", "qst-eval", "qst-quantize", "qst-serve"):
-        module = {"qst-generate": "generate", "qst-eval": "eval", "qst-quantize": "quantize", "qst-serve": "serve"}[tool]
+    elif tool in ("qst-generate", "qst-eval", "qst-quantize", "qst-serve", "qst-export"):
+        module = {"qst-generate": "generate", "qst-eval": "eval", "qst-quantize": "quantize", "qst-serve": "serve",
+                  "qst-export": "export"}[tool]
         import importlib
 
         importlib.import_module(f"qst_jax.cli.{module}").build_parser().parse_args(args)
