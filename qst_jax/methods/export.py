@@ -28,6 +28,8 @@ from qst_jax.errors import QSTError
 from qst_jax.files import write_atomic, write_json_atomic
 from qst_jax.methods.base import Method
 from qst_jax.methods.build import head_task, model_from_dict
+from qst_jax.methods.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_peft, is_peft_adapter, to_peft
+from qst_jax.methods.qlora import QLoRAModel
 from qst_jax.models.config import ModelConfig
 from qst_jax.tree import first_non_finite, flatten, unflatten
 
@@ -60,6 +62,10 @@ def export_side(directory: str, model: Method, params: Any, backbone_cfg: ModelC
     }
     flat = {key: np.asarray(leaf, np.float32) for key, leaf in flatten(params).items()}
     write_atomic(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(flat, p, metadata={"format": "qst_jax"}))
+    if model.name == "qlora" and model.task == "lm":  # PEFT's layout too: peft.PeftModel and vLLM load it
+        config, tensors = to_peft(params, backbone_cfg, model.rank, model.alpha, str(info.get("model_path", "")))
+        write_atomic(os.path.join(directory, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_json_atomic(os.path.join(directory, ADAPTER_CONFIG), config, indent=2)
     write_json_atomic(os.path.join(directory, CONFIG_FILE), info, indent=2, default=str)
     return info
 
@@ -78,7 +84,8 @@ def _legacy_record(info: dict[str, Any]) -> dict[str, Any]:
 def side_directory(directory: str) -> str:
     """`directory`, or, when no such path exists and it reads `org/name`, that Hub repo's export made local."""
     if not os.path.exists(os.path.expanduser(directory)) and is_repo_id(directory):
-        return download(directory, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, "README.md"], field="side")
+        return download(directory, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                   "README.md"], field="side")
     return os.path.expanduser(directory)
 
 
@@ -138,6 +145,8 @@ def load_tuned(directory: str, backbone: Any) -> tuple[Method, Any, dict[str, An
         weights that do not fit the recorded method.
     """
     directory = side_directory(directory)
+    if not os.path.isfile(os.path.join(directory, CONFIG_FILE)) and is_peft_adapter(directory):
+        return _load_peft(directory, backbone)
     nested, info = load_side(directory, backbone.cfg)
     model = model_from_dict(info["model"], backbone.cfg, dtype=backbone.dtype)
     expected = jax.eval_shape(model.init, jax.random.PRNGKey(0))
@@ -157,3 +166,13 @@ def load_tuned(directory: str, backbone: Any) -> tuple[Method, Any, dict[str, An
     treedef = jax.tree_util.tree_structure(expected)
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(found[key]) for key in flat])
     return model, params, info
+
+
+def _load_peft(directory: str, backbone: Any) -> tuple[Method, Any, dict[str, Any]]:
+    """A PEFT LoRA adapter folder as a QLoRA language model over `backbone` (`peft_format.from_peft`)."""
+    config, params = from_peft(directory, backbone.cfg)
+    model = QLoRAModel(backbone.cfg, rank=int(config["r"]), alpha=float(config["lora_alpha"]), task="lm",
+                       dtype=backbone.dtype)
+    info = {"method": model.name, "model": model.to_dict(), "peft": config,
+            "model_path": config.get("base_model_name_or_path", "")}
+    return model, jax.tree.map(jnp.asarray, params), info
