@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, help="the Hub repo's branch, tag or commit (default: main)")
     parser.add_argument("--model-name", help="the base model's `model` name (default: the model's folder name)")
     parser.add_argument("--side", action="append", default=[], help="NAME=PATH or PATH of a QST export (repeatable)")
+    parser.add_argument("--adapter", help="serve one QLoRA export or PEFT LoRA adapter (a folder or a Hub repo "
+                                          "org/name) as the model, in every slot (not with --side)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
@@ -72,8 +74,17 @@ def build_server(args: argparse.Namespace, log=print):
     from qst_jax.serve.app import Server
 
     path = resolve_model(resolve_model_path(args.model), args.revision)
+    if args.adapter and args.side:
+        raise InputError("--adapter serves one LoRA adapter in every slot; give it without --side")
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(path)
+    fixed = {}
+    if args.adapter:
+        model, params, _ = load_tuned(args.adapter, backbone)
+        if model.name != "qlora" or model.task != "lm":
+            raise InputError(f"--adapter {args.adapter}: holds a {model.name} {model.task} model; --adapter serves "
+                             "a QLoRA or PEFT LoRA language model (QST side networks: --side)")
+        fixed = {"model": model, "params": params}
     sides, paths = {}, {}
     for name, side_path in side_args(args.side).items():
         model, params, _ = load_tuned(side_path, backbone)
@@ -81,12 +92,14 @@ def build_server(args: argparse.Namespace, log=print):
     store = SideStore(backbone.cfg, sides, capacity=args.side_capacity, dtype=backbone.dtype)
     engine = Engine(backbone, tokenizer, slots=args.slots, max_len=min(args.max_len,
                                                                       backbone.cfg.max_position_embeddings),
-                    sides=store, prefill_rows=args.prefill_rows or args.slots)
+                    sides=store, prefill_rows=args.prefill_rows or args.slots, **fixed)
     start = time.perf_counter()
     engine.warmup()  # every prefill bucket and the decode step, before the first request
     log(f"qst-serve: compiled {len(engine.compiled)} programs (prefill buckets {engine.buckets()}, one decode step) "
         f"in {time.perf_counter() - start:.1f} s")
     base = args.model_name or ("smollm2" if args.model == "smollm2" else os.path.basename(os.path.normpath(path)))
+    if args.adapter and not args.model_name:
+        base = os.path.basename(os.path.normpath(args.adapter))
     return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
                   api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                   admit_wait=None if args.admit_wait_ms is None else args.admit_wait_ms / 1000)

@@ -88,6 +88,9 @@ class Server:
     def load_side(self, name: Any, path: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not name or name == self.base_name:
             raise api.APIError(400, f"name: {name!r} must be a non-empty name other than the base model's", "name")
+        if self.engine.fixed is not None:
+            raise api.APIError(400, "name: this server serves one adapter in every slot (--adapter); it loads no "
+                                    "side networks", "name")
         full = self.resolve_side_path(path)
         try:
             model, params, _ = load_tuned(full, self.backbone)  # the fingerprint refuses another backbone's

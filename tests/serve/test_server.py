@@ -311,3 +311,33 @@ def test_sigterm_drains_running_requests(setup):
     assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 60
     assert server.proc.wait(timeout=60) == -signal.SIGTERM
     assert "qst-serve: drained: every running request finished" in server.log.read_text()
+
+
+def test_a_peft_adapter_answers_through_qst_serve(setup, tmp_path, capsys):
+    """`--adapter` serves a PEFT LoRA adapter (a folder holding PEFT's two files only) in every slot; its greedy
+    completions equal qst-generate's with the same adapter, and it loads no side networks."""
+    import shutil
+
+    from qst_jax.methods import QLoRAModel
+
+    _, model_dir, _, root = setup
+    backbone = load_backbone(model_dir)
+    model = QLoRAModel(backbone.cfg, rank=4, alpha=8.0)
+    params = model.init(jax.random.PRNGKey(21))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(22), x.shape), params)
+    export_side(str(tmp_path / "qlora-run"), model, params, backbone.cfg)
+    adapter = tmp_path / "peft-adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "qlora-run" / name, adapter / name)
+    expected = _qst_generate(model_dir, {"peft": adapter}, [{"prompt": p} for p in PROMPTS], tmp_path, capsys)
+    server = Live(["--model", str(model_dir), "--adapter", str(adapter), "--slots", str(SLOTS), "--max-len", "128"],
+                  tmp_path / "adapter.log")
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == ["peft-adapter"]
+        assert [_complete(client, "peft-adapter", p) for p in PROMPTS] == expected
+        base = _qst_generate(model_dir, {}, [{"prompt": p} for p in PROMPTS], tmp_path, capsys)
+        assert base != expected  # the adapter changes the completions
+    finally:
+        server.stop()
