@@ -17,7 +17,7 @@ from typing import Any
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
 from qst_jax.data.hub_sets import class_names, is_hub_set, load_hub_records
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
-from qst_jax.data.sources import DataError, load_records, split_paths
+from qst_jax.data.sources import DataError, load_records, require_columns, split_paths
 
 PACKAGED_MODEL = "smollm2"
 
@@ -63,6 +63,22 @@ def _shakespeare(part: str, holdout: str) -> list[str]:
     raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
 
 
+def chat_columns(ds: Any, d: Any, where: str) -> Any:
+    """`ds` with `data.messages_column` / `data.prompt_column` / `data.response_column` renamed to the names the
+    chat layouts read (`messages`, `prompt`, `response`); a missing column is named with the ones there are."""
+    renames = {d.messages_column: "messages", d.prompt_column: "prompt", d.response_column: "response"}
+    renames = {old: new for old, new in renames.items() if old and old != new}
+    require_columns(ds, list(renames), where)
+    source = getattr(ds, "qst_source", None)
+    for old, new in renames.items():
+        if new in ds.column_names:
+            ds = ds.remove_columns(new)
+        ds = ds.rename_column(old, new)
+    if source is not None:
+        ds.qst_source = source
+    return ds
+
+
 def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: int = 0, log: Any = print) -> Examples:
     """Token examples of data spec `spec` for the config's task (`lm`, `chat`, `classification`).
 
@@ -84,7 +100,7 @@ def build_examples(config: Any, tokenizer: Any, spec: str, where: str, limit: in
     if config.task == "lm":
         examples = lm_windows(ds, tokenizer, d.seq_len, d.text_column, where)
     elif config.task == "chat":
-        examples = chat_examples(ds, tokenizer, d.seq_len, where, log=log)
+        examples = chat_examples(chat_columns(ds, d, where), tokenizer, d.seq_len, where, log=log)
     else:
         examples = classification_examples(
             ds, tokenizer, d.seq_len, num_labels=d.num_labels, text_column=d.text_column,

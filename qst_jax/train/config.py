@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128  # LM window / maximum example length
     c.data.text_column = "text"
     c.data.text_pair_column = ""
+    # chat: the columns of a conversation ("" : the layouts data/examples.py knows: messages, instruction/input/
+    # output, prompt/response); messages_column holds [{role, content}, ...]; prompt/response_column one turn each
+    c.data.messages_column = ""
+    c.data.prompt_column = ""
+    c.data.response_column = ""
     c.data.label_column = "label"
     # data.num_labels and data.pool: methods/side_config.py
     c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)

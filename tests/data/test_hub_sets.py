@@ -104,3 +104,23 @@ def test_qst_train_classifies_a_hub_set(hub_glue, testdata, tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['text'\]; the data has \['sentence', 'label'\]"):
         Trainer(config, log=lambda *a: None)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_chat_columns_are_named_by_config(tmp_path):
+    """data.prompt_column / data.response_column (or data.messages_column) map a set's own column names."""
+    from qst_jax.data.specs import build_examples
+    from qst_jax.train.config import base_config
+    from tests.helpers import save_tiny_tokenizer
+
+    tokenizer = save_tiny_tokenizer(tmp_path / "tok")
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"to be {i}?", "answer": "or not to be"}) + "\n" for i in range(4)))
+    c = base_config()
+    c.task, c.data.seq_len = "chat", 64
+    c.data.prompt_column, c.data.response_column = "question", "answer"
+    examples = build_examples(c, tokenizer, str(rows), "data.train")
+    assert len(examples.tokens) == 4 and all(m.sum() > 0 for m in examples.loss_masks)
+    c.data.prompt_column = "query"
+    with pytest.raises(DataError, match=r"^data.train: missing column\(s\) \['query'\]; the data has \['question', "
+                                        r"'answer'\]$"):
+        build_examples(c, tokenizer, str(rows), "data.train")
