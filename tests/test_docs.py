@@ -44,7 +44,7 @@ def _commands() -> list[list[str]]:
     commands = []
     for path in DOCS:
         for block in _blocks(path, "bash"):
-            for line in block.splitlines():
+            for line in block.replace("\\\n", " ").splitlines():  # a line continued with a backslash is one
                 line = line.split("#")[0].strip()
                 if not line:
                     continue
