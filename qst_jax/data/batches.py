@@ -97,6 +97,9 @@ class Batcher:
             batches = [batches[i] for i in order]
         return batches
 
+    def describe(self) -> str:
+        return f"{len(self.examples)} train examples"
+
     @property
     def steps_per_epoch(self) -> int:
         return len(self.epoch_batches(0))

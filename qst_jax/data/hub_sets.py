@@ -61,22 +61,44 @@ def load_hub_records(spec: str, where: str) -> Any:
     import datasets
 
     hub_set = parse(spec, where)
-    local = None
-    if hub_set.config:  # most repos keep a config's files in a folder of its name: fetch only that
-        local = download(hub_set.repo, repo_type="dataset", allow_patterns=[f"{hub_set.config}/*", "README.md"],
-                         field=where)
-        if not os.path.isdir(os.path.join(local, hub_set.config)):
-            local = None
-    if local is None:
-        local = download(hub_set.repo, repo_type="dataset", field=where)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(local, hub_set.config, split=hub_set.split)
+        ds = datasets.load_dataset(_fetch(hub_set, where), hub_set.config, split=hub_set.split)
     except ValueError as err:  # an unknown config or split: datasets names the ones there are
         raise DataError(f"{where}: {spec}: {_first_line(err)}") from None
     if len(ds) == 0:
         raise DataError(f"{where}: {spec}: the split is empty")
     return ds
+
+
+def stream_hub_records(spec: str, where: str) -> Any:
+    """A Hub data set spec's split as a `datasets.IterableDataset` (its files fetched, then read as iterated).
+
+    Raises:
+      HubError: the repo cannot be had. DataError: a sliced split (a stream
+        is read whole), no such config or split.
+    """
+    import datasets
+
+    hub_set = parse(spec, where)
+    if "[" in hub_set.split:
+        raise DataError(f"{where}: {spec}: a streamed split is read whole; drop the slice [...] (or set "
+                        "data.streaming=false)")
+    local = _fetch(hub_set, where)
+    try:
+        return datasets.load_dataset(local, hub_set.config, split=hub_set.split, streaming=True)
+    except ValueError as err:
+        raise DataError(f"{where}: {spec}: {_first_line(err)}") from None
+
+
+def _fetch(hub_set: HubSet, where: str) -> str:
+    """The local snapshot of the data set's repo (with a config: its folder first, the whole repo if it has none)."""
+    if hub_set.config:  # most repos keep a config's files in a folder of its name: fetch only that
+        local = download(hub_set.repo, repo_type="dataset", allow_patterns=[f"{hub_set.config}/*", "README.md"],
+                         field=where)
+        if os.path.isdir(os.path.join(local, hub_set.config)):
+            return local
+    return download(hub_set.repo, repo_type="dataset", field=where)
 
 
 def class_names(ds: Any, column: str) -> list[str] | None:

@@ -188,17 +188,31 @@ def record_location(ds: Any, row: int, where: str = "data") -> str:
     return f"{where} row {row}"
 
 
-def _load(datasets, kind: str, files: list[str]):
+def _load(datasets, kind: str, files: list[str], streaming: bool = False):
+    """The records of `files` of one format through `datasets` (an `IterableDataset` with `streaming`)."""
+    common = {"data_files": files, "split": "train", "streaming": streaming}
     if kind == "tsv":
-        return datasets.load_dataset(
-            "csv", data_files=files, split="train", delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
-        )
+        return datasets.load_dataset("csv", delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, **common)
     if kind == "csv":
-        return datasets.load_dataset("csv", data_files=files, split="train", keep_default_na=False)
+        return datasets.load_dataset("csv", keep_default_na=False, **common)
     if kind == "text":  # utf-8-sig: a byte-order mark is dropped, as the json and csv readers drop it
-        return datasets.load_dataset("text", data_files=files, split="train", sample_by="document",
-                                     encoding="utf-8-sig")
-    return datasets.load_dataset(kind, data_files=files, split="train")
+        return datasets.load_dataset("text", sample_by="document", encoding="utf-8-sig", **common)
+    return datasets.load_dataset(kind, **common)
+
+
+def stream_records(paths: str | Sequence[str], *, format: str | None = None):
+    """The records of local `paths` as a `datasets.IterableDataset`: read as iterated, never all in memory.
+
+    Raises:
+      DataError: a missing path, or mixed or unknown formats.
+    """
+    import datasets
+
+    files = _expand(paths, format)
+    kinds = {format or FORMATS.get(os.path.splitext(f)[1]) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{files}: cannot tell one format from the extensions ({sorted(map(str, kinds))}); set data.format")
+    return _load(datasets, kinds.pop(), files, streaming=True)
 
 
 def require_columns(ds, columns: Sequence[str], where: str) -> None:

@@ -15,9 +15,10 @@ import os
 from typing import Any
 
 from qst_jax.data.examples import Examples, chat_examples, classification_examples, lm_windows
-from qst_jax.data.hub_sets import class_names, is_hub_set, load_hub_records
+from qst_jax.data.hub_sets import class_names, is_hub_set, load_hub_records, stream_hub_records
 from qst_jax.data.offline import shakespeare_plays, smollm2_gguf
-from qst_jax.data.sources import DataError, load_records, require_columns, split_paths
+from qst_jax.data.sources import DataError, load_records, require_columns, split_paths, stream_records
+from qst_jax.data.stream import StreamBatcher
 
 PACKAGED_MODEL = "smollm2"
 
@@ -61,6 +62,29 @@ def _shakespeare(part: str, holdout: str) -> list[str]:
     if part in plays:
         return [plays[part]]
     raise DataError(f"shakespeare:{part}: expected shakespeare:train, shakespeare:heldout or shakespeare:<play>")
+
+
+SHUFFLE_BUFFER = 1000  # records a streamed data set is shuffled within
+
+
+def stream_batcher(config: Any, tokenizer: Any) -> StreamBatcher:
+    """`data.train` read as a stream (`data.streaming=true`): LM windows packed as the records arrive.
+
+    Each epoch's record order is the stream's shuffled within `SHUFFLE_BUFFER`
+    records by `(train.seed, epoch)`, so a resumed run reads on from the same
+    record.
+    """
+    d, t, spec = config.data, config.train, config.data.train
+    stream = stream_hub_records(spec, "data.train") if is_hub_set(spec) else \
+        stream_records(resolve_data(spec, d.holdout), format=d.format or None)
+
+    def open_records(epoch: int, skip: int):
+        shuffled = stream.shuffle(seed=t.seed, buffer_size=SHUFFLE_BUFFER)
+        shuffled.set_epoch(epoch)
+        return shuffled.skip(skip)
+
+    return StreamBatcher(open_records, tokenizer, d.seq_len, t.batch_size, t.micro_batches,
+                         text_column=d.text_column, where="data.train", description=f"streamed from {spec}")
 
 
 def chat_columns(ds: Any, d: Any, where: str) -> Any:

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_column = "label"
     # data.num_labels and data.pool: methods/side_config.py
     c.data.label_names = ""  # comma-separated class names when labels are names (MNLI: contradiction,entailment,neutral)
+    c.data.streaming = False  # read data.train one record at a time, never all in memory (task lm; train.steps)
     c.data.eval_examples = 64  # cap on held-out examples/windows (0: all)
 
     # Device mesh (qst_jax.parallel): data x fsdp x tensor must equal the device
@@ -257,6 +258,11 @@ def validate(c: Any, *, planning: bool = False) -> None:
     if not errors and c.parallel.data * c.parallel.fsdp > 1 and c.train.batch_size % (c.parallel.data * c.parallel.fsdp):
         errors.append(f"train.batch_size: {c.train.batch_size} must divide by parallel.data x parallel.fsdp = "
                       f"{c.parallel.data * c.parallel.fsdp}")
+    if c.data.streaming and c.task != "lm":
+        errors.append(f"data.streaming: streams LM text (packed windows); task is {c.task!r}")
+    if c.data.streaming and c.train.epochs:
+        errors.append("data.streaming: a stream's length is unknown before it is read; set train.steps, not "
+                      "train.epochs")
     _enum(errors, "sweep.mode", c.sweep.mode, SWEEP_MODES)
     swept = [k for k in SWEEP_KEYS if str(c.sweep[k]).strip()]
     if swept and c.method != "qst":

@@ -33,7 +33,7 @@ import optax
 from qst_jax.checkpoints import Checkpointer
 from qst_jax.data.batches import Batcher, bucket_lengths
 from qst_jax.data.examples import pad_id
-from qst_jax.data.specs import build_examples, resolve_model_path
+from qst_jax.data.specs import build_examples, resolve_model_path, stream_batcher
 from qst_jax.files import write_json_atomic
 from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
 from qst_jax.models.hub import resolve_model
@@ -145,8 +145,11 @@ class Trainer:
         tokenizer = tokenizer or load_tokenizer(path)
         buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)
         pad = pad_id(tokenizer)
-        train = Batcher(build_examples(config, tokenizer, config.data.train, "data.train", log=self.log),
-                        t.batch_size, t.micro_batches, buckets=buckets, pad_id=pad, seed=t.seed)
+        if config.data.streaming:
+            train = stream_batcher(config, tokenizer)
+        else:
+            train = Batcher(build_examples(config, tokenizer, config.data.train, "data.train", log=self.log),
+                            t.batch_size, t.micro_batches, buckets=buckets, pad_id=pad, seed=t.seed)
         held_out = None
         if config.data.eval:
             examples = build_examples(config, tokenizer, config.data.eval, "data.eval", config.data.eval_examples,
@@ -190,7 +193,7 @@ class Trainer:
         self.log(
             f"{config.method} on {ctx.backbone.cfg.model_type} ({ctx.backbone.cfg.num_layers} layers, "
             f"{'NF4' if ctx.backbone.quantized else 'dense'}): {trainable:,} trainable parameters; "
-            f"{len(ctx.train_data.examples)} train examples"
+            f"{ctx.train_data.describe()}"
         )
         summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
         writer = MetricsWriter(self.output_dir)

@@ -124,3 +124,14 @@ def test_chat_columns_are_named_by_config(tmp_path):
     with pytest.raises(DataError, match=r"^data.train: missing column\(s\) \['query'\]; the data has \['question', "
                                         r"'answer'\]$"):
         build_examples(c, tokenizer, str(rows), "data.train")
+
+
+def test_a_hub_set_streams(hub_glue):
+    from qst_jax.data.hub_sets import stream_hub_records
+
+    stream = stream_hub_records("hf:test-org/glue:sst2", "data.train")
+    records = list(stream)
+    assert len(records) == 40 and records[0] == {"sentence": "a good film, 0", "label": 0}
+    with pytest.raises(DataError, match=r"^data.train: hf:test-org/glue:sst2@train\[:10\]: a streamed split is read "
+                                        r"whole; drop the slice"):
+        stream_hub_records("hf:test-org/glue:sst2@train[:10]", "data.train")
