@@ -76,3 +76,26 @@ def test_push_refusals_are_one_line(run, hub, monkeypatch, capsys):
     assert export_cli.main([str(run_dir), "--push-to-hub", "test-org/x"]) == 1
     assert capsys.readouterr().err == ("qst-export: error: test-org/x: cannot push with HF_HUB_OFFLINE set; unset it "
                                        "(pushing needs the network)\n")
+
+
+def test_load_side_pulls_from_the_hub_when_allowed(run, hub):
+    from qst_jax.generate.engine import Engine
+    from qst_jax.generate.side_store import SideStore
+    from qst_jax.models import load_tokenizer
+    from qst_jax.serve import openai_api as api
+    from qst_jax.serve.app import Server
+
+    model_dir, run_dir = run
+    assert export_cli.main([str(run_dir), "--push-to-hub", "test-org/served-side"]) == 0
+    backbone = load_backbone(model_dir)
+    engine = Engine(backbone, load_tokenizer(model_dir), slots=2, max_len=64, sides=SideStore(backbone.cfg))
+    closed = Server(backbone, engine.tokenizer, engine, base_name="base")
+    with pytest.raises(api.APIError, match=r"^hub: loading from the Hub is off: start qst-serve with --hub-sides"):
+        closed.load_side("pulled", None, "test-org/served-side")
+    server = Server(backbone, engine.tokenizer, engine, base_name="base", hub_sides=True)
+    assert server.load_side("pulled", None, "test-org/served-side") == {"status": "loaded", "name": "pulled"}
+    assert "pulled" in server.engine.sides
+    with pytest.raises(api.APIError, match=r"^hub: test-org/nothing-here: no such model repo on the Hub"):
+        server.load_side("other", None, "test-org/nothing-here")
+    with pytest.raises(api.APIError, match=r"^hub: '\.\./x' must be a Hub repo, org/name$"):
+        server.load_side("other", None, "../x")

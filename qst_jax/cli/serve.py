@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("QST_API_KEY"),
                         help="require Authorization: Bearer KEY on every route but /health (or $QST_API_KEY)")
     parser.add_argument("--side-root", help="folder POST /v1/load_side may load from (default: load_side is off)")
+    parser.add_argument("--hub-sides", action="store_true",
+                        help="POST /v1/load_side may pull {\"hub\": \"org/name\"} from the Hugging Face Hub")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
@@ -102,7 +104,8 @@ def build_server(args: argparse.Namespace, log=print):
         base = os.path.basename(os.path.normpath(args.adapter))
     return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
                   api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
-                  admit_wait=None if args.admit_wait_ms is None else args.admit_wait_ms / 1000)
+                  admit_wait=None if args.admit_wait_ms is None else args.admit_wait_ms / 1000,
+                  hub_sides=args.hub_sides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,9 @@ from typing import Any
 
 from qst_jax.generate.decode import GenerationError, render_chat
 from qst_jax.generate.engine import Engine, EngineError
+from qst_jax.hub import HubError, is_repo_id
 from qst_jax.methods import ExportError, load_tuned
+from qst_jax.methods.export import side_directory
 from qst_jax.serve import openai_api as api
 from qst_jax.serve.metrics import ServeMetrics
 from qst_jax.serve.runner import Draining, EngineRunner, QueueFull
@@ -35,7 +37,8 @@ class Server:
       engine: the decoding engine (its `sides` store holds the side networks).
       base_name: the `model` name of the backbone alone.
       side_paths: where each loaded side network came from (`/v1/models`' `root`).
-      side_root: the folder `load_side` may read under (None: `load_side` is off).
+      side_root: the folder `load_side` may read under (None: `load_side` is off for paths).
+      hub_sides: `load_side` may pull `{"hub": "org/name"}` from the Hugging Face Hub.
       api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
       max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
       admit_wait: seconds without a new arrival that end a burst (`EngineRunner`; None: 5% of a prefill).
@@ -43,10 +46,12 @@ class Server:
 
     def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
                  side_paths: dict[str, str] | None = None, side_root: str | None = None, api_key: str | None = None,
-                 max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float | None = None):
+                 max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float | None = None,
+                 hub_sides: bool = False):
         self.backbone, self.tokenizer, self.engine = backbone, tokenizer, engine
         self.base_name, self.side_paths = base_name, dict(side_paths or {})
         self.side_root = os.path.realpath(side_root) if side_root else None
+        self.hub_sides = hub_sides
         self.api_key, self.drain_timeout = api_key, drain_timeout
         self.metrics = ServeMetrics()
         self.runner = EngineRunner(engine, max_queue=max_queue, admit_wait=admit_wait,
@@ -85,13 +90,27 @@ class Server:
             raise api.APIError(400, f"path: {path!r} leads out of the side root (a symlink)", "path")
         return full
 
-    def load_side(self, name: Any, path: Any) -> dict[str, Any]:
+    def hub_side(self, repo: Any) -> str:
+        """The local copy of Hub repo `repo` (an export), when the server was started with --hub-sides."""
+        if not self.hub_sides:
+            raise api.APIError(403, "hub: loading from the Hub is off: start qst-serve with --hub-sides to allow it",
+                               "hub", "permission_error")
+        if not isinstance(repo, str) or not is_repo_id(repo):
+            raise api.APIError(400, f"hub: {repo!r} must be a Hub repo, org/name", "hub")
+        try:
+            return side_directory(repo)
+        except HubError as err:
+            raise api.APIError(400, f"hub: {err}", "hub") from None
+
+    def load_side(self, name: Any, path: Any, hub: Any = None) -> dict[str, Any]:
         if not isinstance(name, str) or not name or name == self.base_name:
             raise api.APIError(400, f"name: {name!r} must be a non-empty name other than the base model's", "name")
         if self.engine.fixed is not None:
             raise api.APIError(400, "name: this server serves one adapter in every slot (--adapter); it loads no "
                                     "side networks", "name")
-        full = self.resolve_side_path(path)
+        if hub is not None and path is not None:
+            raise api.APIError(400, "path: give path (under the side root) or hub (org/name), not both", "path")
+        full = self.hub_side(hub) if hub is not None else self.resolve_side_path(path)
         try:
             model, params, _ = load_tuned(full, self.backbone)  # the fingerprint refuses another backbone's
         except ExportError as err:

@@ -71,8 +71,8 @@ def build_app(server: Any) -> FastAPI:
         try:
             body = await body_of(request)
             if not isinstance(body, dict):
-                raise api.APIError(400, "the request body must be a JSON object {name, path}")
-            return await run_in_threadpool(server.load_side, body.get("name"), body.get("path"))
+                raise api.APIError(400, "the request body must be a JSON object {name, path} or {name, hub}")
+            return await run_in_threadpool(server.load_side, body.get("name"), body.get("path"), body.get("hub"))
         except api.APIError as err:
             return error(err)
 
