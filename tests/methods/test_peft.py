@@ -69,16 +69,41 @@ def test_a_peft_adapter_on_fewer_linears_and_refusals(backbone, tmp_path):
         from_peft(str(tmp_path), backbone.cfg)
 
 
+def _dequantized_into(hf, backbone):
+    """The HF model's linears replaced by our NF4 backbone's, dequantized (float32): the same weights for both."""
+    import torch
+
+    from qst_jax.models.params import layer_specs
+    from qst_jax.quant.matmul import materialize
+
+    state = hf.state_dict()
+    for path, hf_name, _, is_linear in layer_specs(backbone.cfg):
+        if not is_linear:
+            continue
+        stacked = backbone.params["layers"][path[0]][path[1]][path[2]]
+        for i in range(backbone.cfg.num_layers):
+            dense = materialize(jax.tree.map(lambda x, i=i: x[i], stacked), jnp.float32)
+            state[f"model.layers.{i}.{hf_name}"] = torch.from_numpy(np.array(dense))
+    hf.load_state_dict(state)
+    return hf
+
+
 @pytest.mark.parity
-def test_peft_model_gives_our_logits(backbone, testdata, tmp_path):
+@pytest.mark.parametrize("weights", ["dense", "nf4"])
+def test_peft_model_gives_our_logits(backbone, testdata, tmp_path, weights):
+    """PeftModel over the same weights (float32, or our NF4 ones dequantized into the HF model) gives our logits."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
 
+    if weights == "nf4":
+        backbone = load_backbone(testdata / "tiny-llama-bf16", quantize=True, dtype=jnp.float32)
     model, params = _qlora(backbone)
     export_side(str(tmp_path / "run"), model, params, backbone.cfg, {"model_path": str(testdata / "tiny-llama-bf16")})
     hf = transformers.AutoModelForCausalLM.from_pretrained(testdata / "tiny-llama-bf16", torch_dtype=torch.float32,
                                                            attn_implementation="eager").eval()
+    if weights == "nf4":
+        hf = _dequantized_into(hf, backbone)
     tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "run")).eval()
     ids = np.random.default_rng(0).integers(3, backbone.cfg.vocab_size, (2, 16))
     with torch.no_grad():
