@@ -28,6 +28,9 @@ table's `vs fn` column is each loop's step time over the functional one's.
 
     python scripts/benchmark.py --shape smollm2 --batch 4 --seq 128 --methods qst:adapter --loops functional,nnx.jit,nnx.split
 
+`--offload` keeps the frozen layers in pinned host memory and streams them to
+the device a layer at a time (`model.offload=weights`).
+
 Memory: `peak GiB` where the backend reports it (GPU), and always XLA's own
 figure for the compiled step (`xla GiB`: arguments + outputs + temporaries,
 less what donation aliases).
@@ -144,8 +147,8 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
         model = QSTModel(cfg, dataclasses.replace(model.side, task="classification", num_labels=2),
                          ce_chunk=args.ce_chunk, attention_impl=args.attention or None)
     data = make_batch(cfg, batch, seq, args.task)
-    record = {"shape": args.shape, "method": method, "task": args.task, "batch": batch, "seq": seq,
-              "device": jax.devices()[0].device_kind, "loop": loop}
+    record = {"shape": args.shape, "offload": bool(getattr(args, "offload", False)), "method": method,
+              "task": args.task, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind, "loop": loop}
     compiled = None
     if loop != "functional":
         if method == "forward" or members > 1:
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--members", default="", help="comma-separated sweep sizes K (qst methods), e.g. 1,2,4,8")
     parser.add_argument("--task", default="lm", choices=["lm", "classification"])
+    parser.add_argument("--offload", action="store_true",
+                        help="stream the frozen layers from pinned host memory (model.offload=weights); the random "
+                             "backbone is built on the CPU so the device never holds it whole")
     parser.add_argument("--loops", default="functional",
                         help="comma-separated: functional (make_train_step), nnx.jit, nnx.split (qst_jax.nnx loops)")
     args = parser.parse_args(argv)
@@ -229,6 +235,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         loaded = load_backbone(resolve_model_path("smollm2"))
         cfg, backbone = loaded.cfg, loaded.params
+    elif args.offload:
+        from qst_jax.models.loader import layers_in_host_memory
+
+        cfg = llama2_config(args.shape)
+        with jax.default_device(jax.devices("cpu")[0]):
+            built = random_params(cfg, jax.random.PRNGKey(0))
+        host, device = layers_in_host_memory(), jax.devices()[0]
+        backbone = {k: jax.device_put(v, host if k == "layers" else device) for k, v in built.items()}
+        del built
     else:
         cfg = llama2_config(args.shape)
         backbone = random_params(cfg, jax.random.PRNGKey(0))

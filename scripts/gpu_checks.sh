@@ -7,7 +7,8 @@
 # 2. the fused kernel against the reference path at 1, 16 and 64 tokens, LLaMA-2-7B shapes
 #    (per linear, whole backbone, batch-1 decode), and at 1 token for the 70B linears;
 # 3. QST (adapter, maxpool), QLoRA and the backbone forward at LLaMA-2-7B shape, B16 x T512;
-# 4. the sharded step on a one-device mesh against the unsharded step.
+# 4. the sharded step on a one-device mesh against the unsharded step (run last);
+# 5. the steps of 3 with the frozen layers streamed from pinned host memory.
 # Each writes JSON lines under OUT_DIR and prints its table; the peers' figures
 # come from ../shared/anchors/ (see its README) in the same session.
 set -euo pipefail
@@ -25,6 +26,9 @@ $python scripts/kernel_benchmark.py --shape 70b --tokens 1 --skip-forward --out 
   | tee "$out/kernel_70b.txt"
 $python scripts/benchmark.py --shape 7b --batch 16 --seq 512 \
   --methods forward,qst:adapter,qst:maxpool,qlora --out "$out/benchmark.jsonl" | tee "$out/benchmark.txt"
+# 5. the same steps with the frozen layers streamed from pinned host memory (model.offload=weights).
+$python scripts/benchmark.py --shape 7b --batch 16 --seq 512 --offload \
+  --methods forward,qst:adapter,qlora --out "$out/benchmark_offload.jsonl" | tee "$out/benchmark_offload.txt"
 $python - <<'EOF' 2>&1 | tee "$out/mesh.txt"
 # The sharded step on a (1, 1, 1) mesh equals the unsharded step (issue 7's GPU check).
 import jax, jax.numpy as jnp, numpy as np, optax

@@ -239,7 +239,7 @@ def joint_pass(
     def body(carry: tuple[jax.Array, tuple[jax.Array, ...]], xs: tuple[Any, ...]):
         h, states = carry
         layer, next_norm, kv, group_xs, group_kvs = xs
-        h, kv = backbone_block(layer, h, backbone_cfg, backbone_ctx, kv)
+        h, kv = backbone_block(loops.layer_to_device(layer), h, backbone_cfg, backbone_ctx, kv)
         h = jax.lax.stop_gradient(h)
         normed = h if next_norm is None else norm(next_norm, h, backbone_cfg.norm_eps)
         stepped = [g.step(x, h_read, s, g_kv, run)

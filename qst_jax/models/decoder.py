@@ -96,7 +96,11 @@ def scan_layers(
     Returns:
       (h_L, updated caches or None); with `collect`, also its stacked results.
     """
-    block = block_fn(cfg)
+    plain = block_fn(cfg)
+
+    def block(layer, h, cfg, ctx, kv):  # a streamed layer is copied in here, so remat re-streams, never keeps it
+        return plain(loops.layer_to_device(layer), h, cfg, ctx, kv)
+
     if remat:
         block = jax.checkpoint(block, static_argnums=(2,))
 

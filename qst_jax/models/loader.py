@@ -154,16 +154,38 @@ def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: An
     return params
 
 
-def _to_device(params: dict[str, Any]) -> dict[str, Any]:
-    """Moves host arrays to the default device one leaf at a time.
+OFFLOAD_MODES = ("none", "weights")
+
+
+def layers_in_host_memory() -> Any:
+    """The sharding that keeps an array in the default device's pinned host memory (a streamed backbone's layers)."""
+    from jax.sharding import SingleDeviceSharding
+
+    return SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+
+
+def offload_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the stacked `layers` moved to pinned host memory, streamed to the device a layer at a time
+    by every layer loop (`models.loops.layer_to_device`); embeddings, norms and the LM head stay on the device."""
+    host = layers_in_host_memory()
+    layers = jax.tree.map(lambda x: jax.device_put(x, host), params["layers"])
+    return {**params, "layers": layers}
+
+
+def _to_device(params: dict[str, Any], offload: str = "none") -> dict[str, Any]:
+    """Moves host arrays to the default device one leaf at a time (with `offload="weights"`, the layers to its
+    pinned host memory instead: they never occupy the device whole).
 
     Each host leaf is released as soon as its device copy exists, so the host
     never holds the whole model twice.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    host = layers_in_host_memory() if offload == "weights" else None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     del params
-    for i in range(len(leaves)):
-        leaves[i] = jax.device_put(leaves[i]).block_until_ready()
+    leaves = [leaf for _, leaf in flat]
+    for i, (path, _) in enumerate(flat):
+        in_layers = host is not None and getattr(path[0], "key", None) == "layers"
+        leaves[i] = jax.device_put(leaves[i], host if in_layers else None).block_until_ready()
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -210,7 +232,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any = jnp.bfloat16,
-                  placement: Placement | None = None) -> Backbone:
+                  placement: Placement | None = None, offload: str = "none") -> Backbone:
     """Loads a frozen backbone from a local directory or `.gguf` file, or one named on the Hub.
 
     Args:
@@ -225,6 +247,9 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         leaf. `qst_jax.parallel.ShardedPlacement(mesh)` sends each layer to
         its device shards as it is read, so no host or device ever holds the
         whole model.
+      offload: "weights": the stacked layers go to the device's pinned host
+        memory and every layer loop streams them in one layer at a time
+        (`offload_layers`); "none" (default): all on the device.
 
     Raises:
       CheckpointError / ConfigError: a missing path, an unsupported
@@ -241,7 +266,7 @@ def load_backbone(path: str | os.PathLike, *, quantize: bool = True, dtype: Any 
         _check_quantization_config(hf, config_path)
         source = SafetensorsSource(path)
     if placement is None:
-        params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize))
+        params = _to_device(read_params(source, cfg, dtype=dtype, quantize_linears=quantize), offload)
     else:
         params = read_params(source, cfg, dtype=dtype, quantize_linears=quantize, placement=placement)
     return Backbone(cfg=cfg, params=params, dtype=dtype, source=path)

@@ -34,6 +34,26 @@ def scan(body: Callable, init: Any, xs: Any, length: int | None = None) -> tuple
     return jax.lax.scan(body, init, xs, length=length, unroll=True if _UNROLL.get() else 1)
 
 
+def layer_to_device(layer: Any) -> Any:
+    """A scanned layer's leaves that live in host memory (a streamed backbone) copied to the device.
+
+    Called at the top of a layer loop's body: XLA issues the copies of layer
+    i as the iteration starts, so only one layer of a backbone kept in pinned
+    host memory (`model.offload="weights"`) is on the device at a time. Leaves
+    already on the device pass through; on a jax without memory spaces nothing
+    changes.
+    """
+    space = getattr(getattr(jax, "memory", None), "Space", None)
+    typeof = getattr(jax, "typeof", None)
+    if space is None or typeof is None:
+        return layer
+
+    def move(x: Any) -> Any:
+        return jax.device_put(x, space.Device) if getattr(typeof(x), "memory_space", None) == space.Host else x
+
+    return jax.tree.map(move, layer)
+
+
 def map(fn: Callable, xs: Any) -> Any:  # noqa: A001 (the name of lax.map)
     """`jax.lax.map(fn, xs)` through `scan`."""
     return scan(lambda _, x: (None, fn(x)), None, xs)[1]

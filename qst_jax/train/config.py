@@ -19,6 +19,7 @@ from qst_jax.methods.qlora import QLoRAConfig
 from qst_jax.methods.settings import field_problems, settings
 from qst_jax.methods.side_config import SideConfig, SideOptions
 from qst_jax.models.config import ConfigError
+from qst_jax.models.loader import OFFLOAD_MODES
 from qst_jax.models.random_init import LLAMA2_SHAPES
 from qst_jax.train.optim import SCHEDULES
 
@@ -54,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.quantize = True  # hold the backbone's linears as NF4
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.attention = ""  # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+    # "weights": the frozen layers stay in pinned host memory and stream to the device one layer at a time
+    # (QST reads each once per micro-batch, forward only); "none": all on the device
+    c.model.offload = "none"
     c.model.shape = ""  # "llama2-7b" / "llama2-13b" / "llama2-70b": the shape --plan compiles when model.path has none
 
     c.side = ml_collections.ConfigDict()  # every key, its default and its meaning: methods/side_config.py
@@ -224,6 +228,9 @@ def validate(c: Any, *, planning: bool = False) -> None:
             errors.append(f"{key}: is required (--config.{key}=...)")
     _enum(errors, "model.dtype", c.model.dtype, DTYPES)
     _enum(errors, "model.attention", c.model.attention, ATTENTION_IMPLS)
+    _enum(errors, "model.offload", c.model.offload, OFFLOAD_MODES)
+    if c.model.offload != "none" and c.parallel.data * c.parallel.fsdp * c.parallel.tensor > 1:
+        errors.append("model.offload: streams the layers from one device's host memory; parallel.* must be 1")
     _enum(errors, "model.shape", c.model.shape, ("", *(f"llama2-{k}" for k in LLAMA2_SHAPES)))
     errors += field_problems(c, classes=SETTINGS)
     for key in ("train.batch_size",

@@ -37,6 +37,7 @@ from qst_jax.data.specs import build_examples, resolve_model_path, stream_batche
 from qst_jax.files import write_json_atomic
 from qst_jax.models import Backbone, load_backbone, load_config, load_tokenizer
 from qst_jax.models.hub import resolve_model
+from qst_jax.models.loader import offload_layers
 from qst_jax.train.config import check_context, resume_changes, validate
 from qst_jax.train.context import RunContext
 from qst_jax.train.loop import LoopHooks, Periods, train_loop
@@ -141,7 +142,10 @@ class Trainer:
             from qst_jax.parallel import make_mesh
 
             mesh = make_mesh(p.data, p.fsdp, p.tensor)
-        backbone = backbone or self._load_backbone(path, mesh)
+        if backbone is None:
+            backbone = self._load_backbone(path, mesh)
+        elif config.model.offload == "weights":  # a backbone passed in loaded: its layers move to host memory
+            backbone.params = offload_layers(backbone.params)
         tokenizer = tokenizer or load_tokenizer(path)
         buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)
         pad = pad_id(tokenizer)
@@ -167,7 +171,8 @@ class Trainer:
 
             placement = ShardedPlacement(mesh)
         dtype = jnp.dtype(self.config.model.dtype)
-        return load_backbone(path, quantize=self.config.model.quantize, dtype=dtype, placement=placement)
+        return load_backbone(path, quantize=self.config.model.quantize, dtype=dtype, placement=placement,
+                             offload=self.config.model.offload)
 
     def _place(self, batch: dict[str, np.ndarray]) -> Any:
         """On several processes: this process's rows of the global batch, as global arrays."""
