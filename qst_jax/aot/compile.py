@@ -45,9 +45,14 @@ class CompileReport:
     Attributes:
       target: the GpuTarget.
       compile_s: seconds to compile the real program (this CPU).
-      argument_bytes, output_bytes, temp_bytes, alias_bytes, peak_bytes: XLA's
-        `memory_analysis()` (peak: what the device holds at the program's
-        high point; donated arguments are aliased to outputs, not counted twice).
+      argument_bytes, output_bytes, temp_bytes, alias_bytes: XLA's
+        `memory_analysis()` of the device (donated arguments are aliased to
+        outputs, not counted twice).
+      peak_bytes: what the device holds at the program's high point: XLA's
+        `peak_memory_in_bytes` less the host bytes it adds in.
+      host_bytes: pinned host memory the program reads (a backbone streamed
+        from the host: `model.offload=weights`): host arguments, temporaries
+        and outputs less aliases.
       flops, bytes_accessed: XLA's cost analysis of the whole step (loops at
         their trip counts), or None when not asked for.
       dtype: the compute dtype the roofline uses.
@@ -63,23 +68,38 @@ class CompileReport:
     flops: float | None = None
     bytes_accessed: float | None = None
     dtype: str = "bfloat16"
+    host_bytes: int = 0
+    streamed_bytes: float = 0.0  # host bytes copied to the device per step (host_bytes x the micro-batches)
 
     @property
     def fits(self) -> bool:
+        """Whether the device peak fits the target's memory (host bytes are the host's RAM)."""
         return self.peak_bytes <= self.target.memory_bytes
 
     @property
-    def roofline_s(self) -> float | None:
-        """max(compute time at the tensor-core peak, memory time at full bandwidth): an estimate."""
+    def bounds_s(self) -> dict[str, float] | None:
+        """Seconds a step needs at each bound: compute (tensor-core peak), memory (full bandwidth) and, for a
+        streamed backbone, the host link; overlapped, the largest wins."""
         if self.flops is None or self.bytes_accessed is None:
             return None
-        return max(self.flops / self.target.peak_flops(self.dtype), self.bytes_accessed / self.target.bandwidth_bytes_s)
+        bounds = {"compute": self.flops / self.target.peak_flops(self.dtype),
+                  "memory": self.bytes_accessed / self.target.bandwidth_bytes_s}
+        if self.streamed_bytes:
+            bounds["host link"] = self.streamed_bytes / self.target.host_link_bytes_s
+        return bounds
+
+    @property
+    def roofline_s(self) -> float | None:
+        """The largest of `bounds_s`: an estimate."""
+        bounds = self.bounds_s
+        return None if bounds is None else max(bounds.values())
 
     def to_dict(self) -> dict[str, Any]:
         gib = lambda b: round(b / GIB, 3)  # noqa: E731
         return {"target": self.target.name, "compile_s": round(self.compile_s, 1),
                 "argument_gib": gib(self.argument_bytes), "output_gib": gib(self.output_bytes),
                 "temp_gib": gib(self.temp_bytes), "alias_gib": gib(self.alias_bytes), "peak_gib": gib(self.peak_bytes),
+                "host_gib": gib(self.host_bytes),
                 "device_gib": round(self.target.memory_gib, 1), "fits": self.fits, "flops": self.flops,
                 "bytes_accessed": self.bytes_accessed, "roofline_s": self.roofline_s, "dtype": self.dtype,
                 "jax": jax.__version__}
@@ -96,12 +116,20 @@ class CompileReport:
             f"  peak              {gib(self.peak_bytes)}: {'fits' if self.fits else 'does NOT fit'} "
             f"in {t.memory_gib:.1f} GiB",
         ]
+        if self.host_bytes:
+            out.append(f"  host (pinned)     {gib(self.host_bytes)}: the streamed frozen layers, in host RAM")
         if self.flops is not None:
             out += [f"  flops             {self.flops:.4g} (loops at their trip counts)",
                     f"  bytes accessed    {self.bytes_accessed:.4g}",
                     f"  step time         {self.roofline_s * 1e3:.1f} ms: roofline ESTIMATE at "
                     f"{t.peak_flops(self.dtype) / 1e12:.0f} TFLOP/s ({self.dtype}) and "
                     f"{t.bandwidth_bytes_s / 1e9:.0f} GB/s, not a measurement"]
+            if self.streamed_bytes:
+                bounds = self.bounds_s
+                bound = max(bounds, key=bounds.get)
+                out.append(f"  stream            {gib(self.streamed_bytes)} a step over the host link at "
+                           f"{t.host_link_bytes_s / 1e9:.1f} GB/s: {bounds['host link'] * 1e3:.1f} ms; overlapped "
+                           f"with compute ({bounds['compute'] * 1e3:.1f} ms), the {bound} bound wins")
         return "\n".join(out)
 
 
@@ -147,7 +175,9 @@ def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost
             one = _cpu_cost(compile_for(name, *make(1, True))[0])
             two = _cpu_cost(compile_for(name, *make(2, True))[0])
         flops, accessed = (repeats * (2 * a - b + layers * (b - a)) for a, b in zip(one, two))
+    host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes + mem.host_output_size_in_bytes - \
+        mem.host_alias_size_in_bytes
     return CompileReport(get_target(name), seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                         mem.temp_size_in_bytes, mem.alias_size_in_bytes, mem.peak_memory_in_bytes, flops, accessed,
-                         dtype)
+                         mem.temp_size_in_bytes, mem.alias_size_in_bytes, mem.peak_memory_in_bytes - host, flops,
+                         accessed, dtype, host, float(host) * repeats)  # streamed once per micro-batch
 

@@ -40,6 +40,10 @@ class GpuTarget:
       shared_per_sm, shared_per_block_optin: shared memory (bytes).
       bf16_tflops: dense tensor-core peak in bfloat16 (0: no bf16 tensor cores).
       fp16_tflops: dense tensor-core peak in float16.
+      host_link_bytes_s: host-to-device bandwidth, one direction: the
+        theoretical rate of the published PCIe generation at x16 (Gen3 15.75,
+        Gen4 31.5, Gen5 63 GB/s; transfers reach about 80% of it), what a
+        backbone streamed from host memory is bounded by.
     """
 
     name: str
@@ -55,6 +59,7 @@ class GpuTarget:
     shared_per_block_optin: int
     bf16_tflops: float
     fp16_tflops: float
+    host_link_bytes_s: float = 31.5e9
 
     @property
     def has_bf16(self) -> bool:
@@ -108,18 +113,19 @@ device_description_str: "{self.description}"
 GIB = 2**30
 TARGETS: dict[str, GpuTarget] = {t.name: t for t in (
     # Colab's free GPU: Turing, no bf16 (the compute dtype falls back to float16), 16 GB GDDR6 at 320 GB/s.
-    GpuTarget("t4", "Tesla T4", (7, 5), 40, 64, 16_106_127_360, 320e9, 4 * 2**20, 1.59, 65536, 65536, 0.0, 65.0),
+    GpuTarget("t4", "Tesla T4", (7, 5), 40, 64, 16_106_127_360, 320e9, 4 * 2**20, 1.59, 65536, 65536, 0.0, 65.0,
+              15.75e9),  # PCIe Gen3 x16
     # Colab's L4: Ada, 24 GB GDDR6 at 300 GB/s, 121 dense bf16 TFLOP/s.
     GpuTarget("l4", "NVIDIA L4", (8, 9), 58, 128, 24_152_899_584, 300e9, 48 * 2**20, 2.04, 102400, 101376,
-              121.0, 121.0),
+              121.0, 121.0, 31.5e9),  # PCIe Gen4 x16
     GpuTarget("a100-40", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 42_298_834_944, 1555e9, 40 * 2**20, 1.41,
-              167936, 166912, 312.0, 312.0),
+              167936, 166912, 312.0, 312.0, 31.5e9),  # PCIe Gen4 x16 host link
     GpuTarget("a100-80", "NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 85_198_045_184, 2039e9, 40 * 2**20, 1.41,
-              167936, 166912, 312.0, 312.0),
+              167936, 166912, 312.0, 312.0, 31.5e9),
     GpuTarget("h100", "NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 84_942_979_072, 3.35232e12, 50 * 2**20, 1.98,
-              233472, 232448, 989.0, 989.0),
+              233472, 232448, 989.0, 989.0, 63e9),  # PCIe Gen5 x16 host link
     GpuTarget("h200", "NVIDIA H200 141GB HBM3e", (9, 0), 132, 128, 151_397_597_184, 4.8e12, 50 * 2**20, 1.98,
-              233472, 232448, 989.0, 989.0),
+              233472, 232448, 989.0, 989.0, 63e9),
 )}
 
 

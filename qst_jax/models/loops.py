@@ -48,10 +48,14 @@ def layer_to_device(layer: Any) -> Any:
     if space is None or typeof is None:
         return layer
 
-    def move(x: Any) -> Any:
-        return jax.device_put(x, space.Device) if getattr(typeof(x), "memory_space", None) == space.Host else x
-
-    return jax.tree.map(move, layer)
+    leaves, treedef = jax.tree.flatten(layer)
+    host = [getattr(typeof(x), "memory_space", None) == space.Host for x in leaves]
+    if not any(host):
+        return layer
+    moved = [jax.device_put(x, space.Device) if h else x for x, h in zip(leaves, host)]
+    # The barrier keeps XLA from moving a reshape of a host slice ahead of its copy (a bitcast across memory
+    # spaces, which XLA's layout pass refuses for NF4 scales at LLaMA-2-70B shapes).
+    return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(moved))
 
 
 def map(fn: Callable, xs: Any) -> Any:  # noqa: A001 (the name of lax.map)

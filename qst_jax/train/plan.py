@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qst_jax.aot.compile import CompileReport, compile_report, replicated_on
 from qst_jax.aot.targets import abstract_mesh, target as get_target
@@ -82,8 +83,13 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
 
     def make(layers: int, for_cost: bool):
         layer_cfg = dataclasses.replace(cfg, num_layers=layers)
-        backbone = replicated_on(mesh, jax.eval_shape(
-            lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype), jax.random.PRNGKey(0)))
+        shapes = jax.eval_shape(lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype),
+                                jax.random.PRNGKey(0))
+        backbone = replicated_on(mesh, shapes)
+        if config.model.offload == "weights":  # the layers in pinned host memory (kept over the abstract mesh)
+            host = NamedSharding(mesh.abstract_mesh, PartitionSpec(), memory_kind="pinned_host")
+            backbone["layers"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
+                                              shapes["layers"])
         key = jax.random.PRNGKey(0)
         if is_sweep(config):
             members = plan_members(config, total_steps=total)

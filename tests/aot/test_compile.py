@@ -4,6 +4,7 @@ fused kernel's Triton call, the trip-count scaling of the cost, the planner. Ski
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from qst_jax.models.loops import unrolled_loops  # noqa: E402
 from qst_jax.models.random_init import llama2_config, random_params  # noqa: E402
 from qst_jax.train.step import init_train_state, make_train_step  # noqa: E402
 
+REPO = pathlib.Path(__file__).parents[2]
 B, T, LAYERS = 16, 128, 8
 CFG = dataclasses.replace(llama2_config("tiny"), num_layers=LAYERS)  # d 256, I 704, 8 heads, vocab 1024
 
@@ -153,6 +155,28 @@ def test_qst_train_plan_prints_the_compiled_peak_without_reading_weights(tmp_pat
     assert "compiled for h100 (NVIDIA H100 80GB HBM3, 79.1 GiB), not measured" in out.stdout
     assert "fits in 79.1 GiB" in out.stdout and "roofline ESTIMATE" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_streamed_backbone_is_host_memory_not_device(tmp_path):
+    """model.offload=weights: the planner's step reads the layers from pinned host memory; the device peak drops
+    by at least the layers' bytes, which the host column holds (compiled for an L4, tiny shape)."""
+    from qst_jax.data.specs import resolve_model_path
+    from qst_jax.models import load_config
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import plan_run
+
+    plans = {}
+    for offload in ("none", "weights"):
+        c = load_preset(str(REPO / "configs" / "chat_70b.py"), "chat_70b")
+        c.model.path, c.model.offload = "smollm2", offload
+        c.train.batch_size, c.train.micro_batches, c.data.seq_len = 2, 1, 64
+        plans[offload] = plan_run(c, "l4", cost=False)[0]
+    cfg = load_config(resolve_model_path("smollm2"))
+    layers = _nbytes(jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0))["layers"])
+    resident, streamed = plans["none"], plans["weights"]
+    assert resident.host_bytes == 0 and streamed.host_bytes == layers
+    assert streamed.peak_bytes <= resident.peak_bytes - 0.9 * layers
+    assert "host (pinned)" in streamed.lines() and "host (pinned)" not in resident.lines()
 
 
 def test_fit_table_rows_and_table(capsys):
