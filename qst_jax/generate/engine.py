@@ -84,7 +84,11 @@ class Engine:
         self.key_mask = np.zeros((slots, self.max_len), np.int32)
         self.last = np.zeros(slots, np.int32)
         self.route = np.full((slots, 2), (-1, 0), np.int32)  # (stack, index in it) of each slot
-        self.settings = np.zeros((slots, 4), np.float32)  # temperature, top_k, top_p, seed
+        # Each slot's sampling, typed: a seed is an integer of 32 bits (a float32 would round seeds above 2^24 together).
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.seed = np.zeros(slots, np.uint32)
         self._model_key: Any = None
         self.compiled: set[tuple[str, int]] = set()  # (program, shape) compiled so far
         self.prefills = 0  # prefill calls so far (each `prefill_rows` rows of one bucket)
@@ -273,7 +277,8 @@ class Engine:
         for i, (slot, r) in enumerate(group):
             self.caches = insert(self.caches, row_caches, np.int32(i), np.int32(slot))
             self.route[slot] = routes[i]
-            self.settings[slot] = (r.temperature, r.top_k, r.top_p, r.seed)
+            self.temperature[slot], self.top_k[slot], self.top_p[slot] = r.temperature, r.top_k, r.top_p
+            self.seed[slot] = int(r.seed) % 2**32
             self.lengths[slot] = len(r.prompt)
             self.key_mask[slot] = 0
             self.key_mask[slot, : len(r.prompt)] = 1
@@ -292,14 +297,14 @@ class Engine:
         once per program shape, never once per number of requests; a row's
         draw depends only on its own slot's settings and seed.
         """
-        used = row_slots >= 0
-        s = np.zeros((len(row_slots), 4), np.float32)
-        s[:, 2] = 1.0  # top_p of the unused rows
-        s[used] = self.settings[row_slots[used]]
-        steps = np.zeros(len(row_slots), np.int32)
+        used, n = row_slots >= 0, len(row_slots)
+        of_rows = lambda values, unused: np.where(used, values[np.maximum(row_slots, 0)], unused)  # noqa: E731
+        steps = np.zeros(n, np.int32)
         steps[used] = [len(self.active[i].tokens) for i in row_slots[used]]
-        return np.asarray(_sample_jit(logits, s[:, 3].astype(np.int32), steps, s[:, 0], s[:, 1].astype(np.int32),
-                                      s[:, 2]))
+        return np.asarray(_sample_jit(logits, of_rows(self.seed, np.uint32(0)).astype(np.uint32), steps,
+                                      of_rows(self.temperature, np.float32(0)).astype(np.float32),
+                                      of_rows(self.top_k, np.int32(0)).astype(np.int32),
+                                      of_rows(self.top_p, np.float32(1)).astype(np.float32)))
 
     def _decode(self) -> None:
         model, params_of = self._model()

@@ -161,3 +161,26 @@ def test_the_decode_step_reads_the_side_stack_in_place(backbone):
     small, _ = _decode_temp_bytes(backbone, 2)
     large, stack = _decode_temp_bytes(backbone, 64)
     assert large - small < stack / 16, (small, large, stack)  # moving it to layer-major order took a whole copy
+
+
+def test_seeds_are_integers_not_rounded_floats(backbone):
+    """Seeds one apart above 2^24 draw differently (a float32 store made them one seed), and 2^31 - 1 stays itself."""
+    engine = Engine(backbone, IdTokenizer(), slots=4, max_len=64)
+    prompt = [5, 17, 99, 300]
+    requests = [Request(prompt, max_tokens=8, temperature=1.0, seed=s, eos_ids=[])
+                for s in (123456789, 123456790, 2**31 - 1, 123456789)]
+    engine.generate(requests)
+    tokens = [r.tokens for r in requests]
+    assert tokens[0] != tokens[1] and tokens[0] == tokens[3]  # one seed apart: other draws; the same seed: the same
+    assert engine.seed.dtype == np.uint32  # held exactly
+    assert sorted(engine.seed.tolist()) == sorted([123456789, 123456790, 2**31 - 1, 123456789])
+
+
+def test_n_choices_without_a_seed_differ():
+    """The OpenAI API's n=2 with temperature > 0 and no seed gives choice i the seed s + i: they must differ."""
+    from qst_jax.serve.openai_api import parse_request
+
+    parsed = [parse_request({"model": "m", "prompt": "x", "n": 2, "temperature": 1.0}, "completion",
+                            lambda b: [1, 2, 3], 64) for _ in range(3)]
+    for p in parsed:
+        assert p.requests[1].seed == (p.requests[0].seed + 1) % 2**31

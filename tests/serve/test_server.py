@@ -151,6 +151,9 @@ def test_streams_chat_with_usage_and_done(setup):
     assert whole.usage.completion_tokens == 10 and whole.choices[0].finish_reason == "length"
     n = client.completions.create(model="b", prompt="To be", max_tokens=4, temperature=0.9, seed=3, n=3)
     assert [c.index for c in n.choices] == [0, 1, 2] and n.usage.completion_tokens == 12
+    assert len({c.text for c in n.choices}) > 1  # choice i draws with seed 3 + i: not one draw three times
+    again = client.completions.create(model="b", prompt="To be", max_tokens=4, temperature=0.9, seed=3, n=3)
+    assert [c.text for c in again.choices] == [c.text for c in n.choices]  # the same seed: the same choices
 
 
 def test_a_side_loaded_while_streams_run_disturbs_nothing(setup):
