@@ -29,7 +29,8 @@ table's `vs fn` column is each loop's step time over the functional one's.
     python scripts/benchmark.py --shape smollm2 --batch 4 --seq 128 --methods qst:adapter --loops functional,nnx.jit,nnx.split
 
 `--offload` keeps the frozen layers in pinned host memory and streams them to
-the device a layer at a time (`model.offload=weights`).
+the device one layer ahead (`model.offload=weights`); `--offload
+weights+states` also keeps QST's stored backbone states in host memory.
 
 Memory: `peak GiB` where the backend reports it (GPU), and always XLA's own
 figure for the compiled step (`xla GiB`: arguments + outputs + temporaries,
@@ -55,6 +56,7 @@ from qst_jax.methods.side_config import SideConfig
 from qst_jax.methods import FrozenModel, QLoRAModel, QSTModel
 from qst_jax.tree import count_params
 from qst_jax.eval.tasks import make_eval_step
+from qst_jax.models.loops import streaming_options
 from qst_jax.train.step import init_train_state, make_train_step
 from qst_jax.methods.side_set import SideSet
 from qst_jax.train.sweep import init_sweep_state, make_sweep_step
@@ -62,13 +64,14 @@ from qst_jax.train.sweep import init_sweep_state, make_sweep_step
 ALL_METHODS = "forward,qst:adapter,qst:lora,qst:linear,qst:maxpool,qst:avgpool,qlora,qlora:noremat"
 
 
-def build_model(method: str, cfg, ce_chunk: int, side_heads: int, attention: str | None):
+def build_model(method: str, cfg, ce_chunk: int, side_heads: int, attention: str | None, offload: str = "none"):
     if method == "forward":
         return FrozenModel(cfg, ce_chunk=ce_chunk, attention_impl=attention)
     if method.startswith("qst"):
         down = method.split(":")[1] if ":" in method else "adapter"
         side = SideConfig(downsampler=down, side_heads=side_heads or None)
-        return QSTModel(cfg, side, ce_chunk=ce_chunk, attention_impl=attention)
+        store = "auto@host" if offload == "weights+states" else "auto"  # the kept states in host memory too
+        return QSTModel(cfg, side, ce_chunk=ce_chunk, attention_impl=attention, hidden_store=store)
     if method.startswith("qlora"):
         return QLoRAModel(cfg, remat=not method.endswith("noremat"), ce_chunk=ce_chunk, attention_impl=attention)
     raise ValueError(f"unknown method {method!r}")
@@ -140,14 +143,14 @@ def nnx_runner(model, cfg, backbone, data, loop: str):
 
 def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, members: int = 0,
             loop: str = "functional") -> dict:
-    model = build_model(method, cfg, args.ce_chunk, args.side_heads, args.attention or None)
+    model = build_model(method, cfg, args.ce_chunk, args.side_heads, args.attention or None, args.offload)
     if members and not method.startswith("qst"):
         raise ValueError(f"--members needs qst methods, not {method!r}")
     if args.task == "classification" and method.startswith("qst"):
         model = QSTModel(cfg, dataclasses.replace(model.side, task="classification", num_labels=2),
                          ce_chunk=args.ce_chunk, attention_impl=args.attention or None)
     data = make_batch(cfg, batch, seq, args.task)
-    record = {"shape": args.shape, "offload": bool(getattr(args, "offload", False)), "method": method,
+    record = {"shape": args.shape, "offload": args.offload, "method": method,
               "task": args.task, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind, "loop": loop}
     compiled = None
     if loop != "functional":
@@ -161,7 +164,7 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
         fn = make_eval_step(model)
         micro = jax.tree.map(lambda x: x[0], data)
         start = time.perf_counter()
-        compiled = fn.lower({}, backbone, micro).compile()
+        compiled = fn.lower({}, backbone, micro).compile(streaming_options(args.offload))
         record["compile_s"] = time.perf_counter() - start
 
         def run():
@@ -174,11 +177,11 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
             sides = SideSet.of([model] * members)
             txs = [optax.adamw(1e-4 * (i + 1)) for i in range(members)]
             state = init_sweep_state(sides, txs, list(range(members)), seed=0)
-            step = make_sweep_step(sides, txs)
+            step = make_sweep_step(sides, txs, compiler_options=streaming_options(args.offload))
         else:
             tx = optax.adamw(1e-4)
             state = init_train_state(model, tx, jax.random.PRNGKey(0))
-            step = make_train_step(model, tx)
+            step = make_train_step(model, tx, compiler_options=streaming_options(args.offload))
         record["members"] = members or None
         record["trainable_params"] = count_params(state.params)
         start = time.perf_counter()
@@ -222,9 +225,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--members", default="", help="comma-separated sweep sizes K (qst methods), e.g. 1,2,4,8")
     parser.add_argument("--task", default="lm", choices=["lm", "classification"])
-    parser.add_argument("--offload", action="store_true",
-                        help="stream the frozen layers from pinned host memory (model.offload=weights); the random "
-                             "backbone is built on the CPU so the device never holds it whole")
+    parser.add_argument("--offload", nargs="?", const="weights", default="none",
+                        choices=["none", "weights", "weights+states"],
+                        help="stream the frozen layers from pinned host memory (model.offload=weights; "
+                             "weights+states: QST's kept states too); the random backbone is built on the CPU so the "
+                             "device never holds it whole")
     parser.add_argument("--loops", default="functional",
                         help="comma-separated: functional (make_train_step), nnx.jit, nnx.split (qst_jax.nnx loops)")
     args = parser.parse_args(argv)
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         loaded = load_backbone(resolve_model_path("smollm2"))
         cfg, backbone = loaded.cfg, loaded.params
-    elif args.offload:
+    elif args.offload != "none":
         from qst_jax.models.loader import layers_in_host_memory
 
         cfg = llama2_config(args.shape)

@@ -1,6 +1,6 @@
 """Which run fits which GPU: every recipe in configs/ and the benchmark shapes, compiled for each target.
 
-    python scripts/fit_table.py [--targets t4,l4,a100-40,a100-80,h100,h200] [--out runs/fit.jsonl]
+    python scripts/fit_table.py [--targets t4,l4,rtx4090,...,h200] [--out runs/fit.jsonl]
 
 Each recipe is planned as `qst-train --config configs/R.py --plan T` plans it
 (`train/plan.py`: the run's own step, micro-batches and optimizer, from the
@@ -10,7 +10,9 @@ are `scripts/compile_for_gpu.py`'s programs at B16 x T512. Targets of one
 GPU architecture compile to the same program (A100 40/80 GB, H100/H200), so
 each architecture is compiled once and its peak compared with every target of
 it. Prints one JSON line per compile, then a markdown table: peak GiB and
-whether it fits, per target. Compile-only figures (XLA's buffer assignment,
+whether it fits, per target (a recipe streaming its backbone from host memory,
+`model.offload`, is judged on its device peak; its pinned host RAM is shown
+beside it). Compile-only figures (XLA's buffer assignment,
 no autotuning, about +-20%), never measurements. Multi-device recipes
 (`parallel.*` > 1) are listed with a pointer to `scripts/memory_plan.py`.
 """
@@ -102,7 +104,8 @@ def rows(targets: list[str], only: list[str] = ()):
 
         def plan(t, config=config):
             report, notes = plan_run(config, t, cost=False)
-            return {"peak_bytes": report.peak_bytes, "compile_s": report.compile_s, "notes": notes}
+            return {"peak_bytes": report.peak_bytes, "host_bytes": report.host_bytes, "compile_s": report.compile_s,
+                    "notes": notes}
 
         for arch, members in groups.items():
             yield from _compiled({"row": f"configs/{name}.py", "arch": arch}, members, plan)
@@ -134,7 +137,8 @@ def table(records: list[dict], targets: list[str]) -> str:
                 cells[t] = "refused (out of memory)" if "memory" in r["error"].lower() else f"refused: {r['error'][:60]}"
             else:
                 gib = r["peak_bytes"] / 2**30
-                cells[t] = f"{gib:.2f} {'fits' if r['peak_bytes'] <= target(t).memory_bytes else '**no**'}"
+                host = f" (+{r['host_bytes'] / 2**30:.2f} host)" if r.get("host_bytes") else ""
+                cells[t] = f"{gib:.2f}{host} {'fits' if r['peak_bytes'] <= target(t).memory_bytes else '**no**'}"
     for row, cells in by_row.items():
         lines.append(f"| {row} | " + " | ".join(cells.get(t, "") for t in targets) + " |")
     return "\n".join(lines)

@@ -26,9 +26,15 @@ $python scripts/kernel_benchmark.py --shape 70b --tokens 1 --skip-forward --out 
   | tee "$out/kernel_70b.txt"
 $python scripts/benchmark.py --shape 7b --batch 16 --seq 512 \
   --methods forward,qst:adapter,qst:maxpool,qlora --out "$out/benchmark.jsonl" | tee "$out/benchmark.txt"
-# 5. the same steps with the frozen layers streamed from pinned host memory (model.offload=weights).
+# 5. the same steps with the frozen layers streamed from pinned host memory (model.offload=weights), then with
+# QST's kept states on the host too, then with XLA's auto-PGLE (measured latencies let its scheduler overlap the
+# host copies with compute; the deviceless schedule does not: docs/performance.md).
 $python scripts/benchmark.py --shape 7b --batch 16 --seq 512 --offload \
   --methods forward,qst:adapter,qlora --out "$out/benchmark_offload.jsonl" | tee "$out/benchmark_offload.txt"
+$python scripts/benchmark.py --shape 7b --batch 16 --seq 512 --offload weights+states \
+  --methods qst:adapter --out "$out/benchmark_offload.jsonl" | tee -a "$out/benchmark_offload.txt"
+JAX_ENABLE_PGLE=true JAX_PGLE_PROFILING_RUNS=2 $python scripts/benchmark.py --shape 7b --batch 16 --seq 512 \
+  --offload --methods qst:adapter --out "$out/benchmark_offload_pgle.jsonl" | tee "$out/benchmark_offload_pgle.txt"
 $python - <<'EOF' 2>&1 | tee "$out/mesh.txt"
 # The sharded step on a (1, 1, 1) mesh equals the unsharded step (issue 7's GPU check).
 import jax, jax.numpy as jnp, numpy as np, optax

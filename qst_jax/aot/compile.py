@@ -25,6 +25,8 @@ estimate, not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,13 +51,20 @@ class CompileReport:
         `memory_analysis()` of the device (donated arguments are aliased to
         outputs, not counted twice).
       peak_bytes: what the device holds at the program's high point: XLA's
-        `peak_memory_in_bytes` less the host bytes it adds in.
+        `peak_memory_in_bytes`, or, for a program with host memory (whose
+        peak XLA mixes host bytes into), arguments + temporaries + outputs
+        less aliases of the device.
       host_bytes: pinned host memory the program reads (a backbone streamed
         from the host: `model.offload=weights`): host arguments, temporaries
         and outputs less aliases.
       flops, bytes_accessed: XLA's cost analysis of the whole step (loops at
         their trip counts), or None when not asked for.
       dtype: the compute dtype the roofline uses.
+      streamed_bytes: host bytes crossing the host link a step (passes x
+        micro-batches).
+      copies_overlapped: of the bytes a layer loop copies in from host memory,
+        the fraction whose copy XLA's schedule runs beside a matmul
+        (`host_copy_overlap`); None when nothing streams.
     """
 
     target: GpuTarget
@@ -69,7 +78,8 @@ class CompileReport:
     bytes_accessed: float | None = None
     dtype: str = "bfloat16"
     host_bytes: int = 0
-    streamed_bytes: float = 0.0  # host bytes copied to the device per step (host_bytes x the micro-batches)
+    streamed_bytes: float = 0.0
+    copies_overlapped: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -99,7 +109,7 @@ class CompileReport:
         return {"target": self.target.name, "compile_s": round(self.compile_s, 1),
                 "argument_gib": gib(self.argument_bytes), "output_gib": gib(self.output_bytes),
                 "temp_gib": gib(self.temp_bytes), "alias_gib": gib(self.alias_bytes), "peak_gib": gib(self.peak_bytes),
-                "host_gib": gib(self.host_bytes),
+                "host_gib": gib(self.host_bytes), "copies_overlapped": self.copies_overlapped,
                 "device_gib": round(self.target.memory_gib, 1), "fits": self.fits, "flops": self.flops,
                 "bytes_accessed": self.bytes_accessed, "roofline_s": self.roofline_s, "dtype": self.dtype,
                 "jax": jax.__version__}
@@ -117,7 +127,11 @@ class CompileReport:
             f"in {t.memory_gib:.1f} GiB",
         ]
         if self.host_bytes:
-            out.append(f"  host (pinned)     {gib(self.host_bytes)}: the streamed frozen layers, in host RAM")
+            out.append(f"  host (pinned)     {gib(self.host_bytes)}: the streamed frozen layers (and kept states), "
+                       "in host RAM")
+        if self.copies_overlapped is not None:
+            out.append(f"  host copies       {self.copies_overlapped:.0%} of a layer's bytes scheduled beside a matmul "
+                       "(the rest exposed)")
         if self.flops is not None:
             out += [f"  flops             {self.flops:.4g} (loops at their trip counts)",
                     f"  bytes accessed    {self.bytes_accessed:.4g}",
@@ -127,10 +141,51 @@ class CompileReport:
             if self.streamed_bytes:
                 bounds = self.bounds_s
                 bound = max(bounds, key=bounds.get)
-                out.append(f"  stream            {gib(self.streamed_bytes)} a step over the host link at "
+                out.append(f"  stream            {gib(self.streamed_bytes)} a step across the host link at "
                            f"{t.host_link_bytes_s / 1e9:.1f} GB/s: {bounds['host link'] * 1e3:.1f} ms; overlapped "
                            f"with compute ({bounds['compute'] * 1e3:.1f} ms), the {bound} bound wins")
         return "\n".join(out)
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_MATMUL = re.compile(r"__triton_gemm|__triton_nested_gemm_fusion|__cublas|__cudnn")
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO array shape such as `u8[1,4096,2048]{2,1,0}`."""
+    m = re.match(r"(\w+)\[([\d,]*)\]", shape)
+    return _DTYPE_BYTES.get(m.group(1), 4) * math.prod(int(d) for d in m.group(2).split(",") if d)
+
+
+def host_copy_overlap(hlo_text: str) -> float | None:
+    """Of the bytes the scheduled loop bodies of a compiled GPU module copy in from host memory (async
+    dynamic-slices of `S(5)` arrays), the fraction whose start and done have a matmul between them.
+
+    The schedule is the order of a computation's instructions in
+    `compiled.as_text()`; a copy with a matmul between its start and done
+    runs on the copy stream while the tensor cores work. None when no loop
+    body copies from host memory.
+    """
+    total = beside = 0
+    for body in re.split(r"\n(?=%|ENTRY)", hlo_text):
+        if not body.startswith("%") or "dynamic-slice-start" not in body:
+            continue
+        lines = body.splitlines()
+        matmuls = [i for i, line in enumerate(lines) if _MATMUL.search(line) and "fusion-start" not in line]
+        starts: dict[str, int] = {}
+        for i, line in enumerate(lines):
+            start = re.match(r"\s*%(\S+) = \(\(\S+:S\(5\)\}.*fusion-start\(", line)
+            if start and "dynamic-slice" in line:
+                starts[start.group(1)] = i
+                continue
+            done = re.match(r"\s*%\S+ = (\S+) fusion-done\(%(\S+)\)", line)
+            if done and done.group(2) in starts:
+                nbytes = _shape_bytes(done.group(1))
+                total += nbytes
+                if any(starts[done.group(2)] < m < i for m in matmuls):
+                    beside += nbytes
+    return beside / total if total else None
 
 
 def _cpu_cost(compiled: Any) -> tuple[float, float]:
@@ -164,8 +219,13 @@ def replicated_on(mesh: Any, tree: Any) -> Any:
 
 
 def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost: bool = True,
-                   dtype: str = "bfloat16") -> CompileReport:
-    """Compile `make(layers, False)` for target `name` and read its figures (see the module doc)."""
+                   dtype: str = "bfloat16", weight_passes: int = 1) -> CompileReport:
+    """Compile `make(layers, False)` for target `name` and read its figures (see the module doc).
+
+    `weight_passes`: how often a step reads each streamed layer per
+    micro-batch (1 for QST's forward-only backbone; 2 for QLoRA, whose
+    checkpointed backward copies each layer in again).
+    """
     fn, args = make(layers, False)
     compiled, seconds = compile_for(name, fn, args)
     mem = compiled.memory_analysis()
@@ -177,7 +237,14 @@ def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost
         flops, accessed = (repeats * (2 * a - b + layers * (b - a)) for a, b in zip(one, two))
     host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes + mem.host_output_size_in_bytes - \
         mem.host_alias_size_in_bytes
+    peak = mem.peak_memory_in_bytes
+    if host:  # XLA's peak mixes host bytes in: the device's own fields instead
+        peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    # Per micro-batch the host arguments (the layers) come in once a pass, host temporaries (kept states) go out and
+    # come back.
+    streamed = float(weight_passes * mem.host_argument_size_in_bytes + 2 * mem.host_temp_size_in_bytes) * repeats
+    overlapped = host_copy_overlap(compiled.as_text()) if mem.host_argument_size_in_bytes else None
     return CompileReport(get_target(name), seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                         mem.temp_size_in_bytes, mem.alias_size_in_bytes, mem.peak_memory_in_bytes - host, flops,
-                         accessed, dtype, host, float(host) * repeats)  # streamed once per micro-batch
+                         mem.temp_size_in_bytes, mem.alias_size_in_bytes, peak, flops, accessed, dtype, host, streamed,
+                         overlapped)
 

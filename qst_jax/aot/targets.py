@@ -41,9 +41,11 @@ class GpuTarget:
       bf16_tflops: dense tensor-core peak in bfloat16 (0: no bf16 tensor cores).
       fp16_tflops: dense tensor-core peak in float16.
       host_link_bytes_s: host-to-device bandwidth, one direction: the
-        theoretical rate of the published PCIe generation at x16 (Gen3 15.75,
-        Gen4 31.5, Gen5 63 GB/s; transfers reach about 80% of it), what a
-        backbone streamed from host memory is bounded by.
+        theoretical rate of the card's published PCIe generation and lane
+        count (x16: Gen3 15.75, Gen4 31.5, Gen5 63 GB/s; the RTX 4060 Ti has
+        eight lanes). Published; that transfers reach about 80% of it is
+        assumed, not measured. What a backbone streamed from host memory is
+        bounded by.
     """
 
     name: str
@@ -118,6 +120,14 @@ TARGETS: dict[str, GpuTarget] = {t.name: t for t in (
     # Colab's L4: Ada, 24 GB GDDR6 at 300 GB/s, 121 dense bf16 TFLOP/s.
     GpuTarget("l4", "NVIDIA L4", (8, 9), 58, 128, 24_152_899_584, 300e9, 48 * 2**20, 2.04, 102400, 101376,
               121.0, 121.0, 31.5e9),  # PCIe Gen4 x16
+    # The consumer cards a backbone streamed from host memory is for (`model.offload`): GeForce tensor cores run
+    # bf16 with float32 accumulation at half their float16-accumulate rate; the dense float32-accumulate figure here.
+    GpuTarget("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 128, 128, 25_757_220_864, 1008e9, 72 * 2**20, 2.52,
+              102400, 101376, 165.2, 165.2, 31.5e9),  # PCIe Gen4 x16
+    GpuTarget("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 82, 128, 25_769_803_776, 936e9, 6 * 2**20, 1.695,
+              102400, 101376, 71.0, 71.0, 31.5e9),  # PCIe Gen4 x16
+    GpuTarget("rtx4060ti-16", "NVIDIA GeForce RTX 4060 Ti", (8, 9), 34, 128, 17_175_150_592, 288e9, 32 * 2**20, 2.535,
+              102400, 101376, 44.1, 44.1, 15.75e9),  # PCIe Gen4 x8: the card has eight lanes
     GpuTarget("a100-40", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 42_298_834_944, 1555e9, 40 * 2**20, 1.41,
               167936, 166912, 312.0, 312.0, 31.5e9),  # PCIe Gen4 x16 host link
     GpuTarget("a100-80", "NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 85_198_045_184, 2039e9, 40 * 2**20, 1.41,

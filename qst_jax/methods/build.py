@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qst_jax.methods.base import Method
+from qst_jax.methods.downsamplers import ON_HOST
 from qst_jax.methods.frozen import FrozenModel
 from qst_jax.methods.qlora import QLoRAConfig, QLoRAModel
 from qst_jax.methods.qst import QSTModel
@@ -51,7 +52,10 @@ def method_options(config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"ce_chunk": int(config["train"]["ce_chunk"]),
                                "attention_impl": config["model"]["attention"] or None}
     if config["method"] == "qst":
-        options.update(remat_side=bool(config["side"]["remat"]), hidden_store=config["side"]["hidden_store"])
+        store = config["side"]["hidden_store"]
+        if config["model"].get("offload") == "weights+states":  # the states the backward keeps go to the host too
+            store += ON_HOST
+        options.update(remat_side=bool(config["side"]["remat"]), hidden_store=store)
     elif config["method"] == "qlora":
         options["remat"] = bool(config["qlora"]["remat"])
     return options

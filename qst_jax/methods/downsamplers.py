@@ -62,20 +62,36 @@ def resolve_store(hidden_store: str) -> str:
     return "fp8" if target_platform() == "gpu" else "compute"
 
 
+ON_HOST = "@host"  # a store's suffix: kept in host memory (`model.offload="weights+states"`)
+
+
+def _to_memory(tree: Any, where: str) -> Any:
+    """`tree` moved to the device's "host" or "device" memory inside a traced function (no-op without memory spaces)."""
+    space = getattr(getattr(jax, "memory", None), "Space", None)
+    if space is None:
+        return tree
+    return jax.device_put(tree, space.Host if where == "host" else space.Device)
+
+
 def make_downsampler(side: SideConfig, width: int, hidden_store: str = "compute"):
     """`D(p, h)`, keeping `h` for the backward pass as `hidden_store` says.
 
     "compute": h as it is (the compute dtype, bf16 by default). "fp8": h is
     kept as float8 with a per-token scale (half of bf16's bytes) and the
     downsampler is re-run on the restored h in the backward pass. "auto":
-    fp8 on a GPU, compute elsewhere (`resolve_store`). The
-    backbone state gets no gradient either way. Pooling keeps nothing.
+    fp8 on a GPU, compute elsewhere (`resolve_store`). A store with the
+    suffix "@host" ("fp8@host") keeps what it keeps in host memory, copied
+    back in the backward pass (a backbone streamed from the host with its
+    states: `model.offload="weights+states"`). The backbone state gets no
+    gradient either way. Pooling keeps nothing.
     """
-    if hidden_store not in HIDDEN_STORES:
-        raise InputError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES}")
-    hidden_store = resolve_store(hidden_store)
+    on_host = hidden_store.endswith(ON_HOST)
+    store = hidden_store.removesuffix(ON_HOST)
+    if store not in HIDDEN_STORES:
+        raise InputError(f"hidden_store {hidden_store!r} is not one of {HIDDEN_STORES} (with or without {ON_HOST})")
+    store = resolve_store(store)
     plain = lambda p, h: downsample(p, h, side, width)  # noqa: E731
-    if hidden_store == "compute" or side.downsampler in ("maxpool", "avgpool"):
+    if side.downsampler in ("maxpool", "avgpool") or (store == "compute" and not on_host):
         return plain
 
     @jax.custom_vjp
@@ -83,13 +99,15 @@ def make_downsampler(side: SideConfig, width: int, hidden_store: str = "compute"
         return plain(p, h)
 
     def forward(p: Params, h: jax.Array):
-        return plain(p, h), (p, *fp8_store(h))
+        kept = fp8_store(h) if store == "fp8" else (h,)
+        return plain(p, h), (p, _to_memory(kept, "host") if on_host else kept)
 
     def backward(residuals, g: jax.Array):
-        p, q, scale = residuals
-        restored = fp8_load(q, scale, g.dtype)
+        p, kept = residuals
+        kept = _to_memory(kept, "device") if on_host else kept
+        restored = fp8_load(*kept, g.dtype) if store == "fp8" else kept[0]
         _, vjp = jax.vjp(lambda params: plain(params, restored), p)
-        return vjp(g)[0], jnp.zeros(q.shape, g.dtype)
+        return vjp(g)[0], jnp.zeros(restored.shape, g.dtype)
 
     stored.defvjp(forward, backward)
     return stored

@@ -34,7 +34,8 @@ class QSTModel(TaskHeads):
       remat_side: recompute side blocks in the backward pass.
       attention_impl: passed to `jax.nn.dot_product_attention`.
       hidden_store: how the backward keeps backbone states ("compute", "fp8", or
-        "auto": fp8 on a GPU, compute elsewhere).
+        "auto": fp8 on a GPU, compute elsewhere), any of them with the suffix
+        "@host" to keep them in host memory (`model.offload="weights+states"`).
     """
 
     name: ClassVar[str] = "qst"

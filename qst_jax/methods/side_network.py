@@ -236,10 +236,10 @@ def joint_pass(
     h0_normed = h0 if norms_after is None else norm(norms_after[0], h0, backbone_cfg.norm_eps)
     s0s, side_xs = zip(*(g.init(h, run) for g, h in zip(groups, reads(h0, h0_normed)))) if groups else ((), ())
 
-    def body(carry: tuple[jax.Array, tuple[jax.Array, ...]], xs: tuple[Any, ...]):
+    def body(carry: tuple[jax.Array, tuple[jax.Array, ...]], layer: Params, xs: tuple[Any, ...]):
         h, states = carry
-        layer, next_norm, kv, group_xs, group_kvs = xs
-        h, kv = backbone_block(loops.layer_to_device(layer), h, backbone_cfg, backbone_ctx, kv)
+        next_norm, kv, group_xs, group_kvs = xs
+        h, kv = backbone_block(layer, h, backbone_cfg, backbone_ctx, kv)
         h = jax.lax.stop_gradient(h)
         normed = h if next_norm is None else norm(next_norm, h, backbone_cfg.norm_eps)
         stepped = [g.step(x, h_read, s, g_kv, run)
@@ -248,8 +248,8 @@ def joint_pass(
 
     backbone_kv = None if caches is None else caches["backbone"]
     group_kvs = (None,) * len(groups) if caches is None else tuple(caches["side"])
-    xs = (bp["layers"], None if norms_after is None else norms_after[1], backbone_kv, tuple(side_xs), group_kvs)
-    (h_last, s_lasts), (backbone_kv, group_kvs) = loops.scan(body, (h0, tuple(s0s)), xs)
+    xs = (None if norms_after is None else norms_after[1], backbone_kv, tuple(side_xs), group_kvs)
+    (h_last, s_lasts), (backbone_kv, group_kvs) = loops.scan_layers(body, (h0, tuple(s0s)), bp["layers"], xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = [g.finish(base, s_last, run) for g, s_last in zip(groups, s_lasts)]
     return base, outs, None if caches is None else {"backbone": backbone_kv, "side": group_kvs}

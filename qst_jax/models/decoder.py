@@ -104,13 +104,16 @@ def scan_layers(
     if remat:
         block = jax.checkpoint(block, static_argnums=(2,))
 
-    def body(carry: jax.Array, xs: tuple[Params, Params | None, jax.Array]):
-        layer, kv, index = xs
+    def body(carry: jax.Array, layer: Params, xs: tuple[Params | None, jax.Array]):
+        kv, index = xs
         out, kv = block(layer, carry, cfg, ctx, kv)
         return out, (kv, None if collect is None else collect(index, out))
 
     indices = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
-    h, (caches, collected) = loops.scan(body, h, (layers, caches, indices))
+    if remat:  # differentiated through (QLoRA): each layer copied in inside its checkpointed block, not carried
+        h, (caches, collected) = loops.scan(lambda c, xs: body(c, xs[0], xs[1:]), h, (layers, caches, indices))
+    else:  # forward only: a streamed backbone one layer ahead
+        h, (caches, collected) = loops.scan_layers(body, h, layers, (caches, indices))
     return (h, caches) if collect is None else (h, caches, collected)
 
 

@@ -154,7 +154,7 @@ def read_params(source: Mapping[str, np.ndarray], cfg: ModelConfig, *, dtype: An
     return params
 
 
-OFFLOAD_MODES = ("none", "weights")
+OFFLOAD_MODES = ("none", "weights", "weights+states")  # weights+states: also the backbone states the backward keeps
 
 
 def layers_in_host_memory() -> Any:
@@ -179,7 +179,7 @@ def _to_device(params: dict[str, Any], offload: str = "none") -> dict[str, Any]:
     Each host leaf is released as soon as its device copy exists, so the host
     never holds the whole model twice.
     """
-    host = layers_in_host_memory() if offload == "weights" else None
+    host = layers_in_host_memory() if offload != "none" else None
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     del params
     leaves = [leaf for _, leaf in flat]

@@ -27,6 +27,7 @@ from qst_jax.methods.build import method_options
 from qst_jax.models import ConfigError, ModelConfig, load_config
 from qst_jax.models.random_init import LLAMA2_SHAPES, llama2_config, random_params
 from qst_jax.train.optim import make_optimizer
+from qst_jax.models.loops import streaming_options
 from qst_jax.train.step import init_train_state, make_train_step
 from qst_jax.train.sweep import init_sweep_state, is_sweep, make_sweep_step, plan_members
 
@@ -86,7 +87,7 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
         shapes = jax.eval_shape(lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype),
                                 jax.random.PRNGKey(0))
         backbone = replicated_on(mesh, shapes)
-        if config.model.offload == "weights":  # the layers in pinned host memory (kept over the abstract mesh)
+        if config.model.offload != "none":  # the layers in pinned host memory (kept over the abstract mesh)
             host = NamedSharding(mesh.abstract_mesh, PartitionSpec(), memory_kind="pinned_host")
             backbone["layers"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
                                               shapes["layers"])
@@ -99,12 +100,12 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
                             hidden_store=options["hidden_store"])
             txs = [m.tx for m in members]
             state = jax.eval_shape(lambda: init_sweep_state(sides, txs, [m.seed for m in members], 0))
-            step = make_sweep_step(sides, txs)
+            step = make_sweep_step(sides, txs, compiler_options=streaming_options(config.model.offload))
         else:
             model = build_model(config, layer_cfg, dtype=dtype)
             tx, _ = make_optimizer(config.optim, total)
             state = jax.eval_shape(lambda: init_train_state(model, tx, key))
-            step = make_train_step(model, tx)
+            step = make_train_step(model, tx, compiler_options=streaming_options(config.model.offload))
         return step, (replicated_on(mesh, state), backbone, _batch(config, mesh, 1 if for_cost else config.train.micro_batches))
 
     return make
@@ -129,5 +130,6 @@ def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileRepor
                  f"batch {config.train.micro_batches} x {config.train.batch_size} x {config.data.seq_len}, "
                  f"no weights read")
     report = compile_report(name, step_program(config, cfg, name, dtype), layers=cfg.num_layers,
-                            repeats=config.train.micro_batches, cost=cost, dtype=jnp.dtype(dtype).name)
+                            repeats=config.train.micro_batches, cost=cost, dtype=jnp.dtype(dtype).name,
+                            weight_passes=2 if config.method == "qlora" and config.qlora.remat else 1)
     return report, notes

@@ -20,6 +20,7 @@ from qst_jax.train.context import RunContext, result_line
 from qst_jax.train.loop import Throughput
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter, NonFiniteError
 from qst_jax.train.optim import make_optimizer
+from qst_jax.models.loops import streaming_options
 from qst_jax.train.step import TrainState, init_train_state, make_train_step
 from qst_jax.train.stopping import TrainingError
 
@@ -45,7 +46,8 @@ class SingleRun:
         if ctx.mesh is not None:
             self._shard()
         else:
-            self.train_step = make_train_step(self.model, self.tx)
+            self.train_step = make_train_step(self.model, self.tx,
+                                              compiler_options=streaming_options(config.model.offload))
         self.eval_step = make_eval_step(self.model)
         model, backbone_params = self.model, backbone.params
         self._task_logits = jax.jit(lambda p, ids, mask: model.logits(p, backbone_params, ids, mask))

@@ -73,6 +73,7 @@ def make_train_step(
     *,
     donate: bool = True,
     shardings: tuple[Any, Any, Any] | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ):
     """A jitted `(state, backbone_params, batch) -> (state, metrics)`.
 
@@ -82,6 +83,8 @@ def make_train_step(
     Args:
       shardings: (state, backbone params, batch) shardings for a device mesh
         (`qst_jax.parallel`); the new state keeps the state's sharding.
+      compiler_options: XLA options for this step's compile
+        (`models.loops.streaming_options` for a streamed backbone).
     """
 
     def step(state: TrainState, backbone_params: Any, batch: dict[str, jax.Array]):
@@ -97,9 +100,9 @@ def make_train_step(
 
     donate_argnums = (0,) if donate else ()
     if shardings is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
     state_sh, backbone_sh, batch_sh = shardings
     return jax.jit(
         step, in_shardings=(state_sh, backbone_sh, batch_sh), out_shardings=(state_sh, None),
-        donate_argnums=donate_argnums,
+        donate_argnums=donate_argnums, compiler_options=compiler_options,
     )

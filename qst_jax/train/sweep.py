@@ -231,8 +231,11 @@ class _SummedLoss:
         return jnp.sum(totals), (weight, {"member_loss": totals, **aux})
 
 
-def make_sweep_step(sides: SideSet, txs: Sequence[optax.GradientTransformation], *, donate: bool = True):
+def make_sweep_step(sides: SideSet, txs: Sequence[optax.GradientTransformation], *, donate: bool = True,
+                    compiler_options: dict[str, Any] | None = None):
     """A jitted `(state, backbone_params, batch) -> (state, metrics)` for the whole sweep.
+
+    `compiler_options`: as `make_train_step`'s.
 
     Metrics: `loss`, `grad_norm`, `finite` (float32 `[K]`), `alive` (bool
     `[K]`, after this step), `weight` (shared), and `correct` `[K]` for
@@ -264,4 +267,4 @@ def make_sweep_step(sides: SideSet, txs: Sequence[optax.GradientTransformation],
                    "alive": alive, "weight": weight, **aux}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return jax.jit(step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)

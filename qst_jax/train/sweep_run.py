@@ -41,6 +41,7 @@ from qst_jax.train.context import RunContext, result_line
 from qst_jax.train.loop import Throughput
 from qst_jax.train.metrics import MetricsWindow, MetricsWriter
 from qst_jax.train.stopping import TrainingError
+from qst_jax.models.loops import streaming_options
 from qst_jax.train.sweep import Member, SweepState, init_sweep_state, make_sweep_step, with_total_steps
 
 
@@ -64,7 +65,8 @@ class SweepRun:
                              ce_chunk=options["ce_chunk"], remat_side=options["remat_side"],
                              attention_impl=options["attention_impl"], hidden_store=options["hidden_store"])
         self.model, self.tx, self.schedule = self.sides, [m.tx for m in self.members], None
-        self.train_step = make_sweep_step(self.sides, self.tx)
+        self.train_step = make_sweep_step(self.sides, self.tx,
+                                          compiler_options=streaming_options(ctx.config.model.offload))
         self.eval_step = make_sides_eval_step(self.sides, include_base=self.sides.task == "lm")
         sides, backbone_params = self.sides, ctx.backbone.params
         self._task_logits = jax.jit(lambda p, ids, mask: sides.logits(p, backbone_params, ids, mask, last_only=True))

@@ -144,7 +144,7 @@ class Trainer:
             mesh = make_mesh(p.data, p.fsdp, p.tensor)
         if backbone is None:
             backbone = self._load_backbone(path, mesh)
-        elif config.model.offload == "weights":  # a backbone passed in loaded: its layers move to host memory
+        elif config.model.offload != "none":  # a backbone passed in loaded: its layers move to host memory
             backbone.params = offload_layers(backbone.params)
         tokenizer = tokenizer or load_tokenizer(path)
         buckets = [config.data.seq_len] if config.task == "lm" else bucket_lengths(config.data.seq_len)

@@ -139,8 +139,11 @@ def test_bf16_falls_back_to_float16_on_a_t4_and_the_step_compiles():
 
 def test_every_target_has_its_published_memory():
     assert {k: round(t.memory_gib) for k, t in TARGETS.items()} == {
-        "t4": 15, "l4": 22, "a100-40": 39, "a100-80": 79, "h100": 79, "h200": 141}
-    with pytest.raises(ValueError, match="--plan 'v100': not a known GPU; one of t4, l4, a100-40"):
+        "t4": 15, "l4": 22, "rtx4090": 24, "rtx3090": 24, "rtx4060ti-16": 16, "a100-40": 39, "a100-80": 79,
+        "h100": 79, "h200": 141}
+    assert {k: t.host_link_bytes_s / 1e9 for k, t in TARGETS.items() if k.startswith("rtx")} == {
+        "rtx4090": 31.5, "rtx3090": 31.5, "rtx4060ti-16": 15.75}  # PCIe Gen4 x16, x16, x8
+    with pytest.raises(ValueError, match="--plan 'v100': not a known GPU; one of t4, l4, rtx4090, rtx3090"):
         target("v100")
 
 
@@ -159,14 +162,15 @@ def test_qst_train_plan_prints_the_compiled_peak_without_reading_weights(tmp_pat
 
 def test_a_streamed_backbone_is_host_memory_not_device(tmp_path):
     """model.offload=weights: the planner's step reads the layers from pinned host memory; the device peak drops
-    by at least the layers' bytes, which the host column holds (compiled for an L4, tiny shape)."""
+    by at least the layers' bytes, which the host column holds; weights+states also moves the states the backward
+    keeps (compiled for an L4, tiny shape)."""
     from qst_jax.data.specs import resolve_model_path
     from qst_jax.models import load_config
     from qst_jax.train.config import load_preset
     from qst_jax.train.plan import plan_run
 
     plans = {}
-    for offload in ("none", "weights"):
+    for offload in ("none", "weights", "weights+states"):
         c = load_preset(str(REPO / "configs" / "chat_70b.py"), "chat_70b")
         c.model.path, c.model.offload = "smollm2", offload
         c.train.batch_size, c.train.micro_batches, c.data.seq_len = 2, 1, 64
@@ -177,6 +181,12 @@ def test_a_streamed_backbone_is_host_memory_not_device(tmp_path):
     assert resident.host_bytes == 0 and streamed.host_bytes == layers
     assert streamed.peak_bytes <= resident.peak_bytes - 0.9 * layers
     assert "host (pinned)" in streamed.lines() and "host (pinned)" not in resident.lines()
+    # The next layer's copies run beside this layer's matmuls in the compiled schedule (loops.STREAMING_XLA_OPTIONS).
+    assert resident.copies_overlapped is None and streamed.copies_overlapped == 1.0
+    assert "host copies       100% of a layer's bytes scheduled beside a matmul" in streamed.lines()
+    states = plans["weights+states"]  # fp8 states of 30 layers x 2 x 64 tokens x 576 wide, and their scales
+    assert states.host_bytes > layers and states.peak_bytes < streamed.peak_bytes
+    assert states.streamed_bytes > streamed.streamed_bytes
 
 
 def test_fit_table_rows_and_table(capsys):
