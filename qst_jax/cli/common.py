@@ -6,7 +6,8 @@ import os
 from typing import Any
 
 
-def add_model_args(parser: Any) -> None:
+def add_model_args(parser: Any, offload: bool = False) -> None:
+    """--model, --revision, --side, --no-quantize, --dtype; with `offload`, --offload (forward-only passes)."""
     parser.add_argument("--model", required=True,
                         help="HF dir, bnb NF4 dir, .gguf file, 'smollm2', or a Hub repo org/name (org/name:file.gguf)")
     parser.add_argument("--revision", default=None, help="the Hub repo's branch, tag or commit (default: main)")
@@ -15,6 +16,10 @@ def add_model_args(parser: Any) -> None:
                              "QST side networks run from one backbone pass")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
+    if offload:
+        parser.add_argument("--offload", default="none", choices=["none", "weights"],
+                            help="weights: keep the frozen layers in pinned host memory and stream them to the device "
+                                 "one layer ahead (a backbone larger than the device)")
 
 
 def side_names(sides: list[str]) -> list[str]:
@@ -39,7 +44,8 @@ def load_model(args: Any):
     from qst_jax.models.hub import resolve_model
 
     path = resolve_model(resolve_model_path(args.model), args.revision)
-    backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
+    backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype),
+                             offload=getattr(args, "offload", "none"))
     tokenizer = load_tokenizer(path)
     if len(args.side) > 1:
         loaded = [load_tuned(side, backbone) for side in args.side]

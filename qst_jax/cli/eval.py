@@ -4,6 +4,7 @@
     qst-eval classify   --model M --side D --task sst2 --data dev.tsv
     qst-eval mmlu       --model M [--side D] --data /path/to/mmlu [--shots 5]
     qst-eval perplexity --model M --side A --side B ... --data D   # several: one backbone pass, a row each
+    qst-eval perplexity --model M --offload weights --data D        # the layers streamed from host memory
 
 Prints a table and writes the results as JSON (`--out`, default stdout only).
 `--seq-len` defaults to the run's `data.seq_len` with `--side` (so perplexity
@@ -23,6 +24,7 @@ import sys
 
 from qst_jax.errors import InputError, QSTError
 from qst_jax.cli.common import add_model_args, load_model
+from qst_jax.models.loops import streaming_options
 
 
 def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
@@ -40,11 +42,13 @@ def _perplexity(args, backbone, tokenizer, model, params, info) -> dict:
 
         if model.task != "lm":
             raise InputError("perplexity needs LM side networks; these were trained for classification")
-        result = perplexity(make_sides_eval_step(model, include_base=True), params, backbone.params, examples,
+        result = perplexity(make_sides_eval_step(model, include_base=True,
+                                                 compiler_options=streaming_options(args.offload)),
+                            params, backbone.params, examples,
                             batch_size=args.batch_size, pad_token=pad_id(tokenizer))
         return split_members(result, ["frozen", *info])
-    return perplexity(make_eval_step(model), params, backbone.params, examples, batch_size=args.batch_size,
-                      pad_token=pad_id(tokenizer))
+    return perplexity(make_eval_step(model, streaming_options(args.offload)), params, backbone.params, examples,
+                      batch_size=args.batch_size, pad_token=pad_id(tokenizer))
 
 
 def _classify(args, backbone, tokenizer, model, params, info) -> dict:
@@ -59,7 +63,9 @@ def _classify(args, backbone, tokenizer, model, params, info) -> dict:
     if task is None:
         labels = tuple(str(i) for i in range(model.num_labels))
         task = GlueTask(args.task, args.text_column, args.text_pair_column, args.label_column, labels, ("accuracy",))
-    fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask))
+    logits = jax.jit(lambda bp, ids, mask: model.logits(params, bp, ids, mask),
+                     compiler_options=streaming_options(args.offload))
+    fn = lambda ids, mask: logits(backbone.params, ids, mask)  # noqa: E731 (the backbone an argument, not a constant)
     several = len(args.side) > 1
     result = classify(fn, tokenizer, task, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                       members=several)
@@ -74,10 +80,13 @@ def _mmlu(args, backbone, tokenizer, model, params, info) -> dict:
     several = len(args.side) > 1
     if model.task != "lm":
         raise InputError("mmlu needs LM side networks; these were trained for classification")
+    options = streaming_options(args.offload)
     if several:
-        fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask, last_only=True)[:, :, -1])
+        last = jax.jit(lambda bp, ids, mask: model.logits(params, bp, ids, mask, last_only=True)[:, :, -1],
+                       compiler_options=options)
     else:
-        fn = jax.jit(lambda ids, mask: model.logits(params, backbone.params, ids, mask)[:, -1])
+        last = jax.jit(lambda bp, ids, mask: model.logits(params, bp, ids, mask)[:, -1], compiler_options=options)
+    fn = lambda ids, mask: last(backbone.params, ids, mask)  # noqa: E731
     subjects = args.subjects.split(",") if args.subjects else None
     result = mmlu(fn, tokenizer, args.data, shots=args.shots, max_len=args.seq_len, subjects=subjects,
                   batch_size=args.batch_size, members=several)
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="kind", required=True)
     for kind in ("perplexity", "classify", "mmlu"):
         p = sub.add_parser(kind)
-        add_model_args(p)
+        add_model_args(p, offload=True)
         p.add_argument("--data", required=True)
         p.add_argument("--out", help="write the results as JSON here")
         p.add_argument("--batch-size", type=int, default=8)

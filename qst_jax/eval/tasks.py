@@ -23,24 +23,28 @@ from qst_jax.data.sources import DataError
 from qst_jax.eval.glue import GlueTask, read_glue, score
 
 
-def make_eval_step(model: Any) -> Callable:
-    """A jitted `(params, backbone_params, batch) -> (loss sum, weight, aux)` for one micro-batch."""
+def make_eval_step(model: Any, compiler_options: dict[str, Any] | None = None) -> Callable:
+    """A jitted `(params, backbone_params, batch) -> (loss sum, weight, aux)` for one micro-batch.
+
+    `compiler_options`: XLA options for its compile (`models.loops.streaming_options`).
+    """
 
     def evaluate(params: Any, backbone_params: Any, batch: dict[str, jax.Array]):
         total, (weight, aux) = model.loss(params, backbone_params, batch)
         return total, weight, aux
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, compiler_options=compiler_options)
 
 
-def make_sides_eval_step(sides: Any, include_base: bool = False) -> Callable:
+def make_sides_eval_step(sides: Any, include_base: bool = False,
+                         compiler_options: dict[str, Any] | None = None) -> Callable:
     """`make_eval_step` for a `SideSet`: loss sums `[K]` (`[K + 1]`, the frozen backbone's first, with
     `include_base`), the shared weight, and `correct` `[K]`: one backbone pass per batch."""
 
     def evaluate(params: Any, backbone_params: Any, batch: dict[str, jax.Array]):
         return sides.losses(params, backbone_params, batch, include_base=include_base)
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, compiler_options=compiler_options)
 
 
 def evaluate_batches(eval_step: Callable, params: Any, backbone_params: Any, batches: Iterable[dict]) -> dict:

@@ -144,3 +144,22 @@ def test_the_next_layer_is_fetched_before_this_one_computes(backbones):
     assert not computing, "this iteration's compute waits on its own copy"
     carried_out = inner.outvars[1:1 + len(jax.tree.leaves(streamed.params["layers"]))]
     assert set(carried_out) <= follows  # the copies leave as the carry: the next iteration's layer
+
+
+def test_a_sweep_streams_the_backbone_once_for_every_member(backbones):
+    """K side networks over one streamed backbone pass: the sweep step equals the resident one bitwise."""
+    from qst_jax.methods.side_set import SideSet
+    from qst_jax.train.sweep import init_sweep_state, make_sweep_step
+
+    resident, streamed = backbones
+    sides = SideSet.of([QSTModel(resident.cfg, SideConfig(reduction_factor=8))] * 2)
+    txs = [optax.adamw(1e-3), optax.adamw(3e-3)]
+    results = []
+    for backbone in (resident, streamed):
+        state = init_sweep_state(sides, txs, [0, 1], seed=0)
+        results.append(make_sweep_step(sides, txs)(state, backbone.params, lm_batch(micro=1)))
+    (a, ma), (b, mb) = results
+    np.testing.assert_array_equal(np.asarray(ma["loss"]), np.asarray(mb["loss"]))
+    assert (np.asarray(mb["grad_norm"]) > 0).all()
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
