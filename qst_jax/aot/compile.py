@@ -1,4 +1,4 @@
-"""Compile a jitted program for a GPU target without a GPU, and read XLA's figures off it.
+"""Compile a jitted program for a GPU or TPU target without one, and read XLA's figures off it.
 
     report = compile_report("h100", make, layers=32)
     print(report.lines())
@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 
-from qst_jax.aot.targets import GIB, GpuTarget, abstract_mesh, target as get_target
+from qst_jax.aot.targets import GIB, Target, abstract_mesh, target as get_target
 from qst_jax.models.loops import unrolled_loops
 from qst_jax.models.platform import targeting
 
@@ -45,7 +45,7 @@ class CompileReport:
     """What XLA says of one program compiled for one target.
 
     Attributes:
-      target: the GpuTarget.
+      target: the GpuTarget or TpuTarget.
       compile_s: seconds to compile the real program (this CPU).
       argument_bytes, output_bytes, temp_bytes, alias_bytes: XLA's
         `memory_analysis()` of the device (donated arguments are aliased to
@@ -67,7 +67,7 @@ class CompileReport:
         (`host_copy_overlap`); None when nothing streams.
     """
 
-    target: GpuTarget
+    target: Target
     compile_s: float
     argument_bytes: int
     output_bytes: int
@@ -94,7 +94,7 @@ class CompileReport:
             return None
         bounds = {"compute": self.flops / self.target.peak_flops(self.dtype),
                   "memory": self.bytes_accessed / self.target.bandwidth_bytes_s}
-        if self.streamed_bytes:
+        if self.streamed_bytes and self.target.host_link_bytes_s:
             bounds["host link"] = self.streamed_bytes / self.target.host_link_bytes_s
         return bounds
 
@@ -138,7 +138,10 @@ class CompileReport:
                     f"  step time         {self.roofline_s * 1e3:.1f} ms: roofline ESTIMATE at "
                     f"{t.peak_flops(self.dtype) / 1e12:.0f} TFLOP/s ({self.dtype}) and "
                     f"{t.bandwidth_bytes_s / 1e9:.0f} GB/s, not a measurement"]
-            if self.streamed_bytes:
+            if self.streamed_bytes and not t.host_link_bytes_s:
+                out.append(f"  stream            {gib(self.streamed_bytes)} a step from host memory; {t.name} has no "
+                           "published host-link bandwidth, so no bound for it here")
+            elif self.streamed_bytes:
                 bounds = self.bounds_s
                 bound = max(bounds, key=bounds.get)
                 out.append(f"  stream            {gib(self.streamed_bytes)} a step across the host link at "
@@ -188,6 +191,16 @@ def host_copy_overlap(hlo_text: str) -> float | None:
     return beside / total if total else None
 
 
+def _cost(compiled: Any, platform: str) -> tuple[float, float]:
+    """(flops, bytes accessed) of a compiled module: libtpu answers `cost_analysis()` itself, a GPU module
+    through the CPU client (`_cpu_cost`)."""
+    if platform == "tpu":
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return _cpu_cost(compiled)
+
+
 def _cpu_cost(compiled: Any) -> tuple[float, float]:
     """(flops, bytes accessed) of a compiled GPU module through the CPU client's cost analysis.
 
@@ -205,7 +218,7 @@ def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> 
     """(`fn.lower(*args).compile()` for target `name`, seconds); `mesh`: an abstract mesh (default: one device)."""
     mesh = mesh if mesh is not None else abstract_mesh(name)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), targeting("gpu"):  # the GPU's choices (models.platform), traced on this CPU
+    with jax.set_mesh(mesh), targeting(get_target(name).platform):  # its choices (models.platform), on this CPU
         compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
@@ -232,8 +245,9 @@ def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost
     flops = accessed = None
     if cost:
         with unrolled_loops():
-            one = _cpu_cost(compile_for(name, *make(1, True))[0])
-            two = _cpu_cost(compile_for(name, *make(2, True))[0])
+            platform = get_target(name).platform
+            one = _cost(compile_for(name, *make(1, True))[0], platform)
+            two = _cost(compile_for(name, *make(2, True))[0], platform)
         flops, accessed = (repeats * (2 * a - b + layers * (b - a)) for a, b in zip(one, two))
     host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes + mem.host_output_size_in_bytes - \
         mem.host_alias_size_in_bytes

@@ -1,8 +1,12 @@
-"""The GPUs users have, written from their published facts, as XLA's `GpuTargetConfigProto`.
+"""The GPUs and TPUs users have, written from their published facts.
 
-A compile for one of these runs on the CPU (the CUDA plugin's compiler,
-`JAX_PLATFORMS=cpu`, no driver): `topology(name, devices)` is what
-`jax.experimental.topologies` needs, `abstract_mesh` a mesh over it.
+A compile for one of these runs on the CPU (`JAX_PLATFORMS=cpu`, no device):
+for a GPU through the CUDA plugin's compiler, the target written as XLA's
+`GpuTargetConfigProto`; for a TPU through libtpu's compiler, the target
+named by its libtpu topology ("v5e:1x1"). `topology(name, devices)` is what
+`jax.experimental.topologies` needs, `abstract_mesh` a mesh over it. Both
+kinds answer the planner's questions alike (`Target`): memory, bandwidth,
+the tensor-unit peak, the host link, `platform`.
 
 Figures are the vendors' data-sheet values: SM count, FP32 lanes per SM,
 memory size (what the CUDA runtime reports as total, close to the marketed
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
-from qst_jax.environment import plugin_installed
+import os
+from typing import Any, ClassVar
+
+from qst_jax.environment import libtpu_installed, plugin_installed
 from qst_jax.errors import InputError, QSTError
 
 
@@ -48,6 +54,7 @@ class GpuTarget:
         bounded by.
     """
 
+    platform: ClassVar[str] = "gpu"
     name: str
     description: str
     compute_capability: tuple[int, int]
@@ -112,8 +119,48 @@ device_description_str: "{self.description}"
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+    """One TPU chip (one JAX device: v5e, v6e and v5p chips are one device each).
+
+    Attributes:
+      name: the key (`--plan NAME`).
+      description: the device kind libtpu reports.
+      generation: libtpu's name of the generation ("v5e").
+      slices: chips -> libtpu topology ("1x1", "2x4"): the slices a mesh can
+        be compiled over.
+      memory_bytes: HBM per chip.
+      bandwidth_bytes_s: HBM bandwidth per chip.
+      bf16_tflops: peak bfloat16 matrix-unit rate per chip.
+      host_link_bytes_s: host-to-HBM bandwidth; 0: not published, so the
+        planner gives no host-link bound for a streamed backbone.
+    """
+
+    platform: ClassVar[str] = "tpu"
+    name: str
+    description: str
+    generation: str
+    slices: dict[int, str]
+    memory_bytes: int
+    bandwidth_bytes_s: float
+    bf16_tflops: float
+    host_link_bytes_s: float = 0.0
+
+    has_bf16: ClassVar[bool] = True
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / 2**30
+
+    def peak_flops(self, dtype: str) -> float:
+        """The bfloat16 matrix-unit rate (float32 matmuls run as several bfloat16 passes: a bound)."""
+        return 1e12 * self.bf16_tflops
+
+
+Target = GpuTarget | TpuTarget
 GIB = 2**30
-TARGETS: dict[str, GpuTarget] = {t.name: t for t in (
+_LINE_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4"}
+TARGETS: dict[str, Target] = {t.name: t for t in (
     # Colab's free GPU: Turing, no bf16 (the compute dtype falls back to float16), 16 GB GDDR6 at 320 GB/s.
     GpuTarget("t4", "Tesla T4", (7, 5), 40, 64, 16_106_127_360, 320e9, 4 * 2**20, 1.59, 65536, 65536, 0.0, 65.0,
               15.75e9),  # PCIe Gen3 x16
@@ -136,10 +183,15 @@ TARGETS: dict[str, GpuTarget] = {t.name: t for t in (
               233472, 232448, 989.0, 989.0, 63e9),  # PCIe Gen5 x16 host link
     GpuTarget("h200", "NVIDIA H200 141GB HBM3e", (9, 0), 132, 128, 151_397_597_184, 4.8e12, 50 * 2**20, 1.98,
               233472, 232448, 989.0, 989.0, 63e9),
+    # Google Cloud's published per-chip figures: HBM, its bandwidth, peak bf16 (Colab's and Kaggle's TPU runtimes
+    # are v5e and v6e; v3 and v4, whose chips libtpu compiles as two devices, are not targets yet).
+    TpuTarget("v5e", "TPU v5 lite", "v5e", _LINE_2D, 16 * 2**30, 819e9, 197.0),
+    TpuTarget("v6e", "TPU v6 lite", "v6e", _LINE_2D, 32 * 2**30, 1640e9, 918.0),
+    TpuTarget("v5p", "TPU v5", "v5p", {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4"}, 95 * 2**30, 2765e9, 459.0),
 )}
 
 
-def target(name: str) -> GpuTarget:
+def target(name: str) -> Target:
     """The target called `name` (case-insensitive).
 
     Raises:
@@ -147,28 +199,38 @@ def target(name: str) -> GpuTarget:
     """
     key = name.lower()
     if key not in TARGETS:
-        raise InputError(f"--plan {name!r}: not a known GPU; one of {', '.join(TARGETS)}")
+        raise InputError(f"--plan {name!r}: not a known GPU or TPU; one of {', '.join(TARGETS)}")
     return TARGETS[key]
 
 
 class AotUnavailable(QSTError, RuntimeError):
-    """The CUDA plugin that compiles for a GPU is not installed (`bash scripts/setup.sh aot`)."""
+    """The compiler for a target is not installed (`bash scripts/setup.sh aot` for GPUs, `tpu` for TPUs)."""
 
 
 @functools.lru_cache(maxsize=None)
 def topology(name: str, devices: int = 1) -> Any:
-    """`jax.experimental.topologies` description of `devices` GPUs of target `name` (one host).
+    """`jax.experimental.topologies` description of `devices` devices of target `name` (GPUs: one host).
 
     Raises:
-      AotUnavailable: without the CUDA plugin.
+      AotUnavailable: without the CUDA plugin (a GPU) or libtpu (a TPU).
+      InputError: a TPU slice of a chip count the target has no topology for.
     """
+    from jax.experimental import topologies
+
+    t = target(name)
+    if isinstance(t, TpuTarget):
+        if not libtpu_installed():
+            raise AotUnavailable("compiling for a TPU needs libtpu: bash scripts/setup.sh tpu (jax[tpu], a 214 MB "
+                                 "wheel; no TPU needed)")
+        if devices not in t.slices:
+            raise InputError(f"{name}: no slice of {devices} chips; one of {sorted(t.slices)}")
+        # libtpu asks the cloud's metadata server which TPU it is on unless told not to (a deviceless compile).
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{t.generation}:{t.slices[devices]}")
     if not plugin_installed():
         raise AotUnavailable("compiling for a GPU needs the CUDA plugin: bash scripts/setup.sh aot "
                              "(jax[cuda13-local], about 150 MB, no CUDA libraries)")
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(platform="cuda", target_config=target(name).config_text(),
-                                        topology=f"1x1x{devices}")
+    return topologies.get_topology_desc(platform="cuda", target_config=t.config_text(), topology=f"1x1x{devices}")
 
 
 def abstract_mesh(name: str, shape: tuple[int, ...] = (1,), axes: tuple[str, ...] = ("x",)) -> Any:

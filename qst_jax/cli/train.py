@@ -15,8 +15,9 @@ from qst_jax.errors import QSTError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in train.output_dir from its newest intact checkpoint")
-_PLAN = flags.DEFINE_string("plan", None, "compile the run's train step for this GPU (t4, l4, a100-40, a100-80, h100, "
-                             "h200) without one, print its memory, flops and a roofline estimate, and exit")
+_PLAN = flags.DEFINE_string("plan", None, "compile the run's train step for this GPU or TPU chip (t4, l4, rtx4090, "
+                             "rtx3090, rtx4060ti-16, a100-40, a100-80, h100, h200, v5e, v6e, v5p) without one, print "
+                             "its memory, flops and a roofline estimate, and exit")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete the run in train.output_dir first, then start over")
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
 
 
 def _plan(config, name: str) -> int:
-    """`--plan NAME`: the compiled step's figures for one GPU; nothing is loaded, nothing written."""
+    """`--plan NAME`: the compiled step's figures for one GPU or TPU chip; nothing is loaded, nothing written."""
     from qst_jax.aot.targets import target
     from qst_jax.train.config import validate
 

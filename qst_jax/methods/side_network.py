@@ -249,7 +249,7 @@ def joint_pass(
     backbone_kv = None if caches is None else caches["backbone"]
     group_kvs = (None,) * len(groups) if caches is None else tuple(caches["side"])
     xs = (None if norms_after is None else norms_after[1], backbone_kv, tuple(side_xs), group_kvs)
-    (h_last, s_lasts), (backbone_kv, group_kvs) = loops.scan_layers(body, (h0, tuple(s0s)), bp["layers"], xs)
+    (h_last, s_lasts), (backbone_kv, group_kvs) = loops.scan_over_layers(body, (h0, tuple(s0s)), bp["layers"], xs)
     base = final_norm(bp, backbone_cfg, h_last)
     outs = [g.finish(base, s_last, run) for g, s_last in zip(groups, s_lasts)]
     return base, outs, None if caches is None else {"backbone": backbone_kv, "side": group_kvs}

@@ -113,7 +113,7 @@ def scan_layers(
     if remat:  # differentiated through (QLoRA): each layer copied in inside its checkpointed block, not carried
         h, (caches, collected) = loops.scan(lambda c, xs: body(c, xs[0], xs[1:]), h, (layers, caches, indices))
     else:  # forward only: a streamed backbone one layer ahead
-        h, (caches, collected) = loops.scan_layers(body, h, layers, (caches, indices))
+        h, (caches, collected) = loops.scan_over_layers(body, h, layers, (caches, indices))
     return (h, caches) if collect is None else (h, caches, collected)
 
 

@@ -63,7 +63,7 @@ def layer_to_device(layer: Any) -> Any:
     return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(moved))
 
 
-def scan_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[Any, Any]:
+def scan_over_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[Any, Any]:
     """`scan` over stacked layers `[L, ...]` and `xs`: `body(carry, layer, x) -> (carry, y)`, `layer` on the device.
 
     Layers in host memory (`model.offload`) stream one layer ahead: the
@@ -92,7 +92,7 @@ def scan_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[Any, A
     return out, ys
 
 
-# XLA options for a step that streams its layers (`scan_layers` over host memory), passed as `jax.jit`'s
+# XLA options for a step that streams its layers (`scan_over_layers` over host memory), passed as `jax.jit`'s
 # `compiler_options` (never set process-wide). XLA issues each host copy as an async dynamic-slice, which its GPU
 # scheduler counts against the async-compute limit (two in flight by default): a layer's thirty copies then run as
 # a chain with no compute between them. Raising the limit under the latency-hiding scheduler puts the next layer's

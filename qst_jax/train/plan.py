@@ -116,12 +116,12 @@ def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileRepor
 
     Raises:
       ConfigError: a config that names no model, or a device mesh (the
-        planner compiles for one GPU).
-      AotUnavailable: the CUDA plugin is not installed.
+        planner compiles for one device: a GPU or a TPU chip).
+      AotUnavailable: the target's compiler (CUDA plugin, libtpu) is not installed.
     """
     p = config.parallel
     if p.data * p.fsdp * p.tensor != 1:
-        raise ConfigError("--plan compiles for one GPU: parallel.data x fsdp x tensor must be 1 (the per-device "
+        raise ConfigError("--plan compiles for one device: parallel.data x fsdp x tensor must be 1 (the per-device "
                           "figures of a mesh: scripts/memory_plan.py)")
     cfg = model_config(config)
     dtype, note = compute_dtype(config, name)

@@ -113,7 +113,7 @@ def test_the_trainer_streams_the_backbone(testdata, tmp_path):
 
 
 def test_the_next_layer_is_fetched_before_this_one_computes(backbones):
-    """scan_layers over host layers: iteration i copies layer i+1 (min(i+1, L-1)) to the device and computes layer i
+    """scan_over_layers over host layers: iteration i copies layer i+1 (min(i+1, L-1)) to the device and computes layer i
     from the copy it carried in, so no compute waits on this iteration's copy; the values equal a plain scan's."""
     from qst_jax.models import loops
 
@@ -124,13 +124,13 @@ def test_the_next_layer_is_fetched_before_this_one_computes(backbones):
 
     xs = jnp.arange(resident.cfg.num_layers, dtype=jnp.float32)
     h0 = jnp.zeros(resident.cfg.hidden_size, jnp.float32)
-    run = jax.jit(lambda layers: loops.scan_layers(body, h0, layers, xs))
+    run = jax.jit(lambda layers: loops.scan_over_layers(body, h0, layers, xs))
     want = run(resident.params["layers"])
     got = run(streamed.params["layers"])
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    jaxpr = jax.make_jaxpr(lambda layers: loops.scan_layers(body, h0, layers, xs))(streamed.params["layers"])
+    jaxpr = jax.make_jaxpr(lambda layers: loops.scan_over_layers(body, h0, layers, xs))(streamed.params["layers"])
     scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
     inner = scan.params["jaxpr"].jaxpr
     moved = {v for e in inner.eqns if e.primitive.name == "device_put" for v in e.outvars}

@@ -1,0 +1,87 @@
+"""Compiling for a TPU without one: the targets' published figures, a tiny QST step compiled for a v5e chip
+(memory, cost analysis and a roofline from libtpu's compiler), and the one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from qst_jax.aot.targets import TARGETS, AotUnavailable, TpuTarget, target
+from qst_jax.environment import libtpu_installed
+
+needs_libtpu = pytest.mark.skipif(not libtpu_installed(), reason="needs libtpu (bash scripts/setup.sh tpu)")
+
+
+def test_tpu_targets_carry_their_published_figures():
+    tpus = {k: (t.memory_gib, t.bf16_tflops, t.bandwidth_bytes_s / 1e9) for k, t in TARGETS.items()
+            if isinstance(t, TpuTarget)}
+    assert tpus == {"v5e": (16, 197.0, 819.0), "v6e": (32, 918.0, 1640.0), "v5p": (95, 459.0, 2765.0)}
+    v5e = target("V5E")
+    assert v5e.platform == "tpu" and v5e.has_bf16 and v5e.peak_flops("bfloat16") == 197e12
+    assert target("h100").platform == "gpu"
+
+
+def test_a_tpu_slice_it_has_no_topology_for_is_one_line():
+    from qst_jax.aot.targets import topology
+    from qst_jax.errors import InputError
+
+    with pytest.raises(InputError, match=r"^v5e: no slice of 3 chips; one of \[1, 4, 8, 16\]$"):
+        topology("v5e", 3)
+
+
+def test_without_libtpu_the_planner_says_how_to_get_it(monkeypatch):
+    from qst_jax.aot import targets
+
+    monkeypatch.setattr(targets, "libtpu_installed", lambda: False)
+    with pytest.raises(AotUnavailable, match=r"^compiling for a TPU needs libtpu: bash scripts/setup.sh tpu"):
+        targets.topology("v6e", 16)
+
+
+@needs_libtpu
+def test_a_qst_step_compiles_for_a_v5e_chip():
+    """The tiny QST step through libtpu's compiler: device memory, flops from cost analysis at the loops' trip
+    counts, a roofline; the TPU's own choices (the states kept in bf16: fp8 is a GPU's)."""
+    from qst_jax.aot.compile import compile_report, replicated_on
+    from qst_jax.aot.targets import abstract_mesh
+    from qst_jax.methods import QSTModel, SideConfig
+    from qst_jax.methods.downsamplers import resolve_store
+    from qst_jax.models.platform import targeting
+    from qst_jax.models.random_init import llama2_config, random_params
+    from qst_jax.train.step import init_train_state, make_train_step
+
+    mesh = abstract_mesh("v5e")
+    assert mesh.devices.flat[0].device_kind == "TPU v5 lite"
+
+    def make(layers: int, for_cost: bool):
+        cfg = dataclasses.replace(llama2_config("tiny"), num_layers=layers)
+        model, tx = QSTModel(cfg, SideConfig()), optax.adamw(1e-3)
+        backbone = replicated_on(mesh, jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0)))
+        state = replicated_on(mesh, jax.eval_shape(lambda: init_train_state(model, tx, jax.random.PRNGKey(0))))
+        ids = jax.ShapeDtypeStruct((1, 8, 128), jnp.int32)
+        batch = replicated_on(mesh, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
+        return make_train_step(model, tx), (state, backbone, batch)
+
+    report = compile_report("v5e", make, layers=4)
+    assert report.target.name == "v5e" and report.fits and 0 < report.peak_bytes < 2**28
+    assert report.flops > 0 and report.bytes_accessed > 0 and report.roofline_s > 0
+    assert "compiled for v5e (TPU v5 lite, 16.0 GiB), not measured" in report.lines()
+    with targeting("tpu"):
+        assert resolve_store("auto") == "compute"
+
+
+def test_libtpu_without_a_tpu_device(monkeypatch):
+    """What the package root reads to keep jax off a TPU that is not there (JAX_PLATFORMS=cpu)."""
+    from qst_jax import environment
+
+    monkeypatch.setattr(environment, "libtpu_installed", lambda: True)
+    monkeypatch.setattr(environment.glob, "glob", lambda pattern: [])
+    assert environment.libtpu_without_tpu()
+    monkeypatch.setattr(environment.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert not environment.libtpu_without_tpu()
+    monkeypatch.setattr(environment, "libtpu_installed", lambda: False)
+    monkeypatch.setattr(environment.glob, "glob", lambda pattern: [])
+    assert not environment.libtpu_without_tpu()
