@@ -224,8 +224,10 @@ def topology(name: str, devices: int = 1) -> Any:
                                  "wheel; no TPU needed)")
         if devices not in t.slices:
             raise InputError(f"{name}: no slice of {devices} chips; one of {sorted(t.slices)}")
-        # libtpu asks the cloud's metadata server which TPU it is on unless told not to (a deviceless compile).
+        # libtpu asks the cloud's metadata server which TPU it is on unless told not to, and locks itself to one
+        # process: neither matters to a deviceless compile (several test workers compile at once).
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{t.generation}:{t.slices[devices]}")
     if not plugin_installed():
         raise AotUnavailable("compiling for a GPU needs the CUDA plugin: bash scripts/setup.sh aot "

@@ -5,13 +5,15 @@ The reference path dequantizes the NF4 weight (float32 math, one rounding to
 the compute dtype) and calls `lax.dot_general`; inside a `lax.scan` over
 stacked layers only one layer's dequantized weight is alive at a time.
 
-For few tokens (decoding, batch-1 training) on a GPU, an NF4 weight goes
-through the fused dequantize-matmul kernel of `nf4_kernel.py` instead, which
-reads the 4-bit codes once and never writes the dequantized weight.
-`set_kernel_mode` chooses: "auto" (default: the kernel on GPU for bf16/f16
-activations and at most `MAX_FUSED_TOKENS` tokens), "off" (always the
-reference path), or "interpret" (the kernel in Pallas interpret mode wherever
-it applies, on any backend: how CPU tests check it against the reference).
+For few tokens (decoding, batch-1 training) on a GPU or a TPU, an NF4
+weight goes through a fused dequantize-matmul kernel instead
+(`nf4_kernel.py`, Triton; `nf4_kernel_tpu.py`, Mosaic), which reads the
+4-bit codes once and never writes the dequantized weight. `set_kernel_mode`
+chooses: "auto" (default: the backend's kernel for bf16/f16 activations and
+at most `MAX_FUSED_TOKENS` tokens), "off" (always the reference path), or
+"interpret" / "interpret-tpu" (the GPU's / the TPU's kernel in Pallas
+interpret mode wherever it applies, on any backend: how CPU tests check
+them against the reference).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qst_jax.errors import InputError
-from qst_jax.quant import nf4_kernel
+from qst_jax.quant import nf4_kernel, nf4_kernel_tpu
 from qst_jax.quant.nf4 import NF4Weight
 
-_KERNEL_MODES = ("auto", "off", "interpret")
+_KERNEL_MODES = ("auto", "off", "interpret", "interpret-tpu")
 _kernel_mode = "auto"
 
 
@@ -37,7 +39,7 @@ def set_kernel_mode(mode: str) -> str:
     """Chooses how NF4 matmuls with few tokens run; returns the previous mode.
 
     Args:
-      mode: "auto", "off" or "interpret" (see the module docstring). Takes
+      mode: "auto", "off", "interpret" or "interpret-tpu" (see the module docstring). Takes
         effect for functions traced afterwards (jitted functions already
         compiled keep their choice).
     """
@@ -49,16 +51,19 @@ def set_kernel_mode(mode: str) -> str:
 
 
 def _fused_choice(x: jax.Array, w: Any) -> str | None:
-    """"gpu", "interpret" or None: whether this matmul takes the fused kernel."""
-    if _kernel_mode == "off" or not nf4_kernel.fused_supported(w):
-        return None
-    tokens = math.prod(x.shape[:-1])
-    if tokens > nf4_kernel.MAX_FUSED_TOKENS:
+    """"gpu", "tpu", "interpret", "interpret-tpu" or None: whether this matmul takes a fused kernel, which."""
+    if _kernel_mode == "off" or math.prod(x.shape[:-1]) > nf4_kernel.MAX_FUSED_TOKENS:
         return None
     if _kernel_mode == "interpret":
-        return "interpret"
-    if jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16) and triton_capable():
+        return "interpret" if nf4_kernel.fused_supported(w) else None
+    if _kernel_mode == "interpret-tpu":
+        return "interpret-tpu" if nf4_kernel_tpu.tpu_supported(w) else None
+    backend = jax.default_backend()
+    if backend == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16) and nf4_kernel.fused_supported(w) and \
+            triton_capable():
         return "gpu"
+    if backend == "tpu" and x.dtype == jnp.bfloat16 and nf4_kernel_tpu.tpu_supported(w):
+        return "tpu"
     return None
 
 
@@ -75,17 +80,23 @@ def triton_capable(capability: str | None = None) -> bool:
     return (int(major), int(minor or 0)) >= (8, 0)
 
 
+def _run_fused(x: jax.Array, w: NF4Weight, choice: str) -> jax.Array:
+    if choice in ("tpu", "interpret-tpu"):
+        return nf4_kernel_tpu.nf4_matmul_tpu(x, w, interpret=choice == "interpret-tpu")
+    return nf4_kernel.nf4_matmul(x, w, interpret=choice == "interpret")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fused(x: jax.Array, w: NF4Weight, interpret: bool) -> jax.Array:
-    return nf4_kernel.nf4_matmul(x, w, interpret=interpret)
+def _fused(x: jax.Array, w: NF4Weight, choice: str) -> jax.Array:
+    return _run_fused(x, w, choice)
 
 
-def _fused_fwd(x: jax.Array, w: NF4Weight, interpret: bool):
-    return nf4_kernel.nf4_matmul(x, w, interpret=interpret), w
+def _fused_fwd(x: jax.Array, w: NF4Weight, choice: str):
+    return _run_fused(x, w, choice), w
 
 
-def _fused_bwd(interpret: bool, w: NF4Weight, g: jax.Array):
-    del interpret
+def _fused_bwd(choice: str, w: NF4Weight, g: jax.Array):
+    del choice
     dx = jax.lax.dot_general(g, w.dequantize(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=g.dtype)
 
@@ -161,7 +172,7 @@ def matmul(x: jax.Array, w: Weight, *, precision: Any = None) -> jax.Array:
         return _dot(x, materialize(w.base, x.dtype), precision) + (w.scale * low_rank).astype(x.dtype)
     choice = _fused_choice(x, w) if precision is None else None
     if choice is not None:
-        return _fused(x, w, choice == "interpret")
+        return _fused(x, w, choice)
     return _dot(x, materialize(w, x.dtype), precision)
 
 
