@@ -109,6 +109,11 @@ def nf4_matmul_tpu(x: jax.Array, w: NF4Weight, *, interpret: bool = False, block
     flat = jnp.pad(x.reshape(rows, in_dim), ((0, padded - rows), (0, 0)))
     x_even, x_odd = flat[:, 0::2], flat[:, 1::2]
     half = in_dim // 2
+    itemsize = jnp.dtype(x.dtype).itemsize
+    # What the kernel reads and writes once (XLA cannot see into a Mosaic kernel): codes, scales, x, the output.
+    cost = pl.CostEstimate(flops=2 * padded * out_dim * in_dim, transcendentals=0,
+                           bytes_accessed=out_dim * half + out_dim * (in_dim // w.blocksize) * 4
+                           + padded * in_dim * itemsize + padded * out_dim * itemsize)
     out = pl.pallas_call(
         functools.partial(_kernel, chunks=half // _LANES),
         out_shape=jax.ShapeDtypeStruct((padded, out_dim), x.dtype),
@@ -121,6 +126,7 @@ def nf4_matmul_tpu(x: jax.Array, w: NF4Weight, *, interpret: bool = False, block
         ],
         out_specs=pl.BlockSpec((padded, block_n), lambda i: (0, i)),
         interpret=interpret,
+        cost_estimate=cost,
         name="nf4_matmul_tpu",
     )(x_even, x_odd, w.packed, w.scales().T)
     return out[:rows].reshape(*lead, out_dim)
