@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).parents[1] / "qst_jax"
 
 # Which rooms each room may import (besides itself and the package root). Downward only:
 # {tree, files} <- quant <- models <- methods <- {eval, generate} <- train <- cli; data, parallel and aot beside them.
-BOTTOM = {"errors", "environment", "hub", "tree", "files", "checkpoints"}
+BOTTOM = {"errors", "environment", "hub", "tree", "files", "checkpoints", "run_dir"}
 ALLOWED = {
     "errors": set(),
     "environment": set(),
@@ -19,6 +19,7 @@ ALLOWED = {
     "tree": set(),
     "files": set(),
     "checkpoints": {"errors", "tree"},
+    "run_dir": {"errors", "files"},
     "quant": BOTTOM,
     "models": {"quant"} | BOTTOM,
     "data": BOTTOM,

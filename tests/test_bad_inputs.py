@@ -17,7 +17,7 @@ import pytest
 
 from qst_jax.cli import eval as eval_cli
 from qst_jax.cli import generate as generate_cli
-from qst_jax.train.run_dir import RunDirectory
+from qst_jax.run_dir import RunDirectory
 from qst_jax.train.trainer import Trainer
 from qst_jax.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_model_dir
@@ -248,6 +248,27 @@ def _truncated_gguf(root: pathlib.Path) -> pathlib.Path:
     return target
 
 
+def test_qst_quantize_refuses_what_it_cannot_write(tmp_path, capsys):
+    from qst_jax.cli import quantize
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes((REPO / "tests/testdata/tiny-llama-bf16/model.safetensors").read_bytes())
+    before = weights.read_bytes()
+    for args, message in (
+            ([str(weights), "--out", str(weights)], f"--out {weights}: is the input file; write the NF4 checkpoint "
+                                                    "to another file"),
+            ([str(weights), "--out", str(tmp_path / "missing" / "q.safetensors")],
+             f"--out {tmp_path / 'missing' / 'q.safetensors'}: the folder {tmp_path / 'missing'} does not exist"),
+            ([str(tmp_path)], f"{tmp_path}: is a folder; give its .safetensors weights file"),
+            (["--random", "4096"], "--random 4096: give OUTxIN, two positive integers such as 4096x4096"),
+            (["--random", "64x64", "--blocksize", "0"], "--blocksize 0: a positive power of two (bitsandbytes uses 64)")):
+        with pytest.raises(SystemExit) as exit_:
+            quantize.main(args)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"qst-quantize: error: {message}", args
+    assert weights.read_bytes() == before
+
+
 READ_CASES = [
     ("eval: truncated model.safetensors", eval_cli,
      lambda root, m: ["perplexity", "--model", str(_truncated_weights(root, m)), "--data", str(root / "eval.txt")],
@@ -272,6 +293,32 @@ READ_CASES = [
     ("generate: several side networks for one prompt", generate_cli,
      lambda root, m: ["--model", str(m), "--side", str(root / "run"), "--side", str(root / "run"), "--prompt", "a"],
      r"several --side serve --file records, each naming its side network in a 'side' field"),
+    ("eval: a window of one token", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--data", str(root / "eval.txt"), "--seq-len", "1"],
+     r"^qst-eval: error: --seq-len 1: at least 2 \(a window scores the tokens after its first\)$"),
+    ("eval: windows beyond the model's context", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--data", str(root / "eval.txt"), "--seq-len", "4096"],
+     r"^qst-eval: error: --seq-len 4096: exceeds the model's context of 512 positions$"),
+    ("eval: no batch", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--data", str(root / "eval.txt"), "--batch-size", "0"],
+     r"^qst-eval: error: --batch-size 0: must be at least 1$"),
+    ("eval: --out under a file", eval_cli,
+     lambda root, m: ["perplexity", "--model", str(m), "--data", str(root / "eval.txt"), "--out",
+                      str(root / "eval.txt" / "out.json")],
+     r"^qst-eval: error: --out .*eval.txt/out.json: .*eval.txt is not a folder$"),
+    ("generate: an empty stop string", generate_cli,
+     lambda root, m: ["--model", str(m), "--prompt", "a", "--stop", ""],
+     r"^qst-generate: error: --stop '': an empty stop string would end every completion before its first token$"),
+    ("generate: an empty prompts file", generate_cli,
+     lambda root, m: ["--model", str(m), "--file", str(_bad_prompts(root, "\n\n"))],
+     r"prompts-\w+.jsonl: holds no records \(one JSON object a line, with 'prompt' or 'messages'\)$"),
+    ("generate: a record with a bad chat role", generate_cli,
+     lambda root, m: ["--model", str(m), "--file", str(_bad_prompts(
+         root, '{"prompt": "a"}\n{"messages": [{"role": "wizard", "content": "hi"}]}\n'))],
+     r"prompts-\w+.jsonl:2: unknown chat role 'wizard'"),
+    ("generate: a prompt that is not a string", generate_cli,
+     lambda root, m: ["--model", str(m), "--file", str(_bad_prompts(root, '{"prompt": 3}\n'))],
+     r"prompts-\w+.jsonl:1: 'prompt' must be a non-empty string, not 3$"),
     ("generate: a record without a prompt", generate_cli,
      lambda root, m: ["--model", str(m), "--file", str(_bad_prompts(root, '{"text": "a"}\n'))],
      r"prompts-\w+.jsonl:1: a record needs 'prompt' or 'messages'; it has \['text'\]"),

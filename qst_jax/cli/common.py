@@ -16,10 +16,38 @@ def add_model_args(parser: Any, offload: bool = False) -> None:
                              "QST side networks run from one backbone pass")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
+    add_compile_cache_arg(parser)
     if offload:
         parser.add_argument("--offload", default="none", choices=["none", "weights"],
                             help="weights: keep the frozen layers in pinned host memory and stream them to the device "
                                  "one layer ahead (a backbone larger than the device)")
+
+
+def add_compile_cache_arg(parser: Any) -> None:
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program anew (default: reuse compiled programs from JAX's persistent "
+                             "cache in $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/qst_jax/xla)")
+
+
+def use_compile_cache(enabled: bool) -> str | None:
+    """Turns JAX's persistent compilation cache on for this command's process (a restart then loads, not compiles).
+
+    The directory is `$JAX_COMPILATION_CACHE_DIR` when set, else
+    `$XDG_CACHE_HOME/qst_jax/xla` (`~/.cache/qst_jax/xla`). Only the
+    command-line tools call it: importing qst_jax changes nothing.
+
+    Returns:
+      the cache directory, or None when `enabled` is False (caching off).
+    """
+    import jax
+
+    if not enabled:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_home, "qst_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
 
 
 def side_names(sides: list[str]) -> list[str]:

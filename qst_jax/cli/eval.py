@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from qst_jax.errors import InputError, QSTError
-from qst_jax.cli.common import add_model_args, load_model
+from qst_jax.cli.common import add_model_args, load_model, use_compile_cache
 from qst_jax.models.loops import streaming_options
 
 
@@ -145,11 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_compile_cache(not args.no_compile_cache)
     try:
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise InputError(f"--out {args.out}: {os.path.dirname(os.path.abspath(args.out))} is not a folder")
+        if args.seq_len is not None and args.seq_len < 2:
+            raise InputError(f"--seq-len {args.seq_len}: at least 2 (a window scores the tokens after its first)")
         loaded = load_model(args)
+        context = loaded[0].cfg.max_position_embeddings
         if args.seq_len is None:
             info = loaded[-1] if len(args.side) < 2 else next(iter(loaded[-1].values()))
-            args.seq_len = 2048 if args.kind == "mmlu" else int(info.get("seq_len") or 128)
+            args.seq_len = min(2048, context) if args.kind == "mmlu" else int(info.get("seq_len") or min(128, context))
+        if args.seq_len > context:
+            raise InputError(f"--seq-len {args.seq_len}: exceeds the model's context of {context} positions")
         result = {"perplexity": _perplexity, "classify": _classify, "mmlu": _mmlu}[args.kind](args, *loaded)
     except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
         print(f"qst-eval: error: {err}", file=sys.stderr)

@@ -26,7 +26,7 @@ import json
 import sys
 
 from qst_jax.errors import QSTError
-from qst_jax.cli.common import add_model_args, load_model
+from qst_jax.cli.common import add_model_args, load_model, use_compile_cache
 
 
 def _stream(gen, prompt_ids, args, sampling) -> str:
@@ -74,8 +74,17 @@ def _complete_file(gen, tokenizer, args, sampling) -> None:
     jobs = []
     for line_number, record in _records(args.file):
         if "messages" in record:
-            prompt = gen.render_chat(record["messages"])
+            if not isinstance(record["messages"], list) or not record["messages"]:
+                raise GenerationError(f"{args.file}:{line_number}: 'messages' must be a non-empty list of "
+                                      "{role, content}")
+            try:
+                prompt = gen.render_chat(record["messages"])
+            except GenerationError as err:
+                raise GenerationError(f"{args.file}:{line_number}: {err}") from None
         elif "prompt" in record:
+            if not isinstance(record["prompt"], str) or not record["prompt"]:
+                raise GenerationError(f"{args.file}:{line_number}: 'prompt' must be a non-empty string, not "
+                                      f"{record['prompt']!r}")
             prompt = tokenizer(record["prompt"]).input_ids
         else:
             raise GenerationError(f"{args.file}:{line_number}: a record needs 'prompt' or 'messages'; "
@@ -91,6 +100,8 @@ def _complete_file(gen, tokenizer, args, sampling) -> None:
             raise GenerationError(f"{args.file}:{line_number}: side {side!r} is not one of {gen.side_names} or "
                                   "null (the base model)")
         jobs.append((record, prompt, side))
+    if not jobs:
+        raise GenerationError(f"{args.file}: holds no records (one JSON object a line, with 'prompt' or 'messages')")
     # Every record is one request of the engine: `--batch-size` slots decode together, a finished record's slot
     # takes the next one at once (continuous batching), and the completions print in the file's order.
     texts = gen.generate([p for _, p, _ in jobs], max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -121,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_compile_cache(not args.no_compile_cache)
 
     from qst_jax.generate.decode import GenerationError, Generator
     from qst_jax.generate.sampling import SamplingConfig
@@ -130,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.side) > 1 and args.file is None:
             raise GenerationError("several --side serve --file records, each naming its side network in a 'side' "
                                   "field; --prompt and --chat take one --side")
+        if "" in args.stop:
+            raise GenerationError("--stop '': an empty stop string would end every completion before its first token")
         if args.batch_size < 1:
             raise GenerationError(f"--batch-size {args.batch_size} must be at least 1")
         backbone, tokenizer, model, params, info = load_model(args)

@@ -65,6 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.path and not args.random:
         parser.error("give a .safetensors path or --random OUTxIN")
+    if args.blocksize < 1 or args.blocksize & (args.blocksize - 1):
+        parser.error(f"--blocksize {args.blocksize}: a positive power of two (bitsandbytes uses 64)")
+    if args.random:
+        try:
+            out_dim, in_dim = (int(s) for s in args.random.lower().split("x"))
+        except ValueError:
+            parser.error(f"--random {args.random}: give OUTxIN, two positive integers such as 4096x4096")
+        if out_dim < 1 or in_dim < 1:
+            parser.error(f"--random {args.random}: both dimensions must be positive")
+    if args.path and os.path.isdir(args.path):
+        parser.error(f"{args.path}: is a folder; give its .safetensors weights file")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out):
+            parser.error(f"--out {args.out}: is a folder; name the .safetensors file to write")
+        if not os.path.isdir(folder):
+            parser.error(f"--out {args.out}: the folder {folder} does not exist")
+        if args.path and os.path.exists(args.out) and os.path.samefile(args.path, args.out):
+            parser.error(f"--out {args.out}: is the input file; write the NF4 checkpoint to another file")
 
     try:
         return _run(args)

@@ -15,9 +15,13 @@ curl and the `openai` client.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
+import socket
 import sys
 import time
+from qst_jax.cli.common import add_compile_cache_arg, use_compile_cache
 from qst_jax.errors import InputError, QSTError
 
 
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
+    add_compile_cache_arg(parser)
     return parser
 
 
@@ -108,11 +113,57 @@ def build_server(args: argparse.Namespace, log=print):
                   hub_sides=args.hub_sides)
 
 
+class OneLineCancellation(logging.Filter):
+    """Says a request cancelled at shutdown in one line, not uvicorn's traceback of `asyncio.CancelledError`.
+
+    A SIGTERM whose running requests outlast the drain timeout has uvicorn
+    cancel their tasks and log each with its traceback; the operator needs
+    one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args = ("qst-serve: a request still running at the end of the drain timeout was "
+                                       f"cancelled ({record.exc_info[1] or 'shutdown'})"), ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging config with `OneLineCancellation` on its error handler."""
+    import copy
+
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["one_line_cancellation"] = {"()": OneLineCancellation}
+    config["handlers"]["default"]["filters"] = ["one_line_cancellation"]
+    return config
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served (the OS's reason), or None: checked before minutes of warm-up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"qst-serve: error: --port {args.port}: cannot serve on {args.host}:{args.port} ({busy}); stop what "
+              "holds it or choose another --port", file=sys.stderr)
+        return 1
+    use_compile_cache(not args.no_compile_cache)  # a restart loads its programs instead of compiling them
     try:
         server = build_server(args, log)
     except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
@@ -121,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join([server.base_name, *server.engine.sides.names()])
     log(f"qst-serve: {names} on http://{args.host}:{args.port} ({args.slots} slots, {server.engine.max_len} tokens "
         f"each{', API key required' if args.api_key else ''})")
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning", log_config=log_config(),
                 timeout_graceful_shutdown=args.drain_timeout)
     return 0
 

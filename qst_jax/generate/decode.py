@@ -36,15 +36,43 @@ class GenerationError(QSTError, ValueError):
     """Bad generation input (prompt too long, unknown chat role, ...)."""
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """The prompt ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
-    for m in messages:
+def _message_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of text parts (`{"type": "text", "text": ...}`)."""
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise GenerationError(f"{where}[{i}]: only text parts ({{'type': 'text', 'text': ...}}) are "
+                                      f"served, not {kind!r}")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise GenerationError(f"{where}: must be a string or a list of text parts")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise GenerationError(f"{where}: not valid Unicode text (a lone surrogate {content[err.start]!r} at "
+                              f"character {err.start})") from None
+    return content
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """The prompt ids of a conversation through the tokenizer's chat template, ready for the assistant's turn.
+
+    Each message is `{"role", "content"}`; content is a string or a list of text parts (joined).
+
+    Raises:
+      GenerationError: naming the message (`messages[i].content`) for an unknown role, a non-text part or text
+        that is not valid Unicode.
+    """
+    plain = []
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             role = m.get("role") if isinstance(m, dict) else m
             raise GenerationError(f"unknown chat role {role!r} (known: {CHAT_ROLES})")
-        if not isinstance(m.get("content"), str):
-            raise GenerationError(f"a {m['role']} message's content must be a string")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        plain.append({**m, "content": _message_text(m.get("content"), f"messages[{i}].content")})
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from qst_jax.errors import QSTError
 from qst_jax.checkpoints import Checkpointer
+from qst_jax.run_dir import refuse_if_locked
 
 
 def _state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, nnx.State]:
@@ -40,7 +41,9 @@ class NNXCheckpointer:
 
         Raises:
           FileExistsError: `directory` already holds step `step` (it is not overwritten).
+          RunDirectoryError: a running qst-train holds `directory` (or the run directory above it).
         """
+        refuse_if_locked(str(self.checkpointer.manager.directory), "NNXCheckpointer.save")
         if step in self.checkpointer.steps():
             raise CheckpointExistsError(f"{self.checkpointer.manager.directory}/{step}: a checkpoint of step {step} "
                                   "already exists; save another step or use another directory")

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qst_jax.errors import InputError, UsageError
@@ -40,6 +41,7 @@ from qst_jax.models.config import ModelConfig
 from qst_jax.models.layers import Params
 from qst_jax.models.backbone import Backbone as FunctionalBackbone
 from qst_jax.quant.nf4 import NF4Weight
+from qst_jax.run_dir import RunDirectory
 from qst_jax.tree import count_params, flatten
 
 
@@ -95,7 +97,7 @@ class Backbone(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         method = FrozenModel(self.cfg, self.dtype)
-        return method.logits({}, self.params(), *_ids_and_mask(input_ids, attention_mask))
+        return method.logits({}, self.params(), *_ids_and_mask(input_ids, attention_mask, self.cfg.vocab_size))
 
     def __repr__(self) -> str:
         nf4 = sum(isinstance(v.get_value(), NF4Weight) for v in jax.tree.leaves(self.weights, is_leaf=_is_variable))
@@ -106,7 +108,22 @@ class Backbone(nnx.Module):
     __str__ = __repr__  # nnx.display prints str outside a notebook; treescope shows the tree in one
 
 
-def _ids_and_mask(input_ids: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array]:
+def _check_ids(values: Any, key: str, limit: int, what: str) -> None:
+    """Refuses ids outside `[0, limit)` in a concrete array (a traced one, under the caller's jit, passes).
+
+    Out-of-range ids gather nothing XLA complains about: the loss is silently NaN or wrong.
+    """
+    if isinstance(values, jax.core.Tracer):
+        return
+    values = np.asarray(values)
+    if values.size and (values.min() < 0 or values.max() >= limit):
+        bad = int(values.max()) if values.max() >= limit else int(values.min())
+        raise InputError(f"{key}: id {bad} is outside the {what} of {limit}")
+
+
+def _ids_and_mask(input_ids: Any, attention_mask: Any, vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+    if vocab is not None:
+        _check_ids(input_ids, "input_ids", vocab, "vocabulary")
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones(ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return ids, mask
@@ -202,7 +219,8 @@ class Tuned(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Float32 logits: `[B, T, vocab]` (lm) or `[B, num_labels]` (classification)."""
-        return self.method.logits(self.params(), self.backbone.params(), *_ids_and_mask(input_ids, attention_mask))
+        ids_mask = _ids_and_mask(input_ids, attention_mask, self.backbone.cfg.vocab_size)
+        return self.method.logits(self.params(), self.backbone.params(), *ids_mask)
 
     def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`(mean loss, aux)` of one batch (leaves `[B, T]`, `methods.base` names the keys).
@@ -217,15 +235,36 @@ class Tuned(nnx.Module):
         the sign of a near-zero gradient into a whole step).
         """
         batch = dict(batch)
+        if "input_ids" in batch:
+            _check_ids(batch["input_ids"], "input_ids", self.backbone.cfg.vocab_size, "vocabulary")
+        if self.method.task == "classification" and not isinstance(batch.get("labels"), jax.core.Tracer):
+            labels = np.asarray(batch["labels"])[np.asarray(batch.get("example_mask", 1)) > 0]
+            _check_ids(labels, "labels", self.method.num_labels, "classes")
         denom = jnp.maximum(self.method.loss_weight(batch), 1.0)
         params = _divide_cotangent(self.params(), denom)
         total, (weight, aux) = self.method.loss(params, self.backbone.params(), batch)
         return _mean_with_unit_cotangent(total, denom), {"weight": weight, **aux}
 
     # -- files ----------------------------------------------------------------------------------
-    def export(self, directory: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Writes `side.safetensors` + `qst_config.json` (what qst-eval and qst-generate `--side` read)."""
-        return export_side(directory, self.method, self.params(), self.backbone.cfg, dict(extra or {}))
+    def export(self, directory: str, extra: Mapping[str, Any] | None = None, *,
+               overwrite: bool = False) -> dict[str, Any]:
+        """Writes `side.safetensors` + `qst_config.json` (what qst-eval and qst-generate `--side` read).
+
+        The directory follows qst-train's rules (`qst_jax.run_dir`): one
+        writer at a time, and a directory that holds a run's results (an
+        export, a checkpoint, a summary) is refused unless `overwrite`,
+        which deletes exactly the run's files first.
+
+        Raises:
+          RunDirectoryError: the directory is in use by a running qst-train,
+            or holds a run's results and `overwrite` is False.
+        """
+        run = RunDirectory(directory, owner="export")
+        run.acquire(resume=False, overwrite=overwrite)
+        try:
+            return export_side(directory, self.method, self.params(), self.backbone.cfg, dict(extra or {}))
+        finally:
+            run.close()
 
     @classmethod
     def from_run(cls, directory: str, backbone: Backbone | FunctionalBackbone, **options: Any) -> Tuned:

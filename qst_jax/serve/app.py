@@ -133,25 +133,33 @@ class Server:
 
     # -- generation -----------------------------------------------------------------------------
     def parse(self, body: Any, kind: str) -> api.Parsed:
-        def encode(b: dict) -> list[int]:
+        def encode(b: dict) -> list[list[int]]:
             if kind == "chat":
                 messages = b.get("messages")
                 if not isinstance(messages, list) or not messages:
                     raise api.APIError(400, "messages: required, a non-empty list of {role, content}", "messages")
                 try:
-                    return render_chat(self.tokenizer, messages)
+                    return [render_chat(self.tokenizer, messages)]
                 except GenerationError as err:
                     raise api.APIError(400, f"messages: {err}", "messages") from None
-            prompt = b.get("prompt")
-            if not isinstance(prompt, str):
-                raise api.APIError(400, "prompt: required, a string (lists of prompts are not supported)", "prompt")
-            return list(self.tokenizer(prompt).input_ids)
+            return [self._prompt_ids(p, where) for p, where in api.prompt_list(b.get("prompt"))]
 
         parsed = api.parse_request(body, kind, encode, self.engine.max_len)
         side = self.side_of(parsed.model)
         for r in parsed.requests:
             r.side = side
         return parsed
+
+    def _prompt_ids(self, prompt: str | list[int], where: str) -> list[int]:
+        """One prompt's ids: a string through the tokenizer, or token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            api.check_text(prompt, where)
+            return list(self.tokenizer(prompt).input_ids)
+        vocab = self.backbone.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise api.APIError(400, f"{where}: token id {bad[0]} is outside the vocabulary of {vocab}", "prompt")
+        return list(prompt)
 
     def submit(self, parsed: api.Parsed) -> list[asyncio.Queue]:
         loop = asyncio.get_running_loop()

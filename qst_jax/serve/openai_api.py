@@ -39,10 +39,13 @@ class APIError(QSTError):
 
 @dataclasses.dataclass
 class Parsed:
-    """What a request asks for: the model name, prompt ids, and the engine requests (one per choice)."""
+    """What a request asks for: the model name, each prompt's ids, and the engine requests (one per choice).
+
+    Invariant: `requests[p * n + j]` is choice j of prompt p (OpenAI's choice index for a list of prompts).
+    """
 
     model: str
-    prompt: list[int]
+    prompts: list[list[int]]
     requests: list[Request]
     stream: bool
     include_usage: bool
@@ -61,7 +64,10 @@ def _number(body: dict, key: str, default: float, low: float, high: float, integ
 
 
 def parse_request(body: Any, kind: str, encode, max_len: int) -> Parsed:
-    """Checks a completions (`kind="completion"`) or chat (`"chat"`) body; `encode(body)` gives the prompt ids.
+    """Checks a completions (`kind="completion"`) or chat (`"chat"`) body.
+
+    `encode(body)` gives the prompts' ids: one list for a chat or a single prompt, several for a completions
+    `prompt` given as a list of prompts (each then has `n` choices).
 
     Raises:
       APIError: 400 naming the field (unknown or unsupported, wrong type or range, too long).
@@ -75,13 +81,13 @@ def parse_request(body: Any, kind: str, encode, max_len: int) -> Parsed:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "model: required, the name of a model from GET /v1/models", "model")
-    prompt = encode(body)
-    if len(prompt) == 0:
-        raise APIError(400, f"{'messages' if kind == 'chat' else 'prompt'}: empty", "messages" if kind == "chat"
-                       else "prompt")
+    prompts = encode(body)
+    field = "messages" if kind == "chat" else "prompt"
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise APIError(400, f"{field}: empty", field)
+    prompt = max(prompts, key=len)
     room = max_len - len(prompt)
     if room < 1:
-        field = "messages" if kind == "chat" else "prompt"
         raise APIError(400, f"{field}: {len(prompt)} tokens leave no room in the context of {max_len}", field)
     key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     default = 16 if kind == "completion" else room
@@ -94,6 +100,8 @@ def parse_request(body: Any, kind: str, encode, max_len: int) -> Parsed:
     if top_p == 0:
         raise APIError(400, "top_p: must be > 0", "top_p")
     n = int(_number(body, "n", 1, 1, MAX_N, integer=True))
+    if n * len(prompts) > MAX_N:
+        raise APIError(400, f"n: {n} choices for each of {len(prompts)} prompts exceed {MAX_N} in one request", "n")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"seed: {seed!r} is not an integer", "seed")
@@ -110,15 +118,49 @@ def parse_request(body: Any, kind: str, encode, max_len: int) -> Parsed:
         raise APIError(400, "stream_options: only {\"include_usage\": bool} is supported", "stream_options")
     if options and not stream:
         raise APIError(400, "stream_options: only with stream: true", "stream_options")
-    requests = [Request(prompt, side=None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=(seed + i) % 2**31, stop=tuple(stop)) for i in range(n)]
-    return Parsed(model, prompt, requests, stream, bool(options.get("include_usage", False)), kind)
+    requests = [Request(ids, side=None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        seed=(seed + i) % 2**31, stop=tuple(stop)) for i, ids in
+                enumerate(ids for ids in prompts for _ in range(n))]
+    return Parsed(model, prompts, requests, stream, bool(options.get("include_usage", False)), kind)
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuses text that is not valid Unicode (a lone surrogate, as JSON's `\\ud800` decodes), naming `where`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{where}: not valid Unicode text (a lone surrogate {text[err.start]!r} at character "
+                            f"{err.start})", where.split("[")[0].split(".")[0]) from None
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in value)
+
+
+def prompt_list(prompt: Any) -> list[tuple[str | list[int], str]]:
+    """The completions `prompt` as (prompt, its field path) pairs.
+
+    OpenAI's four forms: a string, a list of strings, a list of token ids, a list of lists of token ids.
+
+    Raises:
+      APIError: 400 naming `prompt` (or the list element) when it is none of them.
+    """
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [(prompt, "prompt")]
+    if isinstance(prompt, list) and prompt:
+        for i, p in enumerate(prompt):
+            if not (isinstance(p, str) or _is_ids(p)):
+                raise APIError(400, f"prompt[{i}]: {type(p).__name__} is neither a string nor a non-empty list of "
+                                    "token ids", "prompt")
+        return [(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    raise APIError(400, "prompt: required, a string, a list of strings, or a list of token ids", "prompt")
 
 
 def _usage(parsed: Parsed) -> dict[str, int]:
     completion = sum(len(r.tokens) for r in parsed.requests)
-    return {"prompt_tokens": len(parsed.prompt), "completion_tokens": completion,
-            "total_tokens": len(parsed.prompt) + completion}
+    prompt = sum(len(p) for p in parsed.prompts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _head(parsed: Parsed, rid: str, chunk: bool = False) -> dict[str, Any]:

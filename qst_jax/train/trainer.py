@@ -41,8 +41,8 @@ from qst_jax.models.loader import offload_layers
 from qst_jax.train.config import check_context, resume_changes, validate
 from qst_jax.train.context import RunContext
 from qst_jax.train.loop import LoopHooks, Periods, train_loop
-from qst_jax.train.metrics import MetricsWriter, plot_loss_curve
-from qst_jax.train.run_dir import RunDirectory, top_level
+from qst_jax.train.metrics import MetricsWriter, plot_loss_curve, tb_tag
+from qst_jax.run_dir import RunDirectory, top_level
 from qst_jax.train.signals import catch_signals
 from qst_jax.train.single_run import SingleRun
 from qst_jax.train.stopping import TrainingError
@@ -244,7 +244,7 @@ class Trainer:
             state, meta, step = checkpointer.restore(state, log=self.log)
             self.ctx.train_data.restore(meta["data"])
             if jax.process_index() == 0:
-                self.run_dir.cut_metrics(step)
+                self.run_dir.cut_metrics(step, tb_tag)
             self.log(f"resumed from step {step}")
             self.spec.restored(state)
         return state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,52 @@ def test_from_config_and_bad_params(backbone):
         qnnx.QST(backbone, SideConfig(reduction_factor=8), params=params)
     with pytest.raises(TypeError, match=r"QST: give rngs=nnx.Rngs\(seed\) to initialize the params"):
         qnnx.QST(backbone)
+
+
+def test_ids_outside_the_vocabulary_are_refused_not_a_nan_loss(backbone, batches):
+    """Out-of-range ids gather nothing XLA complains about: the door checks concrete ids and names the largest."""
+    model = _qst(backbone)
+    batch = dict(batches[0])
+    ids = np.array(batch["input_ids"])
+    ids[0, 1] = 1024
+    with pytest.raises(ValueError, match=r"^input_ids: id 1024 is outside the vocabulary of 1024$"):
+        model.loss({**batch, "input_ids": ids})
+    ids[0, 1] = -1
+    with pytest.raises(ValueError, match=r"^input_ids: id -1 is outside the vocabulary of 1024$"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"^input_ids: id 5000 is outside the vocabulary of 1024$"):
+        qnnx.Backbone(backbone)(np.full((1, 4), 5000))
+    assert np.isfinite(float(model.loss(batch)[0]))
+
+
+def test_export_and_checkpoints_follow_the_run_directorys_rules(backbone, batches, tmp_path):
+    """An export never replaces a run's results unasked, and nothing writes where a qst-train holds the lock."""
+    from qst_jax.run_dir import RunDirectory
+
+    model = _qst(backbone)
+    out = tmp_path / "export"
+    model.export(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["qst_config.json", "side.safetensors"]  # no .lock left
+    before = (out / "side.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match=rf"^{out}: already holds a run \(side.safetensors, qst_config.json\); "
+                                           r"export with overwrite=True deletes exactly its files first, or choose "
+                                           r"another directory$"):
+        _qst(backbone, seed=5).export(str(out))
+    assert (out / "side.safetensors").read_bytes() == before
+    _qst(backbone, seed=5).export(str(out), overwrite=True)
+    assert (out / "side.safetensors").read_bytes() != before
+
+    run = tmp_path / "running"
+    holder = RunDirectory(str(run))  # what a running qst-train holds
+    holder.acquire(resume=False, overwrite=False)
+    try:
+        with pytest.raises(RuntimeError, match=rf"^{run}: in use by another qst-train \(pid {os.getpid()}: .*\); "
+                                               r"wait for it to finish or choose another directory$"):
+            model.export(str(run))
+        optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        with pytest.raises(RuntimeError, match=rf"^{run}/checkpoints: in use by another qst-train "
+                                               r"\(pid \d+: .*\); NNXCheckpointer.save waits for it to finish"):
+            qnnx.NNXCheckpointer(str(run / "checkpoints")).save(1, model, optimizer)
+        assert not (run / "side.safetensors").exists() and not (run / "checkpoints" / "1").exists()
+    finally:
+        holder.release()

@@ -207,6 +207,12 @@ BAD = [
     ("unsupported field", {"model": "a", "prompt": "x", "logprobs": 2}, 400, r"logprobs: not supported by this server"),
     ("n too large", {"model": "a", "prompt": "x", "n": 99}, 400, r"n: 99 is not in \[1, 16\]"),
     ("stop of the wrong type", {"model": "a", "prompt": "x", "stop": 3}, 400, r"stop: a string or a list"),
+    ("a lone surrogate", {"model": "a", "prompt": "to be\ud800"}, 400,
+     r"prompt: not valid Unicode text \(a lone surrogate '\\ud800' at character 5\)"),
+    ("a token id beyond the vocabulary", {"model": "a", "prompt": [1, 10**6]}, 400,
+     r"prompt: token id 1000000 is outside the vocabulary of 1024"),
+    ("a prompt list too long for n", {"model": "a", "prompt": ["x"] * 5, "n": 4}, 400,
+     r"n: 4 choices for each of 5 prompts exceed 16 in one request"),
 ]
 
 
@@ -220,6 +226,39 @@ def test_bad_requests_get_their_status_and_message(setup, name, body, status, pa
     error = r.json()["error"]
     assert re.search(pattern, error["message"]), error
     assert error["param"] == pattern.split(":")[0]
+
+
+def test_the_openai_prompt_and_content_forms(setup):
+    """A list of prompts (n choices each, in order), token ids, and chat content as a list of text parts."""
+    server, *_ = setup
+    client = server.client()
+    alone = [_complete(client, "a", p, 6) for p in PROMPTS[:2]]
+    both = client.completions.create(model="a", prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(setup[1])(PROMPTS[0]).input_ids
+    by_ids = client.completions.create(model="a", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == alone[0] and by_ids.usage.prompt_tokens == len(ids)
+    ask = "the slings and arrows"
+    plain = client.chat.completions.create(model="b", messages=[{"role": "user", "content": ask}], max_tokens=6,
+                                           temperature=0)
+    parts = client.chat.completions.create(model="b", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": ask[:8]}, {"type": "text", "text": ask[8:]}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    for content, message in (
+            ([{"type": "image_url", "image_url": {"url": "x"}}],
+             "messages: messages[0].content[0]: only text parts ({'type': 'text', 'text': ...}) are served, not "
+             "'image_url'"),
+            ("hi\udc00", "messages: messages[0].content: not valid Unicode text (a lone surrogate '\\udc00' at "
+                         "character 2)")):
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                       json={"model": "a", "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "a", "prompt": ["x", 3]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "prompt[1]: int is neither a string nor a non-empty list of token ids")
 
 
 def test_malformed_json_and_side_paths_are_refused(setup):
@@ -300,20 +339,60 @@ def test_the_page_streams_one_answer_per_chosen_side_network(setup):
 
 
 def test_sigterm_drains_running_requests(setup):
-    """Last in this file: it stops the shared server."""
-    server, *_ = setup
-    client = server.client()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(lambda: client.completions.create(model="wide", prompt=PROMPTS[2], max_tokens=60,
-                                                                temperature=0))
-        deadline = time.time() + 30
-        while not _busy(server) and time.time() < deadline:
-            time.sleep(0.05)
-        server.proc.send_signal(signal.SIGTERM)
-        result = running.result(timeout=90)
-    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 60
-    assert server.proc.wait(timeout=60) == -signal.SIGTERM
-    assert "qst-serve: drained: every running request finished" in server.log.read_text()
+    """Its own server (the shared one keeps serving the other tests, in any order)."""
+    _, model_dir, paths, root = setup
+    server = Live(["--model", str(model_dir), f"--side=wide={paths['wide']}", "--slots", "2", "--max-len", "128",
+                   "--drain-timeout", "30"], root / "sigterm.log")
+    try:
+        client = server.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(lambda: client.completions.create(model="wide", prompt=PROMPTS[2], max_tokens=60,
+                                                                    temperature=0))
+            deadline = time.time() + 30
+            while not _busy(server) and time.time() < deadline:
+                time.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            result = running.result(timeout=90)
+        assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 60
+        assert server.proc.wait(timeout=60) == -signal.SIGTERM
+        log = server.log.read_text()
+        assert "qst-serve: drained: every running request finished" in log and "Traceback" not in log
+    finally:
+        server.stop()
+
+
+def test_a_request_cancelled_at_shutdown_is_said_in_one_line():
+    """uvicorn logs a task it cancels past the drain timeout with its traceback; qst-serve's log says one line."""
+    import asyncio
+    import io
+    import logging
+    import logging.config
+
+    from qst_jax.cli.serve import log_config
+
+    config = log_config()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    for spec in config["handlers"]["default"]["filters"]:
+        handler.addFilter(config["filters"][spec]["()"]())
+    logger = logging.getLogger("qst-test-uvicorn-error")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+        except asyncio.CancelledError as err:
+            logger.error("Exception in ASGI application\n", exc_info=err)
+        try:
+            raise KeyError("other")
+        except KeyError as err:
+            logger.error("Exception in ASGI application", exc_info=err)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == ("qst-serve: a request still running at the end of the drain timeout was cancelled (Task "
+                        "cancelled, timeout graceful shutdown exceeded)")
+    assert lines[1] == "Exception in ASGI application" and lines[2] == "Traceback (most recent call last):"
 
 
 def test_a_peft_adapter_answers_through_qst_serve(setup, tmp_path, capsys):
@@ -344,3 +423,16 @@ def test_a_peft_adapter_answers_through_qst_serve(setup, tmp_path, capsys):
         assert base != expected  # the adapter changes the completions
     finally:
         server.stop()
+
+
+def test_a_busy_port_is_refused_before_the_warm_up(capsys):
+    from qst_jax.cli import serve as serve_cli
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert serve_cli.main(["--model", "/no/such/model", "--port", str(port)]) == 1  # before the model is read
+    assert capsys.readouterr().err.strip() == (
+        f"qst-serve: error: --port {port}: cannot serve on 127.0.0.1:{port} (Address already in use); stop what "
+        "holds it or choose another --port")

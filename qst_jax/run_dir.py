@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from qst_jax.errors import QSTError
@@ -55,8 +56,11 @@ class RunDirectoryError(QSTError, RuntimeError):
 class RunDirectory:
     """`train.output_dir`, with the rules of the module docstring."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, owner: str = "qst-train"):
+        """`owner`: who writes, for the messages: "qst-train" (flags, `train.output_dir`) or a Python API call."""
         self.path = path
+        self.owner = owner
+        self._elsewhere = "set another train.output_dir" if owner == "qst-train" else "choose another directory"
         self._lock: Any = None
         self._created: list[str] = []  # what `acquire` made (the directory, .lock): removed again on refusal
 
@@ -115,6 +119,10 @@ class RunDirectory:
                 )
             if not resume and contents:
                 if not overwrite and self.holds_results():
+                    if self.owner != "qst-train":
+                        raise RunDirectoryError(
+                            f"{self.path}: already holds a run ({', '.join(contents)}); {self.owner} with "
+                            f"overwrite=True deletes exactly its files first, or {self._elsewhere}")
                     raise RunDirectoryError(
                         f"{self.path}: already holds a run ({', '.join(contents)}); continue it with --resume, "
                         "delete it and start over with --overwrite, or set another train.output_dir"
@@ -132,12 +140,12 @@ class RunDirectory:
             missing.append(head)
             head = os.path.dirname(head)
         if os.path.exists(head) and not os.path.isdir(head):
-            raise RunDirectoryError(f"{self.path}: {head} is a file, not a directory; set another train.output_dir")
+            raise RunDirectoryError(f"{self.path}: {head} is a file, not a directory; {self._elsewhere}")
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as err:
             raise RunDirectoryError(f"{self.path}: cannot create the directory ({err.strerror}); "
-                                    "set another train.output_dir") from None
+                                    f"{self._elsewhere}") from None
         lock = os.path.join(self.path, LOCK_FILE)
         self._created = ([] if os.path.exists(lock) else [lock]) + missing
 
@@ -164,8 +172,8 @@ class RunDirectory:
         except BlockingIOError:
             handle.close()
             raise RunDirectoryError(
-                f"{self.path}: in use by another qst-train ({_lock_holder(path)}); wait for it to finish or set "
-                "another train.output_dir"
+                f"{self.path}: in use by another qst-train ({_lock_holder(path)}); wait for it to finish or "
+                f"{self._elsewhere}"
             ) from None
         self._lock = handle
 
@@ -185,17 +193,26 @@ class RunDirectory:
                 os.rmdir(full)
         return entries
 
+    def close(self) -> None:
+        """Releases the lock and removes `.lock` if this object created it (an export leaves only its files)."""
+        self.release()
+        lock = os.path.join(self.path, LOCK_FILE)
+        if lock in self._created:
+            os.remove(lock)
+        self._created = []
+
     def release(self) -> None:
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
 
-    def cut_metrics(self, step: int) -> int:
+    def cut_metrics(self, step: int, tb_tag: Callable[[str, str, str | None], str]) -> int:
         """Drops metrics records after `step` (a resumed run writes them again); returns how many.
 
         `metrics.jsonl` is rewritten atomically; TensorBoard's event files are
-        rebuilt from the kept records.
+        rebuilt from the kept records, each scalar named `tb_tag(split, key,
+        member)` as the run named it.
         """
         path = os.path.join(self.path, "metrics.jsonl")
         if not os.path.isfile(path):
@@ -209,8 +226,6 @@ class RunDirectory:
                 os.remove(os.path.join(self.path, entry))
         if kept:
             from tensorboardX import SummaryWriter
-
-            from qst_jax.train.metrics import tb_tag
 
             with SummaryWriter(os.path.join(self.path, "tb")) as tb:
                 for line in kept:
@@ -230,6 +245,27 @@ def top_level(entries: list[str]) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def refuse_if_locked(directory: str, owner: str) -> None:
+    """Refuses to write into `directory` while a qst-train holds it (its `.lock`, or its parent's).
+
+    For writers that keep no lock of their own (`NNXCheckpointer` into a run's `checkpoints/`).
+
+    Raises:
+      RunDirectoryError: naming the directory and the process that holds it.
+    """
+    for folder in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(folder, LOCK_FILE)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirectoryError(f"{directory}: in use by another qst-train ({_lock_holder(path)}); {owner} "
+                                        "waits for it to finish, or choose another directory") from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _lock_holder(path: str) -> str:
