@@ -119,10 +119,6 @@ class RunDirectory:
                 )
             if not resume and contents:
                 if not overwrite and self.holds_results():
-                    if self.owner != "qst-train":
-                        raise RunDirectoryError(
-                            f"{self.path}: already holds a run ({', '.join(contents)}); {self.owner} with "
-                            f"overwrite=True deletes exactly its files first, or {self._elsewhere}")
                     raise RunDirectoryError(
                         f"{self.path}: already holds a run ({', '.join(contents)}); continue it with --resume, "
                         "delete it and start over with --overwrite, or set another train.output_dir"
@@ -132,6 +128,23 @@ class RunDirectory:
         except BaseException:
             self.abandon()
             raise
+
+    def acquire_for_export(self, *, overwrite: bool) -> None:
+        """Locks the directory for an export (`side.safetensors`, `qst_config.json`) written beside whatever is there.
+
+        Checkpoints and metrics stay; an export already there (a finished
+        run's, or an earlier export) is replaced only with `overwrite`.
+
+        Raises:
+          RunDirectoryError: in use by another process, or holds an export and `overwrite` is False.
+        """
+        self._make_directory()
+        self._lock_directory()
+        present = [n for n in EXPORT_FILES if os.path.isfile(os.path.join(self.path, n))]
+        if present and not overwrite:
+            self.abandon()
+            raise RunDirectoryError(f"{self.path}: already holds an export ({', '.join(present)}); {self.owner} with "
+                                    f"overwrite=True replaces it, or {self._elsewhere}")
 
     def _make_directory(self) -> None:
         """Creates the directory (and parents) if needed, remembering what it made, so a refusal leaves nothing."""

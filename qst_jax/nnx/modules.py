@@ -251,16 +251,16 @@ class Tuned(nnx.Module):
         """Writes `side.safetensors` + `qst_config.json` (what qst-eval and qst-generate `--side` read).
 
         The directory follows qst-train's rules (`qst_jax.run_dir`): one
-        writer at a time, and a directory that holds a run's results (an
-        export, a checkpoint, a summary) is refused unless `overwrite`,
-        which deletes exactly the run's files first.
+        writer at a time (never while a qst-train holds it), and an export
+        already there (a finished run's, or an earlier one) is replaced
+        only with `overwrite`; checkpoints beside it stay.
 
         Raises:
           RunDirectoryError: the directory is in use by a running qst-train,
-            or holds a run's results and `overwrite` is False.
+            or holds an export and `overwrite` is False.
         """
         run = RunDirectory(directory, owner="export")
-        run.acquire(resume=False, overwrite=overwrite)
+        run.acquire_for_export(overwrite=overwrite)
         try:
             return export_side(directory, self.method, self.params(), self.backbone.cfg, dict(extra or {}))
         finally:

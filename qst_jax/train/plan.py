@@ -26,6 +26,7 @@ from qst_jax.methods import SideSet, build_model
 from qst_jax.methods.build import method_options
 from qst_jax.models import ConfigError, ModelConfig, load_config
 from qst_jax.models.random_init import LLAMA2_SHAPES, llama2_config, random_params
+from qst_jax.train.config import check_context
 from qst_jax.train.optim import make_optimizer
 from qst_jax.models.loops import streaming_options
 from qst_jax.train.step import init_train_state, make_train_step
@@ -124,6 +125,7 @@ def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileRepor
         raise ConfigError("--plan compiles for one device: parallel.data x fsdp x tensor must be 1 (the per-device "
                           "figures of a mesh: scripts/memory_plan.py)")
     cfg = model_config(config)
+    check_context(config, cfg.max_position_embeddings)  # a step beyond the model's positions is no plan
     dtype, note = compute_dtype(config, name)
     notes = [note] if note else []
     notes.append(f"planning {config.method} on {cfg.model_type} ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "

@@ -160,6 +160,17 @@ def test_qst_train_plan_prints_the_compiled_peak_without_reading_weights(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plan_beyond_the_models_context_is_refused():
+    from qst_jax.models import ConfigError
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import plan_run
+
+    c = load_preset(str(REPO / "configs" / "default.py"), "default")
+    c.data.seq_len = 16384  # SmolLM2-135M has 8192 positions
+    with pytest.raises(ConfigError, match=r"data.seq_len: 16384 exceeds the model's context of 8192 positions$"):
+        plan_run(c, "l4", cost=False)
+
+
 def test_a_streamed_backbone_is_host_memory_not_device(tmp_path):
     """model.offload=weights: the planner's step reads the layers from pinned host memory; the device peak drops
     by at least the layers' bytes, which the host column holds; weights+states also moves the states the backward

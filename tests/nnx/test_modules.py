@@ -270,13 +270,18 @@ def test_export_and_checkpoints_follow_the_run_directorys_rules(backbone, batche
     model.export(str(out))
     assert sorted(p.name for p in out.iterdir()) == ["qst_config.json", "side.safetensors"]  # no .lock left
     before = (out / "side.safetensors").read_bytes()
-    with pytest.raises(RuntimeError, match=rf"^{out}: already holds a run \(side.safetensors, qst_config.json\); "
-                                           r"export with overwrite=True deletes exactly its files first, or choose "
+    with pytest.raises(RuntimeError, match=rf"^{out}: already holds an export \(side.safetensors, "
+                                           r"qst_config.json\); export with overwrite=True replaces it, or choose "
                                            r"another directory$"):
         _qst(backbone, seed=5).export(str(out))
     assert (out / "side.safetensors").read_bytes() == before
     _qst(backbone, seed=5).export(str(out), overwrite=True)
     assert (out / "side.safetensors").read_bytes() != before
+    beside = tmp_path / "beside"  # README's flow: checkpoints, then the export beside them
+    qnnx.NNXCheckpointer(str(beside / "checkpoints")).save(1, model, nnx.Optimizer(model, optax.adam(1e-3),
+                                                                                   wrt=nnx.Param))
+    model.export(str(beside))
+    assert (beside / "checkpoints" / "1").is_dir() and (beside / "side.safetensors").is_file()
 
     run = tmp_path / "running"
     holder = RunDirectory(str(run))  # what a running qst-train holds
