@@ -65,6 +65,8 @@ class CompileReport:
       copies_overlapped: of the bytes a layer loop copies in from host memory,
         the fraction whose copy XLA's schedule runs beside a matmul
         (`host_copy_overlap`); None when nothing streams.
+      devices: the devices of the mesh it was compiled over; every byte and
+        flop figure is one device's (XLA's SPMD-partitioned program).
     """
 
     target: Target
@@ -80,6 +82,7 @@ class CompileReport:
     host_bytes: int = 0
     streamed_bytes: float = 0.0
     copies_overlapped: float | None = None
+    devices: int = 1
 
     @property
     def fits(self) -> bool:
@@ -112,12 +115,13 @@ class CompileReport:
                 "host_gib": gib(self.host_bytes), "copies_overlapped": self.copies_overlapped,
                 "device_gib": round(self.target.memory_gib, 1), "fits": self.fits, "flops": self.flops,
                 "bytes_accessed": self.bytes_accessed, "roofline_s": self.roofline_s, "dtype": self.dtype,
-                "jax": jax.__version__}
+                "devices": self.devices, "jax": jax.__version__}
 
     def lines(self) -> str:
         t, gib = self.target, lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        over = f" x {self.devices} (per device)" if self.devices > 1 else ""
         out = [
-            f"compiled for {t.name} ({t.description}, {t.memory_gib:.1f} GiB), not measured: XLA's buffer "
+            f"compiled for {t.name}{over} ({t.description}, {t.memory_gib:.1f} GiB), not measured: XLA's buffer "
             f"assignment without autotuning (about +-20%), jax {jax.__version__}",
             f"  compile time      {self.compile_s:.1f} s (this machine)",
             f"  arguments         {gib(self.argument_bytes)}",
@@ -232,22 +236,23 @@ def replicated_on(mesh: Any, tree: Any) -> Any:
 
 
 def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost: bool = True,
-                   dtype: str = "bfloat16", weight_passes: int = 1) -> CompileReport:
+                   dtype: str = "bfloat16", weight_passes: int = 1, mesh: Any = None) -> CompileReport:
     """Compile `make(layers, False)` for target `name` and read its figures (see the module doc).
 
     `weight_passes`: how often a step reads each streamed layer per
     micro-batch (1 for QST's forward-only backbone; 2 for QLoRA, whose
-    checkpointed backward copies each layer in again).
+    checkpointed backward copies each layer in again). `mesh`: the abstract
+    mesh `make`'s arguments are sharded over (default: one device).
     """
     fn, args = make(layers, False)
-    compiled, seconds = compile_for(name, fn, args)
+    compiled, seconds = compile_for(name, fn, args, mesh)
     mem = compiled.memory_analysis()
     flops = accessed = None
     if cost:
         with unrolled_loops():
             platform = get_target(name).platform
-            one = _cost(compile_for(name, *make(1, True))[0], platform)
-            two = _cost(compile_for(name, *make(2, True))[0], platform)
+            one = _cost(compile_for(name, *make(1, True), mesh)[0], platform)
+            two = _cost(compile_for(name, *make(2, True), mesh)[0], platform)
         flops, accessed = (repeats * (2 * a - b + layers * (b - a)) for a, b in zip(one, two))
     host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes + mem.host_output_size_in_bytes - \
         mem.host_alias_size_in_bytes
@@ -260,5 +265,5 @@ def compile_report(name: str, make: Make, *, layers: int, repeats: int = 1, cost
     overlapped = host_copy_overlap(compiled.as_text()) if mem.host_argument_size_in_bytes else None
     return CompileReport(get_target(name), seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                          mem.temp_size_in_bytes, mem.alias_size_in_bytes, peak, flops, accessed, dtype, host, streamed,
-                         overlapped)
+                         overlapped, 1 if mesh is None else mesh.size)
 

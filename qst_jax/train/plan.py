@@ -78,9 +78,19 @@ def compute_dtype(config: Any, name: str) -> tuple[Any, str | None]:
     return jnp.dtype(dtype), None
 
 
-def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
-    """`make(num_layers, for_cost)` for `compile_report`: the run's jitted step and its abstract arguments."""
-    mesh = abstract_mesh(name)
+def _sharded(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any, mesh: Any = None):
+    """`make(num_layers, for_cost)` for `compile_report`: the run's jitted step and its abstract arguments.
+
+    With `mesh` (several devices), the step is `qst-train`'s sharded one: the
+    backbone split by the partition rules, the side state replicated or
+    split (`parallel.side`), the batch over the data axes.
+    """
+    sharded = mesh is not None
+    mesh = mesh if sharded else abstract_mesh(name)
     total = max(config.train.steps, 1)
 
     def make(layers: int, for_cost: bool):
@@ -106,6 +116,15 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any):
             model = build_model(config, layer_cfg, dtype=dtype)
             tx, _ = make_optimizer(config.optim, total)
             state = jax.eval_shape(lambda: init_train_state(model, tx, key))
+            if sharded:
+                from qst_jax.parallel import backbone_shardings, batch_sharding, fsdp_shardings, replicated
+
+                state_sh = (fsdp_shardings if config.parallel.side == "fsdp" else replicated)(state, mesh)
+                backbone_sh, batch_sh = backbone_shardings(shapes, mesh), batch_sharding(mesh)
+                batch = _batch(config, mesh, 1 if for_cost else config.train.micro_batches)
+                step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sh))
+                return step, (_sharded(state, state_sh), _sharded(shapes, backbone_sh),
+                              jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sh), batch))
             step = make_train_step(model, tx, compiler_options=streaming_options(config.model.offload))
         return step, (replicated_on(mesh, state), backbone, _batch(config, mesh, 1 if for_cost else config.train.micro_batches))
 
@@ -121,17 +140,31 @@ def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileRepor
       AotUnavailable: the target's compiler (CUDA plugin, libtpu) is not installed.
     """
     p = config.parallel
-    if p.data * p.fsdp * p.tensor != 1:
-        raise ConfigError("--plan compiles for one device: parallel.data x fsdp x tensor must be 1 (the per-device "
-                          "figures of a mesh: scripts/memory_plan.py)")
+    devices = p.data * p.fsdp * p.tensor
+    if devices > 1 and (config.model.offload != "none" or is_sweep(config)):
+        raise ConfigError(f"--plan over a mesh of {devices} devices: a single-device run only for "
+                          f"{'model.offload' if config.model.offload != 'none' else 'a sweep'}, as qst-train runs it")
+    mesh = plan_mesh(name, p) if devices > 1 else None
     cfg = model_config(config)
     check_context(config, cfg.max_position_embeddings)  # a step beyond the model's positions is no plan
     dtype, note = compute_dtype(config, name)
     notes = [note] if note else []
+    where = f" over a {p.data} x {p.fsdp} x {p.tensor} (data x fsdp x tensor) mesh of {name}" if mesh else ""
     notes.append(f"planning {config.method} on {cfg.model_type} ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
-                 f"batch {config.train.micro_batches} x {config.train.batch_size} x {config.data.seq_len}, "
+                 f"batch {config.train.micro_batches} x {config.train.batch_size} x {config.data.seq_len}{where}, "
                  f"no weights read")
-    report = compile_report(name, step_program(config, cfg, name, dtype), layers=cfg.num_layers,
+    report = compile_report(name, step_program(config, cfg, name, dtype, mesh), layers=cfg.num_layers,
                             repeats=config.train.micro_batches, cost=cost, dtype=jnp.dtype(dtype).name,
-                            weight_passes=2 if config.method == "qlora" and config.qlora.remat else 1)
+                            weight_passes=2 if config.method == "qlora" and config.qlora.remat else 1, mesh=mesh)
     return report, notes
+
+
+def plan_mesh(name: str, parallel: Any) -> Any:
+    """The abstract `(data, fsdp, tensor)` mesh of `parallel`'s sizes over devices of target `name`.
+
+    Raises:
+      InputError: the target has no topology of that many devices (a TPU slice).
+    """
+    from qst_jax.parallel.sharding import MESH_AXES
+
+    return abstract_mesh(name, (parallel.data, parallel.fsdp, parallel.tensor), MESH_AXES)

@@ -143,7 +143,7 @@ def test_every_target_has_its_published_memory():
         "h100": 79, "h200": 141, "v5e": 16, "v6e": 32, "v5p": 95}
     assert {k: t.host_link_bytes_s / 1e9 for k, t in TARGETS.items() if k.startswith("rtx")} == {
         "rtx4090": 31.5, "rtx3090": 31.5, "rtx4060ti-16": 15.75}  # PCIe Gen4 x16, x16, x8
-    with pytest.raises(ValueError, match="--plan 'v100': not a known GPU; one of t4, l4, rtx4090, rtx3090"):
+    with pytest.raises(ValueError, match="--plan 'v100': not a known GPU or TPU; one of t4, l4, rtx4090, rtx3090"):
         target("v100")
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +86,27 @@ def test_libtpu_without_a_tpu_device(monkeypatch):
     monkeypatch.setattr(environment, "libtpu_installed", lambda: False)
     monkeypatch.setattr(environment.glob, "glob", lambda pattern: [])
     assert not environment.libtpu_without_tpu()
+
+
+@needs_libtpu
+def test_a_sharded_plan_compiles_over_a_v5e_slice():
+    """parallel.fsdp=4 --plan v5e: qst-train's sharded step over four v5e chips; each holds a quarter of the
+    backbone (the partition rules), and the report says its figures are per device."""
+    from qst_jax.models.random_init import random_params
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import model_config, plan_run
+
+    c = load_preset(str(pathlib.Path(__file__).parents[2] / "configs" / "default.py"), "default")
+    c.parallel.fsdp, c.train.batch_size, c.data.seq_len = 4, 4, 64
+    report, notes = plan_run(c, "v5e", cost=False)
+    cfg = model_config(c)
+    backbone = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0))))
+    assert report.devices == 4 and report.fits
+    assert backbone / 4 <= report.argument_bytes < backbone / 2  # split four ways, plus the side state and batch
+    assert "over a 1 x 4 x 1 (data x fsdp x tensor) mesh of v5e" in notes[-1]
+    assert report.lines().startswith("compiled for v5e x 4 (per device) (TPU v5 lite, 16.0 GiB), not measured")
+    c.model.offload = "weights"
+    with pytest.raises(ValueError, match=r"^--plan over a mesh of 4 devices: a single-device run only for "
+                                         r"model.offload, as qst-train runs it$"):
+        plan_run(c, "v5e", cost=False)

@@ -181,6 +181,6 @@ def test_n_choices_without_a_seed_differ():
     from qst_jax.serve.openai_api import parse_request
 
     parsed = [parse_request({"model": "m", "prompt": "x", "n": 2, "temperature": 1.0}, "completion",
-                            lambda b: [1, 2, 3], 64) for _ in range(3)]
+                            lambda b: [[1, 2, 3]], 64) for _ in range(3)]
     for p in parsed:
         assert p.requests[1].seed == (p.requests[0].seed + 1) % 2**31

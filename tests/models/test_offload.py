@@ -102,14 +102,14 @@ def test_the_trainer_streams_the_backbone(testdata, tmp_path):
 
     model_dir = tiny_model_dir(testdata, tmp_path)
     summaries = []
-    for name, offload in (("a", "none"), ("b", "weights"), ("c", "weights+states")):
+    for name, offload in (("b", "weights"), ("c", "weights+states")):  # resident == streamed: the step tests above
         (tmp_path / name).mkdir()
         config = tiny_config(model_dir, tmp_path / name, **{"train.steps": 2, "train.checkpoint_every": 0,
                                                             "model.offload": offload})
         trainer = Trainer(config, log=lambda *a: None)
-        assert _kinds(trainer.backbone.params["layers"]) == {"device" if offload == "none" else "pinned_host"}
+        assert _kinds(trainer.backbone.params["layers"]) == {"pinned_host"}
         summaries.append(trainer.run())
-    assert summaries[0]["eval_after"] == summaries[1]["eval_after"] == summaries[2]["eval_after"]
+    assert summaries[0]["eval_after"] and summaries[0]["eval_after"] == summaries[1]["eval_after"]
 
 
 def test_the_next_layer_is_fetched_before_this_one_computes(backbones):

@@ -221,7 +221,8 @@ def test_bad_requests_get_their_status_and_message(setup, name, body, status, pa
     import re
 
     server, *_ = setup
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    r = httpx.post(f"{server.url}/v1/completions", content=json.dumps(body), timeout=30,  # \u escapes: any str
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert re.search(pattern, error["message"]), error
@@ -254,7 +255,8 @@ def test_the_openai_prompt_and_content_forms(setup):
             ("hi\udc00", "messages: messages[0].content: not valid Unicode text (a lone surrogate '\\udc00' at "
                          "character 2)")):
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
-                       json={"model": "a", "messages": [{"role": "user", "content": content}]})
+                       content=json.dumps({"model": "a", "messages": [{"role": "user", "content": content}]}),
+                       headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "a", "prompt": ["x", 3]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"] == (
