@@ -1,11 +1,13 @@
-"""`qst-train --config ... --plan h100`: the run's own train step, compiled for a GPU without one.
+"""`qst-train --config ... --plan h100`: the run's own train step, compiled for a GPU or TPU without one.
 
 Nothing is loaded: the backbone's shapes come from the model's `config.json`
 (or a GGUF header, or a named LLaMA-2 shape in `model.shape`), its params
 are `jax.eval_shape` of a random NF4 backbone of that config (the same
 pytree a loaded one has), and the step is the one `qst-train` jits: the
 config's method, side settings, optimizer and micro-batches, batch
-`[micro_batches, batch_size, seq_len]`. A sweep compiles its sweep step.
+`[micro_batches, batch_size, seq_len]`. A sweep compiles its sweep step;
+a run with `parallel.*` its sharded step over that many devices of the
+target (each device's figures).
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ def plan_run(config: Any, name: str, *, cost: bool = True) -> tuple[CompileRepor
     """Compile the run's train step for target `name`; (the report, notes to print first).
 
     Raises:
-      ConfigError: a config that names no model, or a device mesh (the
-        planner compiles for one device: a GPU or a TPU chip).
+      ConfigError: a config that names no model, a seq_len beyond its
+        context, or a mesh with `model.offload` or a sweep (run on one device).
+      InputError: a mesh of more devices than the target has a topology for.
       AotUnavailable: the target's compiler (CUDA plugin, libtpu) is not installed.
     """
     p = config.parallel
