@@ -220,19 +220,25 @@ class RunDirectory:
             self._lock.close()
             self._lock = None
 
-    def cut_metrics(self, step: int, tb_tag: Callable[[str, str, str | None], str]) -> int:
+    def cut_metrics(self, step: int, tb_tag: Callable[[str, str, str | None], str], *, final: bool = False) -> int:
         """Drops metrics records after `step` (a resumed run writes them again); returns how many.
 
-        `metrics.jsonl` is rewritten atomically; TensorBoard's event files are
-        rebuilt from the kept records, each scalar named `tb_tag(split, key,
-        member)` as the run named it.
+        With `final` (resuming from the run's last step, where only the
+        after-training evaluation runs again), the evaluation records at
+        `step` go too, so they are not written twice. `metrics.jsonl` is
+        rewritten atomically; TensorBoard's event files are rebuilt from the
+        kept records, each scalar named `tb_tag(split, key, member)` as the
+        run named it.
         """
         path = os.path.join(self.path, "metrics.jsonl")
         if not os.path.isfile(path):
             return 0
         with open(path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        def keep(record: dict) -> bool:
+            return record["step"] < step or (record["step"] == step and (not final or record["split"] == "train"))
+
+        kept = [line for line in lines if keep(json.loads(line))]
         write_text_atomic(path, "".join(kept))
         for entry in self.run_entries():
             if entry.startswith("tb/"):  # the run's event files; anything else in tb/ stays

@@ -397,6 +397,18 @@ def test_resume_cuts_metrics_back_and_skips_a_damaged_checkpoint(model_dir, tmp_
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # no duplicate rows
 
 
+def test_a_resume_from_the_final_step_writes_no_row_twice(model_dir, tmp_path):
+    config = tiny_config(model_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
+    Trainer(config, log=quiet).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert any(r["split"] != "train" and r["step"] == 2 for r in first)  # the after-training evaluation
+    summary = Trainer(config, resume=True, log=quiet).run()
+    again = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in first], (first, again)
+    assert summary["steps"] == 2 and summary["eval_after"]["loss"] == first[-1]["loss"]
+
+
 def _signal_at(tmp_path: pathlib.Path, driver_code: str, config: pathlib.Path, marker: str, sig: int) -> None:
     """Runs qst-train through `driver_code` and sends `sig` once it prints `marker` (or after 240 s)."""
     driver = tmp_path / "driver.py"

@@ -203,7 +203,7 @@ class Trainer:
         summary: dict[str, Any] = {"method": config.method, "trainable_params": trainable}
         writer = MetricsWriter(self.output_dir)
         try:
-            if t.eval_at_start:
+            if t.eval_at_start and int(state.step) == 0:  # a resumed run has its start's records already
                 spec.evaluate_start(writer, state, summary)
             hooks = LoopHooks(
                 window=lambda window, step, clock, bar: spec.log_window(window, step, clock, bar, writer,
@@ -244,7 +244,7 @@ class Trainer:
             state, meta, step = checkpointer.restore(state, log=self.log)
             self.ctx.train_data.restore(meta["data"])
             if jax.process_index() == 0:
-                self.run_dir.cut_metrics(step, tb_tag)
+                self.run_dir.cut_metrics(step, tb_tag, final=step >= self.ctx.total_steps)
             self.log(f"resumed from step {step}")
             self.spec.restored(state)
         return state
