@@ -180,14 +180,12 @@ class RunDirectory:
     def _lock_directory(self) -> None:
         path = os.path.join(self.path, LOCK_FILE)
         handle = open(path, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle):
             handle.close()
             raise RunDirectoryError(
                 f"{self.path}: in use by another qst-train ({_lock_holder(path)}); wait for it to finish or "
                 f"{self._elsewhere}"
-            ) from None
+            )
         self._lock = handle
 
     def _clear(self) -> list[str]:
@@ -235,6 +233,7 @@ class RunDirectory:
             return 0
         with open(path) as f:
             lines = [line for line in f if line.strip()]
+
         def keep(record: dict) -> bool:
             return record["step"] < step or (record["step"] == step and (not final or record["split"] == "train"))
 
@@ -279,12 +278,19 @@ def refuse_if_locked(directory: str, owner: str) -> None:
         if not os.path.isfile(path):
             continue
         with open(path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _try_lock(handle):
                 raise RunDirectoryError(f"{directory}: in use by another qst-train ({_lock_holder(path)}); {owner} "
-                                        "waits for it to finish, or choose another directory") from None
+                                        "waits for it to finish, or choose another directory")
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _try_lock(handle: Any) -> bool:
+    """Takes the advisory lock on an open `.lock` file without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _lock_holder(path: str) -> str:

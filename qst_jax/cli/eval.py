@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
-        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise InputError(f"--out {args.out}: {os.path.dirname(os.path.abspath(args.out))} is not a folder")
+        if args.out and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.out))):
+            raise InputError(f"--out {args.out}: {folder} is not a folder")
         if args.seq_len is not None and args.seq_len < 2:
             raise InputError(f"--seq-len {args.seq_len}: at least 2 (a window scores the tokens after its first)")
         loaded = load_model(args)

@@ -33,9 +33,8 @@ def _error_stats(w: np.ndarray, q) -> tuple[float, float]:
 
 def _tensors(args: argparse.Namespace):
     if args.random:
-        out_dim, in_dim = (int(s) for s in args.random.lower().split("x"))
         rng = np.random.default_rng(0)
-        yield "random.weight", (rng.standard_normal((out_dim, in_dim), np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        yield "random.weight", (rng.standard_normal(args.random_shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
         return
     from safetensors import SafetensorError, safe_open
 
@@ -74,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--random {args.random}: give OUTxIN, two positive integers such as 4096x4096")
         if out_dim < 1 or in_dim < 1:
             parser.error(f"--random {args.random}: both dimensions must be positive")
+        args.random_shape = (out_dim, in_dim)
     if args.path and os.path.isdir(args.path):
         parser.error(f"{args.path}: is a folder; give its .safetensors weights file")
     if args.out:

@@ -36,6 +36,20 @@ class GenerationError(QSTError, ValueError):
     """Bad generation input (prompt too long, unknown chat role, ...)."""
 
 
+def unicode_text(text: str, where: str) -> str:
+    """`text` when it is valid Unicode; a lone surrogate (what JSON's `\\ud800` decodes to) is refused.
+
+    Raises:
+      GenerationError: naming `where` and the surrogate's position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise GenerationError(f"{where}: not valid Unicode text (a lone surrogate {text[err.start]!r} at "
+                              f"character {err.start})") from None
+    return text
+
+
 def _message_text(content: Any, where: str) -> str:
     """A message's content as text: a string, or OpenAI's list of text parts (`{"type": "text", "text": ...}`)."""
     if isinstance(content, list):
@@ -49,12 +63,7 @@ def _message_text(content: Any, where: str) -> str:
         content = "".join(texts)
     if not isinstance(content, str):
         raise GenerationError(f"{where}: must be a string or a list of text parts")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise GenerationError(f"{where}: not valid Unicode text (a lone surrogate {content[err.start]!r} at "
-                              f"character {err.start})") from None
-    return content
+    return unicode_text(content, where)
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:

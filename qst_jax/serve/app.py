@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from qst_jax.generate.decode import GenerationError, render_chat
+from qst_jax.generate.decode import GenerationError, render_chat, unicode_text
 from qst_jax.generate.engine import Engine, EngineError
 from qst_jax.hub import HubError, is_repo_id
 from qst_jax.methods import ExportError, load_tuned
@@ -153,8 +153,10 @@ class Server:
     def _prompt_ids(self, prompt: str | list[int], where: str) -> list[int]:
         """One prompt's ids: a string through the tokenizer, or token ids checked against the vocabulary."""
         if isinstance(prompt, str):
-            api.check_text(prompt, where)
-            return list(self.tokenizer(prompt).input_ids)
+            try:
+                return list(self.tokenizer(unicode_text(prompt, where)).input_ids)
+            except GenerationError as err:
+                raise api.APIError(400, str(err), "prompt") from None
         vocab = self.backbone.cfg.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:

@@ -124,15 +124,6 @@ def parse_request(body: Any, kind: str, encode, max_len: int) -> Parsed:
     return Parsed(model, prompts, requests, stream, bool(options.get("include_usage", False)), kind)
 
 
-def check_text(text: str, where: str) -> None:
-    """Refuses text that is not valid Unicode (a lone surrogate, as JSON's `\\ud800` decodes), naming `where`."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"{where}: not valid Unicode text (a lone surrogate {text[err.start]!r} at character "
-                            f"{err.start})", where.split("[")[0].split(".")[0]) from None
-
-
 def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
                                                           for t in value)

@@ -56,7 +56,8 @@ def model_config(config: Any) -> ModelConfig:
                       f"to one of {SHAPE_NAMES}")
 
 
-def _batch(config: Any, mesh: Any, micro_batches: int) -> dict[str, Any]:
+def _batch(config: Any, sharding: NamedSharding, micro_batches: int) -> dict[str, Any]:
+    """The run's batch `[micro_batches, batch_size, ...]` as ShapeDtypeStructs placed by `sharding`."""
     a, b, t = micro_batches, config.train.batch_size, config.data.seq_len
     tokens = jax.ShapeDtypeStruct((a, b, t), jnp.int32)
     batch = {"input_ids": tokens, "attention_mask": tokens}
@@ -65,7 +66,7 @@ def _batch(config: Any, mesh: Any, micro_batches: int) -> dict[str, Any]:
         batch.update(labels=jax.ShapeDtypeStruct((a, b), label), example_mask=jax.ShapeDtypeStruct((a, b), jnp.float32))
     else:
         batch["loss_mask"] = tokens
-    return replicated_on(mesh, batch)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), batch)
 
 
 def compute_dtype(config: Any, name: str) -> tuple[Any, str | None]:
@@ -97,6 +98,7 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any, mesh: Any
 
     def make(layers: int, for_cost: bool):
         layer_cfg = dataclasses.replace(cfg, num_layers=layers)
+        micro_batches = 1 if for_cost else config.train.micro_batches
         shapes = jax.eval_shape(lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype),
                                 jax.random.PRNGKey(0))
         backbone = replicated_on(mesh, shapes)
@@ -123,12 +125,12 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any, mesh: Any
 
                 state_sh = (fsdp_shardings if config.parallel.side == "fsdp" else replicated)(state, mesh)
                 backbone_sh, batch_sh = backbone_shardings(shapes, mesh), batch_sharding(mesh)
-                batch = _batch(config, mesh, 1 if for_cost else config.train.micro_batches)
                 step = make_train_step(model, tx, shardings=(state_sh, backbone_sh, batch_sh))
                 return step, (_sharded(state, state_sh), _sharded(shapes, backbone_sh),
-                              jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sh), batch))
+                              _batch(config, batch_sh, micro_batches))
             step = make_train_step(model, tx, compiler_options=streaming_options(config.model.offload))
-        return step, (replicated_on(mesh, state), backbone, _batch(config, mesh, 1 if for_cost else config.train.micro_batches))
+        return step, (replicated_on(mesh, state), backbone,
+                      _batch(config, NamedSharding(mesh, PartitionSpec()), micro_batches))
 
     return make
 
