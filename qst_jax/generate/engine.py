@@ -1,25 +1,33 @@
-"""The one decoding engine (`qst-generate` and `qst-serve`): fixed decode slots, continuous batching.
+"""The one decoding engine (`qst-generate` and `qst-serve`): the scheduler over fixed decode slots.
 
     engine = Engine(backbone, tokenizer, slots=8, sides=SideStore(backbone.cfg, {"a": (model, params)}))
     engine.submit(Request(prompt_ids, side="a", max_tokens=32))
     while engine.step():          # admit waiting requests into free slots, then one decode step for all
         pass
 
-The engine holds `slots` decode slots, each with its own length, side
-network and sampling settings, and preallocated KV caches `[L, slots,
-max_len, ...]` for the backbone and each side shape. New requests are
-prefilled together (`prefill_rows` of one power-of-two length bucket at a
-time, padded to that many rows), and each one's caches are written into a
-free slot while the other slots keep decoding; each decode step runs
-the backbone once for every slot, and each slot's side network is gathered
-by index from its shape's stack (`methods.IndexedSides`, via `SideStore`),
-so the compiled programs are the prefill buckets plus one decode step, and a
-step costs the same whatever number of side networks is loaded.
+The device programs and the decode state live in `core.DecodeCore` and
+`core.DecodeState`; this class is the scheduler around them: the queue, who
+holds which slot, side networks' routes, stop strings, the incremental
+detokenizer (`detokenize.TextStream`) and the callbacks. Per step it sends
+the device nothing but newly admitted prompts (one prefill and one bulk
+insert per group of `prefill_rows`), dispatches one `generate` call for
+every slot, and reads back one `[slots]` token array; that read is of the
+step before (its copy starts as the step is dispatched), so the host's
+bookkeeping overlaps the device's next step. A request that ends on a token
+(EOS, a stop string) therefore runs one step more than it needs, its token
+dropped; one that ends on its length runs none.
+
+New requests are prefilled together (`prefill_rows` of one power-of-two
+length bucket, padded to that many rows); each slot's side network is
+gathered by index from its shape's stack (`methods.IndexedSides`, via
+`SideStore`), so the compiled programs are a prefill and an insert per
+bucket plus one generate step, and a step costs the same whatever number of
+side networks is loaded.
 
 A request's tokens depend only on itself (its prompt, side network, settings
 and seed): its prefill has one shape (its bucket, `prefill_rows` rows), the
-decode step has one shape, and its row reads only its own cache slot. So greedy output is the same alone or
-among 16 others; tests check it.
+decode step has one shape, and its row reads only its own cache slot. So
+greedy output is the same alone or among 16 others; tests check it.
 
 Any other method (QLoRA) decodes through the same slots with `model=` and
 its `params` (every slot the same model).
@@ -28,22 +36,42 @@ its `params` (every slot the same model).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from qst_jax.generate.core import DecodeCore, Rows, bind_fixed, bind_sides
+from qst_jax.generate.detokenize import TextStream
 from qst_jax.generate.request import FINISH_REASONS, EngineError, Request
-from qst_jax.generate.sampling import sample_rows
 from qst_jax.generate.side_store import SideStore
-from qst_jax.models.layers import Params
 from qst_jax.models.backbone import Backbone
+from qst_jax.models.layers import Params
 
 __all__ = ["FINISH_REASONS", "Engine", "EngineError", "Request"]  # Request and its error live in request.py
+
+
+@dataclasses.dataclass(eq=False)
+class _Running:
+    """A request in a slot: its text so far, its side route (pinned), and tokens asked of the device for it."""
+
+    request: Request
+    stream: TextStream
+    route: tuple[int, int]
+    drawn: int = 1  # the prefill's token
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Tokens on their way to the host: `tokens[i]` belongs to `owners` (i, run); `started`: a prefill's start."""
+
+    tokens: jax.Array
+    owners: list[tuple[int, _Running]]
+    started: float | None = None
 
 
 class Engine:
@@ -77,69 +105,38 @@ class Engine:
             eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
             eos_ids = list(eos) if isinstance(eos, tuple | list) else ([eos] if eos is not None else [])
         self.eos_ids = set(int(e) for e in eos_ids)
-        self.lock = threading.RLock()  # one step, or one side load, at a time
+        self.lock = threading.RLock()  # one step, or one side swap, at a time
         self.waiting: collections.deque[Request] = collections.deque()
-        self.active: list[Request | None] = [None] * slots
-        self.lengths = np.zeros(slots, np.int32)
-        self.key_mask = np.zeros((slots, self.max_len), np.int32)
-        self.last = np.zeros(slots, np.int32)
-        self.route = np.full((slots, 2), (-1, 0), np.int32)  # (stack, index in it) of each slot
-        # Each slot's sampling, typed: a seed is an integer of 32 bits (a float32 would round seeds above 2^24 together).
-        self.temperature = np.zeros(slots, np.float32)
-        self.top_k = np.zeros(slots, np.int32)
-        self.top_p = np.ones(slots, np.float32)
-        self.seed = np.zeros(slots, np.uint32)
-        self._model_key: Any = None
-        self.compiled: set[tuple[str, int]] = set()  # (program, shape) compiled so far
+        self.running: list[_Running | None] = [None] * slots
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self.core: DecodeCore | None = None
+        self.state = None  # the core's DecodeState, on the device
+        self.compiled: set[tuple[str, Any]] = set()  # (program, shape) compiled so far
         self.prefills = 0  # prefill calls so far (each `prefill_rows` rows of one bucket)
-        self.decode_steps = 0  # decode steps so far
-        self.prefill_seconds: float | None = None  # a prefill call's time to its first tokens (moving average)
+        self.decode_steps = 0  # generate steps so far
+        self.prefill_seconds: float | None = None  # a prefill's time to its first tokens on the host (moving average)
 
-    # -- the model -------------------------------------------------------------------------
-    def _model(self) -> tuple[Any, Callable[[np.ndarray], Params]]:
-        """(method, params for routes `[R, 2]`); rebuilt (and recompiled) when a side shape appears."""
-        if self.fixed is not None:
-            model, params = self.fixed
-            return model, lambda route: params
-        model = self.sides.method()
-        return model, lambda route: self.sides.params(route)
+    # -- the device core ---------------------------------------------------------------------
+    def _core(self) -> DecodeCore:
+        """The core of the current method; rebuilt (and recompiled) when a side shape appears, the running
+        slots keeping their caches."""
+        model = self.fixed[0] if self.fixed is not None else self.sides.method()
+        if self.core is not None and self.core.model is model:
+            return self.core
+        core = DecodeCore(model, bind_fixed if self.fixed is not None else bind_sides, slots=self.slots,
+                          max_len=self.max_len)
+        if self.state is None:
+            self.state = core.init_state()
+        else:  # a new side shape: caches for it beside the running ones
+            fresh = model.init_caches(self.slots, self.max_len)
+            old = self.state.caches
+            caches = {"backbone": old["backbone"], "side": tuple(old["side"]) + tuple(fresh["side"][len(old["side"]):])}
+            self.state = dataclasses.replace(self.state, caches=caches)
+        self.core, self.compiled = core, set()
+        return core
 
-    def _programs(self, model: Any):
-        if self._model_key is model:
-            return self._prefill_fn, self._decode_fn, self._insert_fn
-        self._model_key = model
-        fresh = model.init_caches(self.slots, self.max_len)
-        old = getattr(self, "caches", None)
-        if old is not None and self.fixed is None:  # a new side shape: running slots keep their caches
-            fresh = {"backbone": old["backbone"], "side": tuple(old["side"]) + tuple(fresh["side"][len(old["side"]):])}
-        self.caches = fresh
-        self.compiled = set()
-
-        def prefill(backbone_params, params, ids, mask, last):
-            caches = model.init_caches(ids.shape[0], ids.shape[1])
-            positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
-            o, caches = model.hidden(params, backbone_params, ids, mask, positions=positions, key_mask=mask,
-                                     caches=caches, cache_index=jnp.int32(0))
-            h = jnp.take_along_axis(o, last[:, None, None], axis=1)
-            return model.head(params, backbone_params, h, mask[:, :1])[:, 0], caches
-
-        def decode(backbone_params, params, tokens, positions, key_mask, caches, write):
-            ones = jnp.ones_like(tokens)[:, None]
-            o, caches = model.hidden(params, backbone_params, tokens[:, None], ones, positions=positions[:, None],
-                                     key_mask=key_mask, caches=caches, cache_index=write)
-            return model.head(params, backbone_params, o, ones)[:, 0], caches
-
-        def insert(caches, rows, i, slot):  # row i of a prefill's caches `[L, R, T, ...]` into slot `slot`
-            def one(c, r):
-                row = jax.lax.dynamic_slice_in_dim(r, i, 1, axis=1).astype(c.dtype)
-                return jax.lax.dynamic_update_slice(c, row, (0, slot) + (0,) * (c.ndim - 2))
-
-            return jax.tree.map(one, caches, rows)
-
-        self._prefill_fn = jax.jit(prefill)
-        self._decode_fn = jax.jit(decode, donate_argnums=(5,))
-        self._insert_fn = jax.jit(insert, donate_argnums=(0,))
-        return self._prefill_fn, self._decode_fn, self._insert_fn
+    def _model_params(self) -> Any:
+        return self.fixed[1] if self.fixed is not None else tuple(self.sides.stacks)
 
     def buckets(self) -> list[int]:
         """The prefill lengths: powers of two from 16, and `max_len` itself."""
@@ -156,29 +153,21 @@ class Engine:
     def warmup(self) -> None:
         """Compiles what serving runs, so no request waits for a compile.
 
-        That is every prefill bucket with its cache insert, the decode step,
-        the sampler of both, and each side stack's update; the arrays go in
-        as the requests' do (numpy), so nothing else compiles later.
+        That is every prefill bucket with its insert, the generate step, and
+        each side stack's update; the arrays go in as the requests' do
+        (numpy), and the inserts write nothing (every row is padding).
         """
         with self.lock:
-            model, params_of = self._model()
-            prefill, decode, insert = self._programs(model)
+            core = self._core()
             rows = self.prefill_rows
-            routes = np.tile(np.asarray([-1, 0], np.int32), (rows, 1))
+            padding = Rows.padding(rows, self.slots)
             for bucket in self.buckets():
-                ids = np.zeros((rows, bucket), np.int32)
-                logits, row_caches = prefill(self.backbone.params, params_of(routes), ids, np.ones_like(ids),
-                                             np.zeros(rows, np.int32))
-                if self.active[0] is None:  # slot 0's cache is free: its contents are never read unmasked
-                    self.caches = insert(self.caches, row_caches, np.int32(0), np.int32(0))
-                self.compiled.add(("prefill", (rows, bucket)))
-            self._sample(logits, np.full(rows, -1))  # the sampler of a prefill's rows
-            zeros = np.zeros(self.slots, np.int32)
-            mask = np.zeros((self.slots, self.max_len), np.int32)
-            mask[:, 0] = 1
-            logits, self.caches = decode(self.backbone.params, params_of(self.route), zeros, zeros, mask,
-                                         self.caches, zeros)
-            self._sample(logits, np.full(self.slots, -1))  # and of the decode step's
+                prefix, first = core.prefill(self.backbone.params, self._model_params(),
+                                             np.zeros((rows, bucket), np.int32), padding)
+                self.state = core.insert(self.state, prefix, first, padding)
+                self.compiled |= {("prefill", (rows, bucket)), ("insert", (rows, bucket))}
+            self.state, tokens = core.generate(self.backbone.params, self._model_params(), self.state)
+            np.asarray(tokens)
             self.compiled.add(("decode", self.slots))
             if self.fixed is None:
                 self.sides.warmup()
@@ -208,10 +197,32 @@ class Engine:
 
     @property
     def busy(self) -> int:
-        return sum(r is not None for r in self.active)
+        """Slots holding a request."""
+        return sum(run is not None for run in self.running)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
+
+    def arrivals(self) -> tuple[float, float] | None:
+        """`t_submit` of the oldest and the newest waiting request (None: none waits)."""
+        waiting = list(self.waiting)  # a snapshot: the deque may grow meanwhile
+        return (waiting[0].t_submit, waiting[-1].t_submit) if waiting else None
 
     def pending(self) -> bool:
-        return bool(self.waiting) or self.busy > 0
+        """Whether a step has anything to do (requests waiting or running, tokens on their way)."""
+        return bool(self.waiting) or self.busy > 0 or bool(self._pending)
+
+    def cancel_all(self) -> None:
+        """Finishes every running and waiting request now, "cancelled" (a failed step, a shutdown)."""
+        with self.lock:
+            for slot, run in enumerate(self.running):
+                if run is not None:
+                    self._finish(slot, "cancelled")
+            while self.waiting:
+                self._done(self.waiting.popleft(), "cancelled")
+            self._pending.clear()
 
     def generate(self, requests: Sequence[Request]) -> list[Request]:
         """Runs `requests` to completion here (qst-generate); they share the slots as a server's would."""
@@ -223,140 +234,125 @@ class Engine:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, admit: bool = True) -> bool:
-        """Admits waiting requests into free slots (prefilled `prefill_rows` at a time), then one decode step.
+        """Admits waiting requests into free slots (prefilled `prefill_rows` at a time), dispatches one decode
+        step, and handles the tokens of the step before it.
 
         Args:
-          admit: False: only the decode step (the server waits for the rest of a burst).
+          admit: False: no admission this step (the server waits for the rest of a burst).
 
         Returns whether work remains.
         """
         with self.lock:
-            for slot, r in enumerate(self.active):
-                if r is not None and r.cancelled:
+            for slot, run in enumerate(self.running):
+                if run is not None and run.request.cancelled:
                     self._finish(slot, "cancelled")
-            admitted: dict[int, list[tuple[int, Request]]] = {}
-            free = [slot for slot, r in enumerate(self.active) if r is None]
-            while admit and self.waiting and free:
-                r = self.waiting.popleft()
-                if r.cancelled:
-                    self._done(r, "cancelled")
-                    continue
-                slot = free.pop(0)
-                self.active[slot] = r  # reserved; filled by _admit
-                admitted.setdefault(self.bucket_of(len(r.prompt)), []).append((slot, r))
-            for bucket, group in admitted.items():
-                for start in range(0, len(group), self.prefill_rows):
-                    self._admit(bucket, group[start : start + self.prefill_rows])
-            if self.busy:
-                self._decode()
+            core = self._core()
+            if admit:
+                self._admit_waiting(core)
+            owners = [(slot, run) for slot, run in enumerate(self.running) if run is not None and self._wants(run)]
+            if owners:
+                self.state, tokens = core.generate(self.backbone.params, self._model_params(), self.state)
+                tokens.copy_to_host_async()
+                self.compiled.add(("decode", self.slots))
+                self.decode_steps += 1
+                for _, run in owners:
+                    run.drawn += 1
+                self._pending.append(_Pending(tokens, owners))
+            self._receive(keep=1 if owners else 0)
             return self.pending()
 
-    def _admit(self, bucket: int, group: list[tuple[int, Request]]) -> None:
-        """Prefills up to `prefill_rows` requests of one length bucket together, then writes each into its slot.
+    def _wants(self, run: _Running) -> bool:
+        """Whether `run` may need another token (not yet at its max_tokens or the slot's end, counting the
+        tokens already asked for)."""
+        return run.drawn < run.request.max_tokens and len(run.request.prompt) + run.drawn < self.max_len
+
+    def _admit_waiting(self, core: DecodeCore) -> None:
+        admitted: dict[int, list[tuple[int, Request]]] = {}
+        free = [slot for slot, run in enumerate(self.running) if run is None]
+        while self.waiting and free:
+            r = self.waiting.popleft()
+            if r.cancelled:
+                self._done(r, "cancelled")
+                continue
+            admitted.setdefault(self.bucket_of(len(r.prompt)), []).append((free.pop(0), r))
+        for bucket, group in admitted.items():
+            for start in range(0, len(group), self.prefill_rows):
+                self._admit(core, bucket, group[start : start + self.prefill_rows])
+
+    def _admit(self, core: DecodeCore, bucket: int, group: list[tuple[int, Request]]) -> None:
+        """Prefills up to `prefill_rows` requests of one length bucket together and inserts them into their slots
+        (two device calls); their first tokens join the tokens on their way to the host.
 
         The prefill always has `prefill_rows` rows (unused ones are padding),
         so a request's prefill is the same program whatever arrived with it.
         """
-        start = time.perf_counter()
-        model, params_of = self._model()
-        prefill, _, insert = self._programs(model)
-        rows = self.prefill_rows
-        ids = np.zeros((rows, bucket), np.int32)
-        mask = np.zeros((rows, bucket), np.int32)
-        mask[:, 0] = 1  # a padding row attends to something finite; its output is never read
-        last = np.zeros(rows, np.int32)
-        routes = np.tile(np.asarray([-1, 0], np.int32), (rows, 1))
+        started = time.perf_counter()
+        rows = Rows.padding(self.prefill_rows, self.slots)
+        ids = np.zeros((self.prefill_rows, bucket), np.int32)
+        owners = []
         for i, (slot, r) in enumerate(group):
             n = len(r.prompt)
-            ids[i, :n], mask[i, :n], last[i] = r.prompt, 1, n - 1
-            routes[i] = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
-        logits, row_caches = prefill(self.backbone.params, params_of(routes), ids, mask, last)
-        self.compiled.add(("prefill", (rows, bucket)))
+            route = self.sides.route(r.side, pin=True) if self.fixed is None else (-1, 0)
+            ids[i, :n] = r.prompt
+            rows.slot[i], rows.length[i], rows.route[i] = slot, n, route
+            rows.seed[i] = int(r.seed) % 2**32
+            rows.temperature[i], rows.top_k[i], rows.top_p[i] = r.temperature, r.top_k, r.top_p
+            run = _Running(r, TextStream(self.tokenizer), route)
+            self.running[slot] = run
+            owners.append((i, run))
+        prefix, first = core.prefill(self.backbone.params, self._model_params(), ids, rows)
+        self.state = core.insert(self.state, prefix, first, rows)
+        first.copy_to_host_async()
+        self.compiled |= {("prefill", (self.prefill_rows, bucket)), ("insert", (self.prefill_rows, bucket))}
         self.prefills += 1
-        slots = np.asarray([slot for slot, _ in group])
-        for i, (slot, r) in enumerate(group):
-            self.caches = insert(self.caches, row_caches, np.int32(i), np.int32(slot))
-            self.route[slot] = routes[i]
-            self.temperature[slot], self.top_k[slot], self.top_p[slot] = r.temperature, r.top_k, r.top_p
-            self.seed[slot] = int(r.seed) % 2**32
-            self.lengths[slot] = len(r.prompt)
-            self.key_mask[slot] = 0
-            self.key_mask[slot, : len(r.prompt)] = 1
-        row_slots = np.full(rows, -1)
-        row_slots[: len(group)] = slots
-        tokens = self._sample(logits, row_slots)
-        took = time.perf_counter() - start
-        self.prefill_seconds = took if self.prefill_seconds is None else 0.8 * self.prefill_seconds + 0.2 * took
-        for slot, token in zip(slots, tokens):
-            self._append(int(slot), int(token))
+        self._pending.append(_Pending(first, owners, started))
 
-    def _sample(self, logits: jax.Array, row_slots: np.ndarray) -> np.ndarray:
-        """Next token of every row of `logits` `[R, V]`; row i belongs to slot `row_slots[i]` (-1: unused).
+    def _receive(self, keep: int) -> None:
+        """Hands the tokens of every call but the newest `keep` to their requests, oldest first."""
+        while len(self._pending) > keep:
+            pending = self._pending.popleft()
+            tokens = np.asarray(pending.tokens)
+            if pending.started is not None:
+                took = time.perf_counter() - pending.started
+                self.prefill_seconds = took if self.prefill_seconds is None else 0.8 * self.prefill_seconds + 0.2 * took
+            for i, run in pending.owners:
+                if run.request.finish_reason is None:  # a finished request's extra token is dropped
+                    self._append(run, int(tokens[i]))
 
-        Every row is sampled (unused ones greedily), so the sampler compiles
-        once per program shape, never once per number of requests; a row's
-        draw depends only on its own slot's settings and seed.
-        """
-        used, n = row_slots >= 0, len(row_slots)
-        of_rows = lambda values, unused: np.where(used, values[np.maximum(row_slots, 0)], unused)  # noqa: E731
-        steps = np.zeros(n, np.int32)
-        steps[used] = [len(self.active[i].tokens) for i in row_slots[used]]
-        return np.asarray(_sample_jit(logits, of_rows(self.seed, np.uint32(0)).astype(np.uint32), steps,
-                                      of_rows(self.temperature, np.float32(0)).astype(np.float32),
-                                      of_rows(self.top_k, np.int32(0)).astype(np.int32),
-                                      of_rows(self.top_p, np.float32(1)).astype(np.float32)))
-
-    def _decode(self) -> None:
-        model, params_of = self._model()
-        _, decode, _ = self._programs(model)
-        live = np.asarray([r is not None for r in self.active])
-        write = np.where(live, self.lengths, 0).astype(np.int32)
-        for slot in np.flatnonzero(live):
-            self.key_mask[slot, self.lengths[slot]] = 1
-        key_mask = self.key_mask.copy()
-        key_mask[~live, 0] = 1  # a free row attends to something finite; its output is never read
-        logits, self.caches = decode(self.backbone.params, params_of(self.route), self.last.copy(), write, key_mask,
-                                     self.caches, write)
-        self.compiled.add(("decode", self.slots))
-        self.decode_steps += 1
-        tokens = self._sample(logits, np.where(live, np.arange(self.slots), -1))
-        for slot in np.flatnonzero(live):
-            token = tokens[slot]
-            self.lengths[slot] += 1
-            self._append(int(slot), int(token))
-
-    def _append(self, slot: int, token: int) -> None:
-        r = self.active[slot]
+    def _append(self, run: _Running, token: int) -> None:
+        r = run.request
+        slot = self.running.index(run)
         if r.t_first is None:
             r.t_first = time.perf_counter()
         if token in (self.eos_ids if r.eos_ids is None else r.eos_ids):
             return self._finish(slot, "stop")
         r.tokens.append(token)
-        self.last[slot] = token
-        decode = getattr(self.tokenizer, "decode", None)  # a tokenizer of ids only: no text, no stop strings
-        text = decode(r.tokens, skip_special_tokens=True) if decode is not None else ""
-        cut = min((text.index(s) for s in r.stop if s in text), default=None)
-        if cut is not None:
-            r.text = text[:cut]
-            return self._finish(slot, "stop")
+        added = run.stream.push(token)
+        text = run.stream.text
+        if added and r.stop:  # a stop string ends in the new text, if anywhere: search only the tail it can be in
+            start = max(0, len(text) - len(added) - max(len(s) for s in r.stop) + 1)
+            cut = min((text.index(s, start) for s in r.stop if s in text[start:]), default=None)
+            if cut is not None:
+                r.text = text[:cut]
+                return self._finish(slot, "stop", cut=True)
         r.text = text
-        if len(r.tokens) >= r.max_tokens or self.lengths[slot] + 1 >= self.max_len:
+        if len(r.tokens) >= r.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_len:
             return self._finish(slot, "length")
         hold = max((len(s) - 1 for s in r.stop), default=0)  # text that may begin a stop string waits
         ready = len(text) - hold
-        while ready > r._sent and text[ready - 1 : ready] == "\ufffd":  # a character split across tokens
-            ready -= 1
         if ready > r._sent and r.on_token is not None:
             delta, r._sent = text[r._sent : ready], ready
             r.on_token(r, delta)
 
-    def _finish(self, slot: int, reason: str) -> None:
-        r = self.active[slot]
-        self.active[slot] = None
+    def _finish(self, slot: int, reason: str, cut: bool = False) -> None:
+        run = self.running[slot]
+        self.running[slot] = None
         if self.fixed is None:
-            self.sides.unpin(tuple(self.route[slot]))
-        self.route[slot] = (-1, 0)
-        self._done(r, reason)
+            self.sides.unpin(run.route)
+        if not cut:  # the text of tokens held back (a character split at the end) belongs to the completion
+            run.stream.flush()
+            run.request.text = run.stream.text
+        self._done(run.request, reason)
 
     def _done(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
@@ -366,6 +362,3 @@ class Engine:
             r.on_token(r, delta)
         if r.on_done is not None:
             r.on_done(r)
-
-
-_sample_jit = jax.jit(sample_rows)

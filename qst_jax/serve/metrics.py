@@ -37,7 +37,7 @@ class ServeMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
 
     def observe_engine(self, engine: Any) -> None:
-        self.queue_depth.set(len(engine.waiting))
+        self.queue_depth.set(engine.queued)
         self.slots_busy.set(engine.busy)
         self.slots.set(engine.slots)
         with self._lock:

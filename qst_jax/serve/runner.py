@@ -82,7 +82,7 @@ class EngineRunner:
                 self.engine.step(admit=hold <= 0)  # slots busy: decode now, the burst is admitted next step
             except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving
                 self.error = err
-                self._fail_all()
+                self.engine.cancel_all()
             if self.on_step is not None:
                 self.on_step(self.engine)
 
@@ -93,20 +93,13 @@ class EngineRunner:
         seconds (the newest waiting request is the last to have come), its
         first has waited `5 * admit_wait`, or it fills the free slots.
         """
-        waiting = self.engine.waiting
         wait = auto_admit_wait(self.engine) if self.admit_wait is None else self.admit_wait
-        if wait <= 0 or not waiting or len(waiting) >= self.engine.slots - self.engine.busy:
+        arrivals = self.engine.arrivals()
+        if wait <= 0 or arrivals is None or self.engine.queued >= self.engine.slots - self.engine.busy:
             return 0.0
-        until = min(waiting[-1].t_submit + wait, waiting[0].t_submit + 5 * wait)
+        oldest, newest = arrivals
+        until = min(newest + wait, oldest + 5 * wait)
         return max(0.0, until - time.perf_counter())
-
-    def _fail_all(self) -> None:
-        with self.engine.lock:
-            for slot, r in enumerate(self.engine.active):
-                if r is not None:
-                    self.engine._finish(slot, "cancelled")
-            while self.engine.waiting:
-                self.engine._done(self.engine.waiting.popleft(), "cancelled")
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
         """Queues `request`; its events arrive on the returned queue.
@@ -118,8 +111,8 @@ class EngineRunner:
         """
         if not self.accepting:
             raise Draining("the server is shutting down")
-        if len(self.engine.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.engine.waiting)} requests are waiting for a slot; retry shortly")
+        if self.engine.queued >= self.max_queue:
+            raise QueueFull(f"{self.engine.queued} requests are waiting for a slot; retry shortly")
         events: asyncio.Queue = asyncio.Queue()
         request.on_token = lambda r, delta: loop.call_soon_threadsafe(events.put_nowait, ("token", delta))
         def done(r: Request) -> None:
@@ -146,12 +139,7 @@ class EngineRunner:
             time.sleep(0.02)
         finished = not self.engine.pending()
         if not finished:
-            for r in [*self.engine.waiting, *(r for r in self.engine.active if r is not None)]:
-                r.cancel()
-            self.wake.set()
-            end = time.monotonic() + 5
-            while self.engine.pending() and time.monotonic() < end:
-                time.sleep(0.02)
+            self.engine.cancel_all()  # waits for the step in progress, then ends everything
         self._stop = True
         self.wake.set()
         self._thread.join(timeout=5)

@@ -50,7 +50,7 @@ def test_continuous_batching_changes_no_output(backbone):
         assert r.tokens == _alone(backbone, sides, r.prompt, s)[: len(r.tokens)], (i, s)
     assert requests[0].tokens != requests[4].tokens[:4] or requests[0].prompt != requests[4].prompt
     # the compiled programs: one prefill per power-of-two bucket used, and one decode step
-    assert engine.compiled == {("prefill", (3, 16)), ("prefill", (3, 32)), ("prefill", (3, 64)), ("decode", 3)}
+    assert engine.compiled == {(p, (3, b)) for p in ("prefill", "insert") for b in (16, 32, 64)} | {("decode", 3)}
 
 
 def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
@@ -63,7 +63,7 @@ def test_the_device_stack_is_an_lru_of_fixed_size(backbone):
     assert store.slots[0] == ["c", "a"] and len(store.stacks[0]["gates"]) == 2
     for name in "abc":
         assert out[name] == _alone(backbone, sides, PROMPTS[0], name)[:4]
-    assert engine.compiled == {("prefill", (2, 16)), ("decode", 2)}  # the stack's size never changes
+    assert engine.compiled == {("prefill", (2, 16)), ("insert", (2, 16)), ("decode", 2)}  # the stack's size never changes
     store.pins[(0, 0)] = store.pins[(0, 1)] = 1  # both entries held by running requests
     with pytest.raises(SideStoreError, match=r"all 2 device entries of this side shape are in use"):
         store.route("b")
@@ -131,7 +131,7 @@ def test_warmup_compiles_everything_serving_runs(backbone):
     engine.warmup()
     assert engine.buckets() == [16, 32, 64, 100]
     compiled = set(engine.compiled)
-    assert compiled == {("prefill", (3, b)) for b in (16, 32, 64, 100)} | {("decode", 3)}
+    assert compiled == {(p, (3, b)) for p in ("prefill", "insert") for b in (16, 32, 64, 100)} | {("decode", 3)}
     compiles = []
     listener = lambda event, seconds, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -148,11 +148,8 @@ def _decode_temp_bytes(backbone, capacity: int) -> tuple[int, int]:
     """(XLA's temporary bytes of the engine's compiled decode step, the side stack's bytes) at `capacity`."""
     store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1)}, capacity=capacity, dtype=jnp.float32)
     engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64, sides=store)
-    model, params_of = engine._model()
-    _, decode, _ = engine._programs(model)
-    zeros = jnp.zeros((2,), jnp.int32)
-    compiled = decode.lower(backbone.params, params_of(engine.route), zeros, zeros, jnp.ones((2, 64), jnp.int32),
-                            engine.caches, zeros).compile()
+    core = engine._core()
+    compiled = core.generate.lower(backbone.params, engine._model_params(), engine.state).compile()
     return compiled.memory_analysis().temp_size_in_bytes, sum(x.nbytes for x in jax.tree.leaves(store.stacks))
 
 
@@ -172,8 +169,8 @@ def test_seeds_are_integers_not_rounded_floats(backbone):
     engine.generate(requests)
     tokens = [r.tokens for r in requests]
     assert tokens[0] != tokens[1] and tokens[0] == tokens[3]  # one seed apart: other draws; the same seed: the same
-    assert engine.seed.dtype == np.uint32  # held exactly
-    assert sorted(engine.seed.tolist()) == sorted([123456789, 123456790, 2**31 - 1, 123456789])
+    assert engine.state.seed.dtype == jnp.uint32  # held exactly, on the device
+    assert sorted(np.asarray(engine.state.seed).tolist()) == sorted([123456789, 123456790, 2**31 - 1, 123456789])
 
 
 def test_n_choices_without_a_seed_differ():

@@ -20,9 +20,11 @@ def backbone(testdata):
     return load_backbone(testdata / "tiny-llama-nf4", dtype=jnp.float32)
 
 
-def _burst(backbone, admit_wait: float, gap: float, running: bool = False) -> tuple[Engine, list[Request]]:
-    """4 requests of one length bucket, `gap` seconds apart, into 5 slots (with `running`, one slot decoding
-    a long request meanwhile); the 4 run to the end. Returns the engine and the 4 requests."""
+def _burst(backbone, admit_wait: float, apart: bool = False, running: bool = False) -> tuple[Engine, list[Request]]:
+    """4 requests of one length bucket into 5 slots (with `running`, one slot decoding a long request meanwhile);
+    the 4 run to the end. They arrive as one burst: submitted while the engine thread waits on the engine's lock,
+    so no clock decides what a burst is; with `apart`, each after the one before has its first token.
+    Returns the engine and the 4 requests."""
     engine = Engine(backbone, IdTokenizer(), slots=5, max_len=1024, prefill_rows=4)
     engine.generate([Request([3] * 20, max_tokens=2), Request([5, 6, 7], max_tokens=2)])  # compiles what runs here
     engine.prefills = engine.decode_steps = 0
@@ -36,9 +38,15 @@ def _burst(backbone, admit_wait: float, gap: float, running: bool = False) -> tu
             runner.submit(long, loop)
             while not long.tokens:
                 time.sleep(0.01)
-        for r in requests:
-            runner.submit(r, loop)
-            time.sleep(gap)
+        if apart:
+            for r in requests:
+                runner.submit(r, loop)
+                while not r.tokens and r.finish_reason is None:
+                    time.sleep(0.005)
+        else:
+            with engine.lock:  # the engine thread's next step waits here: all four are queued before it runs
+                for r in requests:
+                    runner.submit(r, loop)
         deadline = time.monotonic() + 60
         while any(r.finish_reason is None for r in requests) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -53,20 +61,20 @@ def _burst(backbone, admit_wait: float, gap: float, running: bool = False) -> tu
 
 
 def test_a_burst_into_free_slots_is_prefilled_together(backbone):
-    engine, _ = _burst(backbone, admit_wait=0.3, gap=0.02)
+    engine, _ = _burst(backbone, admit_wait=0.3)
     assert engine.prefills == 1  # not the first request alone and the other three after it
     assert engine.decode_steps == 2  # all four decode together: 1 token from the prefill, 2 from decode steps
 
 
 def test_a_burst_beside_running_slots_is_admitted_together_while_they_decode(backbone):
-    engine, _ = _burst(backbone, admit_wait=0.3, gap=0.02, running=True)
+    engine, _ = _burst(backbone, admit_wait=0.3, running=True)
     assert engine.prefills == 2  # the long request's, then the whole burst's
 
 
 def test_without_the_wait_the_first_request_is_prefilled_alone(backbone):
-    engine, apart = _burst(backbone, admit_wait=0.0, gap=0.3)
-    assert engine.prefills >= 2 and engine.decode_steps > 2
-    _, together = _burst(backbone, admit_wait=0.3, gap=0.02)
+    engine, apart = _burst(backbone, admit_wait=0.0, apart=True)
+    assert engine.prefills == 4 and engine.decode_steps > 2
+    _, together = _burst(backbone, admit_wait=0.3)
     assert [r.tokens for r in apart] == [r.tokens for r in together]  # batching changed no token
 
 
