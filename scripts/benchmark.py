@@ -32,6 +32,17 @@ table's `vs fn` column is each loop's step time over the functional one's.
 the device one layer ahead (`model.offload=weights`); `--offload
 weights+states` also keeps QST's stored backbone states in host memory.
 
+Decoding (`--decode-slots 16,64`): the serving engine (`generate.engine`,
+half its slots on a QST side network, half on the base model, half sampled)
+decodes `--steps` steady steps with every slot busy. Per step: the wall
+time of `Engine.step()`, the device time of its jitted generate call alone
+(run back to back, each waited for), and the host's share of the step,
+`(step - device) / step`: scheduling, reading the tokens back,
+detokenizing and callbacks that the device waits for. Tokens/s counts one
+token per slot per step.
+
+    python scripts/benchmark.py --shape tiny --decode-slots 16,64 --steps 50
+
 Memory: `peak GiB` where the backend reports it (GPU), and always XLA's own
 figure for the compiled step (`xla GiB`: arguments + outputs + temporaries,
 less what donation aliases).
@@ -212,6 +223,56 @@ def measure(method: str, cfg, backbone, batch: int, seq: int, steps: int, args, 
     return record
 
 
+class _DigitsTokenizer:
+    """Token ids as text ("12 7 300"): what the engine's detokenizer and stop strings work on."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def measure_decode(cfg, backbone_params, slots: int, steps: int, shape: str) -> dict:
+    """The decoding engine's steady step with `slots` busy slots: wall and device time, host share, tokens/s."""
+    from qst_jax.generate.engine import Engine, Request
+    from qst_jax.generate.side_store import SideStore
+    from qst_jax.models.backbone import Backbone
+
+    backbone = Backbone(cfg, backbone_params, dtype=jnp.bfloat16)
+    side = QSTModel(cfg, SideConfig(), dtype=jnp.bfloat16)
+    store = SideStore(cfg, {"side": (side, side.init(jax.random.PRNGKey(1)))}, dtype=jnp.bfloat16)
+    prompt_len, warm = 8, 3
+    max_len = prompt_len + warm + steps + 4
+    engine = Engine(backbone, _DigitsTokenizer(), slots=slots, max_len=max_len, sides=store, eos_ids=[])
+    start = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    requests = [engine.submit(Request(rng.integers(0, cfg.vocab_size, prompt_len).tolist(),
+                                      side="side" if i % 2 else None, max_tokens=max_len, eos_ids=[],
+                                      temperature=0.8 * (i // 2 % 2), seed=i)) for i in range(slots)]
+    for _ in range(warm):  # admission, then steady steps
+        engine.step()
+    jax.block_until_ready(engine.state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    jax.block_until_ready(engine.state)
+    step_s = (time.perf_counter() - start) / steps
+    core, params, state = engine.core, engine.model_params(), engine.state
+    start = time.perf_counter()
+    for _ in range(steps):  # the jitted call alone, each waited for
+        state, tokens = core.generate(backbone.params, params, state)
+        tokens.block_until_ready()
+    device_s = (time.perf_counter() - start) / steps
+    engine.state = state
+    busy = engine.busy
+    engine.cancel_all()
+    valid = all(0 <= t < cfg.vocab_size for r in requests for t in r.tokens)
+    return {"bench": "decode", "shape": shape, "method": "decode", "slots": slots, "steps": steps,
+            "busy_slots": busy, "compile_s": compile_s, "step_s": step_s, "device_s": device_s,
+            "host_share": max(0.0, (step_s - device_s) / step_s), "tokens_per_s": slots / step_s,
+            "tokens_valid": valid and all(len(r.tokens) >= steps for r in requests)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="tiny", choices=["tiny", "7b", "13b", "70b", "smollm2"])
@@ -232,6 +293,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "device never holds it whole")
     parser.add_argument("--loops", default="functional",
                         help="comma-separated: functional (make_train_step), nnx.jit, nnx.split (qst_jax.nnx loops)")
+    parser.add_argument("--decode-slots", default="",
+                        help="comma-separated slot counts: measure the decoding engine's step instead of training")
     args = parser.parse_args(argv)
 
     if args.shape == "smollm2":
@@ -252,6 +315,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         cfg = llama2_config(args.shape)
         backbone = random_params(cfg, jax.random.PRNGKey(0))
+    if args.decode_slots:
+        records = [measure_decode(cfg, backbone, int(s), args.steps, args.shape) for s in args.decode_slots.split(",")]
+        for r in records:
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        print(f"\n{'slots':>5} {'step ms':>8} {'device ms':>9} {'host share':>10} {'tok/s':>8} ok")
+        for r in records:
+            print(f"{r['slots']:>5} {r['step_s'] * 1e3:>8.2f} {r['device_s'] * 1e3:>9.2f} {r['host_share']:>10.1%} "
+                  f"{r['tokens_per_s']:>8.0f} {'yes' if r['tokens_valid'] else 'NO'}")
+        return records
     member_counts = [int(k) for k in args.members.split(",") if k] or [0]
     records = []
     for batch in (int(b) for b in args.batch.split(",")):

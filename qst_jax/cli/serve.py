@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from qst_jax.cli.common import add_compile_cache_arg, use_compile_cache
 from qst_jax.errors import InputError, QSTError
 
@@ -100,10 +99,6 @@ def build_server(args: argparse.Namespace, log=print):
     engine = Engine(backbone, tokenizer, slots=args.slots, max_len=min(args.max_len,
                                                                       backbone.cfg.max_position_embeddings),
                     sides=store, prefill_rows=args.prefill_rows or args.slots, **fixed)
-    start = time.perf_counter()
-    engine.warmup()  # every prefill bucket and the decode step, before the first request
-    log(f"qst-serve: compiled {len(engine.compiled)} programs (prefill buckets {engine.buckets()}, one decode step) "
-        f"in {time.perf_counter() - start:.1f} s")
     base = args.model_name or ("smollm2" if args.model == "smollm2" else os.path.basename(os.path.normpath(path)))
     if args.adapter and not args.model_name:
         base = os.path.basename(os.path.normpath(args.adapter))
@@ -172,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join([server.base_name, *server.engine.sides.names()])
     log(f"qst-serve: {names} on http://{args.host}:{args.port} ({args.slots} slots, {server.engine.max_len} tokens "
         f"each{', API key required' if args.api_key else ''})")
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning", log_config=log_config(),
-                timeout_graceful_shutdown=args.drain_timeout)
-    return 0
+    http = uvicorn.Server(uvicorn.Config(server.app(), host=args.host, port=args.port, log_level="warning",
+                                         log_config=log_config(), timeout_graceful_shutdown=args.drain_timeout))
+    server.on_warmup_failure = lambda: setattr(http, "should_exit", True)
+    http.run()  # /health answers at once; the programs compile meanwhile (/ready says when they have)
+    return 1 if server.status == "failed" else 0
 
 
 if __name__ == "__main__":

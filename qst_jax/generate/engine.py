@@ -135,7 +135,8 @@ class Engine:
         self.core, self.compiled = core, set()
         return core
 
-    def _model_params(self) -> Any:
+    def model_params(self) -> Any:
+        """What the core's programs take as the method's params: the side stacks, or the fixed method's params."""
         return self.fixed[1] if self.fixed is not None else tuple(self.sides.stacks)
 
     def buckets(self) -> list[int]:
@@ -162,11 +163,11 @@ class Engine:
             rows = self.prefill_rows
             padding = Rows.padding(rows, self.slots)
             for bucket in self.buckets():
-                prefix, first = core.prefill(self.backbone.params, self._model_params(),
+                prefix, first = core.prefill(self.backbone.params, self.model_params(),
                                              np.zeros((rows, bucket), np.int32), padding)
                 self.state = core.insert(self.state, prefix, first, padding)
                 self.compiled |= {("prefill", (rows, bucket)), ("insert", (rows, bucket))}
-            self.state, tokens = core.generate(self.backbone.params, self._model_params(), self.state)
+            self.state, tokens = core.generate(self.backbone.params, self.model_params(), self.state)
             np.asarray(tokens)
             self.compiled.add(("decode", self.slots))
             if self.fixed is None:
@@ -251,7 +252,7 @@ class Engine:
                 self._admit_waiting(core)
             owners = [(slot, run) for slot, run in enumerate(self.running) if run is not None and self._wants(run)]
             if owners:
-                self.state, tokens = core.generate(self.backbone.params, self._model_params(), self.state)
+                self.state, tokens = core.generate(self.backbone.params, self.model_params(), self.state)
                 tokens.copy_to_host_async()
                 self.compiled.add(("decode", self.slots))
                 self.decode_steps += 1
@@ -300,7 +301,7 @@ class Engine:
             run = _Running(r, TextStream(self.tokenizer), route)
             self.running[slot] = run
             owners.append((i, run))
-        prefix, first = core.prefill(self.backbone.params, self._model_params(), ids, rows)
+        prefix, first = core.prefill(self.backbone.params, self.model_params(), ids, rows)
         self.state = core.insert(self.state, prefix, first, rows)
         first.copy_to_host_async()
         self.compiled |= {("prefill", (self.prefill_rows, bucket)), ("insert", (self.prefill_rows, bucket))}

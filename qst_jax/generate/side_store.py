@@ -72,12 +72,24 @@ class SideStore:
     def names(self) -> list[str]:
         return list(self.host)
 
-    def add(self, name: str, model: Any, params: Params) -> None:
-        """Loads (or replaces) side network `name` on the host; it reaches the device when a request asks."""
+    @staticmethod
+    def prepare(name: str, model: Any, params: Params) -> Params:
+        """`params` as the host keeps them (float32 numpy), checked to be a QST LM side network.
+
+        The work of a load that needs no engine step to wait: call it before
+        taking the engine's lock; `add` then only files the result.
+        """
         if getattr(model, "name", None) != "qst" or model.task != "lm":
             raise SideStoreError(f"side {name!r}: only QST language-model side networks are served "
                                  f"(this is {getattr(model, 'name', type(model).__name__)}, task "
                                  f"{getattr(model, 'task', '?')})")
+        return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+    def add(self, name: str, model: Any, params: Params) -> None:
+        """Loads (or replaces) side network `name` on the host; it reaches the device when a request asks.
+
+        `params` from `prepare` are filed as they are (no copy)."""
+        params = self.prepare(name, model, params)
         shape = shape_of(model.side)
         if shape not in self.shapes:
             self.shapes.append(shape)
@@ -87,7 +99,7 @@ class SideStore:
             self._method = None
         if name in self.host:
             self.remove(name)
-        self.host[name] = (self.shapes.index(shape), jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+        self.host[name] = (self.shapes.index(shape), params)
 
     def remove(self, name: str) -> bool:
         """Unloads `name` (requests running on it finish; its stack entry is reused once they have)."""

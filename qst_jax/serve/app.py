@@ -6,7 +6,10 @@
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` picks the side network; the base model by its own name),
 `POST /v1/load_side {name, path}`, `POST /v1/unload_side {name}`,
-`GET /health`, `GET /metrics` (Prometheus), `GET /` (the chat page).
+`GET /health` (liveness: answers from the start, `warming_up` while the
+programs compile), `GET /ready` (readiness: 200 once requests are served,
+503 before and while draining), `GET /metrics` (Prometheus), `GET /` (the
+chat page). Requests that come during the warm-up wait in the queue.
 Errors are OpenAI's error JSON: 400 naming the field, 401 without the API
 key, 404 for an unknown model, 429 with `Retry-After` when the queue is full,
 503 while draining.
@@ -16,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qst_jax.generate.decode import GenerationError, render_chat, unicode_text
@@ -42,6 +48,10 @@ class Server:
       api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
       max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
       admit_wait: seconds without a new arrival that end a burst (`EngineRunner`; None: 5% of a prefill).
+
+    Attributes:
+      status: "warming_up" until `start`'s warm-up has compiled every program,
+        then "ready"; "failed" if the warm-up raised.
     """
 
     def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
@@ -57,6 +67,38 @@ class Server:
         self.runner = EngineRunner(engine, max_queue=max_queue, admit_wait=admit_wait,
                                    on_step=self.metrics.observe_engine, on_finish=self.metrics.finished)
         self.created = int(time.time())
+        self.status = "warming_up"
+        self.on_warmup_failure: Callable[[], None] | None = None  # qst-serve: stop the HTTP server
+
+    def start(self, log: Callable[[str], None] | None = None, on_failure: Callable[[], None] | None = None
+              ) -> threading.Thread:
+        """Compiles the engine's programs on a thread, then starts the engine's; `/health` answers meanwhile.
+
+        Args:
+          log: where the warm-up's line goes (default stderr).
+          on_failure: called if the warm-up raises (default `on_warmup_failure`: qst-serve stops, exit status 1).
+        """
+        log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        on_failure = on_failure or self.on_warmup_failure
+
+        def warm() -> None:
+            started = time.perf_counter()
+            try:
+                self.engine.warmup()  # every prefill bucket and the decode step, before the first request
+            except Exception as err:  # noqa: BLE001 - said in one line, then the server stops
+                self.status = "failed"
+                log(f"qst-serve: error: the warm-up failed: {type(err).__name__}: {err}")
+                if on_failure is not None:
+                    on_failure()
+                return
+            log(f"qst-serve: compiled {len(self.engine.compiled)} programs (prefill buckets {self.engine.buckets()}, "
+                f"one decode step) in {time.perf_counter() - started:.1f} s; ready")
+            self.runner.start()
+            self.status = "ready"
+
+        thread = threading.Thread(target=warm, name="qst-warmup", daemon=True)
+        thread.start()
+        return thread
 
     # -- models -------------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -118,7 +160,8 @@ class Server:
         if model.name != "qst" or model.task != "lm":
             raise api.APIError(400, f"path: {path!r} holds a {model.name} {model.task} model; only QST language-model "
                                     "side networks are served", "path")
-        with self.engine.lock:  # between two engine steps
+        params = self.engine.sides.prepare(name, model, params)  # reading, checking, converting: off the decode path
+        with self.engine.lock:  # only the filing waits for the step in progress; the device copy comes with a request
             self.engine.sides.add(name, model, params)
         self.side_paths[name] = full
         return {"status": "loaded", "name": name}

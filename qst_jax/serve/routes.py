@@ -21,7 +21,7 @@ POLL_S = 0.1  # how often a non-streamed request checks that its client is still
 def build_app(server: Any) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        server.runner.start()
+        server.start()
         try:
             yield
         finally:  # SIGTERM: uvicorn stops accepting; running requests finish within the drain timeout
@@ -38,7 +38,7 @@ def build_app(server: Any) -> FastAPI:
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if server.api_key and request.url.path != "/health":
+        if server.api_key and request.url.path not in ("/health", "/ready"):
             if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
                 return error(api.APIError(401, "a valid API key is required: Authorization: Bearer <key>", None,
                                           "authentication_error"))
@@ -51,8 +51,15 @@ def build_app(server: Any) -> FastAPI:
             raise api.APIError(400, f"the body is not valid JSON ({err})") from None
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok" if server.runner.accepting else "draining"}
+    async def health():  # liveness: the process answers, whatever it is doing
+        if not server.runner.accepting:
+            return {"status": "draining"}
+        return {"status": {"ready": "ok"}.get(server.status, server.status)}
+
+    @app.get("/ready")
+    async def ready():  # readiness: requests are served now
+        status = server.status if server.runner.accepting else "draining"
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -134,6 +134,9 @@ class EngineRunner:
     def drain(self, timeout: float) -> bool:
         """Refuses new requests, lets running ones finish for up to `timeout` seconds, then stops; all finished?"""
         self.accepting = False
+        if not self._thread.is_alive():  # stopped before the warm-up ended: nothing ran
+            self.engine.cancel_all()
+            return not self.engine.pending()
         deadline = time.monotonic() + timeout
         while self.engine.pending() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -149,7 +149,7 @@ def _decode_temp_bytes(backbone, capacity: int) -> tuple[int, int]:
     store = SideStore(backbone.cfg, {"a": _side(backbone.cfg, 1)}, capacity=capacity, dtype=jnp.float32)
     engine = Engine(backbone, IdTokenizer(), slots=2, max_len=64, sides=store)
     core = engine._core()
-    compiled = core.generate.lower(backbone.params, engine._model_params(), engine.state).compile()
+    compiled = core.generate.lower(backbone.params, engine.model_params(), engine.state).compile()
     return compiled.memory_analysis().temp_size_in_bytes, sum(x.nbytes for x in jax.tree.leaves(store.stacks))
 
 
