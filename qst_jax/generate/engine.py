@@ -57,9 +57,10 @@ __all__ = ["FINISH_REASONS", "Engine", "EngineError", "Request"]  # Request and 
 
 @dataclasses.dataclass(eq=False)
 class _Running:
-    """A request in a slot: its text so far, its side route (pinned), and tokens asked of the device for it."""
+    """A request in its slot: its text so far, its side route (pinned), and tokens asked of the device for it."""
 
     request: Request
+    slot: int
     stream: TextStream
     route: tuple[int, int]
     drawn: int = 1  # the prefill's token
@@ -298,7 +299,7 @@ class Engine:
             rows.slot[i], rows.length[i], rows.route[i] = slot, n, route
             rows.seed[i] = int(r.seed) % 2**32
             rows.temperature[i], rows.top_k[i], rows.top_p[i] = r.temperature, r.top_k, r.top_p
-            run = _Running(r, TextStream(self.tokenizer), route)
+            run = _Running(r, slot, TextStream(self.tokenizer), route)
             self.running[slot] = run
             owners.append((i, run))
         prefix, first = core.prefill(self.backbone.params, self.model_params(), ids, rows)
@@ -321,8 +322,7 @@ class Engine:
                     self._append(run, int(tokens[i]))
 
     def _append(self, run: _Running, token: int) -> None:
-        r = run.request
-        slot = self.running.index(run)
+        r, slot = run.request, run.slot
         if r.t_first is None:
             r.t_first = time.perf_counter()
         if token in (self.eos_ids if r.eos_ids is None else r.eos_ids):
