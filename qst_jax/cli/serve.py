@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub-sides", action="store_true",
                         help="POST /v1/load_side may pull {\"hub\": \"org/name\"} from the Hugging Face Hub")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="the largest request body taken (413 beyond)")
     parser.add_argument("--no-quantize", action="store_true", help="keep the backbone dense instead of NF4")
     parser.add_argument("--dtype", default="bfloat16")
     add_compile_cache_arg(parser)
@@ -80,6 +81,8 @@ def build_server(args: argparse.Namespace, log=print):
     from qst_jax.serve.app import Server
 
     path = resolve_model(resolve_model_path(args.model), args.revision)
+    if args.max_body_mb <= 0:
+        raise InputError(f"--max-body-mb {args.max_body_mb:g}: must be more than 0")
     if args.adapter and args.side:
         raise InputError("--adapter serves one LoRA adapter in every slot; give it without --side")
     backbone = load_backbone(path, quantize=not args.no_quantize, dtype=jnp.dtype(args.dtype))
@@ -105,7 +108,7 @@ def build_server(args: argparse.Namespace, log=print):
     return Server(backbone, tokenizer, engine, base_name=base, side_paths=paths, side_root=args.side_root,
                   api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                   admit_wait=None if args.admit_wait_ms is None else args.admit_wait_ms / 1000,
-                  hub_sides=args.hub_sides)
+                  hub_sides=args.hub_sides, max_body_bytes=int(args.max_body_mb * 2**20))
 
 
 class OneLineCancellation(logging.Filter):

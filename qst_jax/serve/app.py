@@ -48,6 +48,7 @@ class Server:
       api_key: required as `Authorization: Bearer <key>` on every route but `/health`.
       max_queue, drain_timeout: queue bound (429 beyond it), seconds SIGTERM waits for running requests.
       admit_wait: seconds without a new arrival that end a burst (`EngineRunner`; None: 5% of a prefill).
+      max_body_bytes: the largest request body taken (413 beyond it).
 
     Attributes:
       status: "warming_up" until `start`'s warm-up has compiled every program,
@@ -57,11 +58,11 @@ class Server:
     def __init__(self, backbone: Any, tokenizer: Any, engine: Engine, *, base_name: str,
                  side_paths: dict[str, str] | None = None, side_root: str | None = None, api_key: str | None = None,
                  max_queue: int = 256, drain_timeout: float = 30.0, admit_wait: float | None = None,
-                 hub_sides: bool = False):
+                 hub_sides: bool = False, max_body_bytes: int = 16 * 2**20):
         self.backbone, self.tokenizer, self.engine = backbone, tokenizer, engine
         self.base_name, self.side_paths = base_name, dict(side_paths or {})
         self.side_root = os.path.realpath(side_root) if side_root else None
-        self.hub_sides = hub_sides
+        self.hub_sides, self.max_body_bytes = hub_sides, max_body_bytes
         self.api_key, self.drain_timeout = api_key, drain_timeout
         self.metrics = ServeMetrics()
         self.runner = EngineRunner(engine, max_queue=max_queue, admit_wait=admit_wait,
@@ -91,7 +92,8 @@ class Server:
                 if on_failure is not None:
                     on_failure()
                 return
-            log(f"qst-serve: compiled {len(self.engine.compiled)} programs (prefill buckets {self.engine.buckets()}, "
+            log(f"qst-serve: compiled {len(self.engine.compiled)} programs (a prefill and an insert for each of the "
+                f"buckets {self.engine.buckets()}, "
                 f"one decode step) in {time.perf_counter() - started:.1f} s; ready")
             self.runner.start()
             self.status = "ready"

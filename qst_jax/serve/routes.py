@@ -45,8 +45,18 @@ def build_app(server: Any) -> FastAPI:
         return await call_next(request)
 
     async def body_of(request: Request) -> Any:
+        """The JSON body, parsed on a worker thread (a large one never holds up the event loop)."""
+        limit = server.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise api.APIError(413, f"the body is {int(declared):,} bytes; this server takes at most {limit:,} "
+                                    "(--max-body-mb)")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise api.APIError(413, f"the body is {len(raw):,} bytes; this server takes at most {limit:,} "
+                                    "(--max-body-mb)")
         try:
-            return json.loads(await request.body())
+            return await run_in_threadpool(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise api.APIError(400, f"the body is not valid JSON ({err})") from None
 
@@ -93,7 +103,7 @@ def build_app(server: Any) -> FastAPI:
 
     async def generate(request: Request, kind: str):
         try:
-            parsed = server.parse(await body_of(request), kind)
+            parsed = await run_in_threadpool(server.parse, await body_of(request), kind)  # tokenizing: off the loop
             queues = server.submit(parsed)
         except api.APIError as err:
             return error(err)
