@@ -165,9 +165,11 @@ class RunDirectory:
     def abandon(self) -> None:
         """Releases the lock and removes what `acquire` created (`.lock`, new folders) while it is still empty.
 
-        For a run refused or failed before it wrote anything: nothing of it is left behind.
+        For a run refused or failed before it wrote anything: nothing of it is left behind (a run's folders that
+        are empty, `checkpoints/` and `tb/`, go first).
         """
         self.release()
+        self._remove_empty_run_folders()
         for path in self._created:  # the lock file first, then the folders, innermost first
             if path.endswith(LOCK_FILE) and os.listdir(os.path.dirname(path)) != [LOCK_FILE]:
                 break  # something else was written beside it: it stays, the lock file too
@@ -197,12 +199,15 @@ class RunDirectory:
                 shutil.rmtree(target)
             else:
                 os.remove(target)
+        self._remove_empty_run_folders()
+        return entries
+
+    def _remove_empty_run_folders(self) -> None:
         folders = [f"members/{m}" for m in self._listing("members")] + ["members", "checkpoints", "tb"]
         for folder in folders:
             full = os.path.join(self.path, folder)
-            if os.path.isdir(full) and not os.listdir(full):
+            if os.path.isdir(full) and not os.path.islink(full) and not os.listdir(full):
                 os.rmdir(full)
-        return entries
 
     def close(self) -> None:
         """Releases the lock and removes `.lock` if this object created it (an export leaves only its files)."""

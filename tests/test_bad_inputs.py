@@ -19,7 +19,6 @@ from qst_jax.cli import eval as eval_cli
 from qst_jax.cli import generate as generate_cli
 from qst_jax.run_dir import RunDirectory
 from qst_jax.train.trainer import Trainer
-from qst_jax.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_model_dir
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -575,3 +574,19 @@ def test_a_refused_run_leaves_no_directory_behind(finished, model_dir, tmp_path)
     assert proc.stderr.strip() == (f"qst-train: error: {blocker / 'run'}: {blocker} is a file, not a directory; "
                                    "set another train.output_dir")
     assert blocker.read_text() == "x"
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    """A failure inside the run (here its first state) after the directory was taken: the new directory goes."""
+    config = tiny_config(model_dir, tmp_path, **{"train.output_dir": str(tmp_path / "new" / "run")})
+    trainer = Trainer(config)
+    assert (tmp_path / "new" / "run" / ".lock").exists()
+
+    def fail(self, checkpointer):
+        assert (tmp_path / "new" / "run" / "checkpoints").is_dir()  # the checkpointer made its folder
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(Trainer, "_initial_state", fail)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        trainer.run()
+    assert not (tmp_path / "new").exists()

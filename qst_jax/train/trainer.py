@@ -187,6 +187,10 @@ class Trainer:
         """Trains (or resumes) to `total_steps`; returns the summary (also written as summary.json)."""
         try:
             return self._run()
+        except BaseException:
+            if jax.process_index() == 0 and not self.run_dir.has_checkpoint():
+                self.run_dir.abandon()  # failed before its first checkpoint: no .lock or empty folders left behind
+            raise
         finally:
             self.run_dir.release()
 
