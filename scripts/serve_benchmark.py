@@ -10,7 +10,13 @@ streamed greedy completions of prompts cut from the packaged plays, each
 naming one of K side networks (uniformly, or `--skew` Zipf-like), at
 `--concurrency` (or Poisson arrivals at `--request-rate` per second). Beside
 those rows: the same requests sent one at a time (TTFT of a lone request),
-and the static `qst-generate --file` batch of them. Every response is
+and the static `qst-generate --file` batch of them. With `--registered N`
+(N above the largest K), N side networks are loaded on the host and two
+more rows draw every request's side network from all N (Zipf-like, then
+uniformly), through a device stack of `--side-capacity` (S-LoRA's test of
+thousands of adapters); each row counts the side store's host-to-device
+copies (`qst_side_device_loads` in /metrics), and the last record says the
+host bytes a side network costs. Every response is
 checked against the one-at-a-time run (greedy: batching must change
 nothing); a mismatch or an unstated finish is counted as `mixed`. Prints
 one JSON line per row, then a table. Stops the server when done.
@@ -125,14 +131,23 @@ async def load(url: str, jobs: list[tuple[str, str]], max_tokens: int, concurren
         return results, time.perf_counter() - start
 
 
-def engine_counts(url: str) -> tuple[float, float]:
-    """(prefill calls, decode steps) so far, from the server's /metrics."""
+COUNTED = ("qst_prefill_calls_total", "qst_decode_steps_total", "qst_side_device_loads")
+
+
+def server_metrics(url: str) -> dict[str, float]:
+    """Every unlabelled value of the server's /metrics."""
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("qst_prefill_calls_total", "qst_decode_steps_total"):
+        if not name.startswith("#") and "{" not in name and value:
             values[name] = float(value)
-    return values["qst_prefill_calls_total"], values["qst_decode_steps_total"]
+    return values
+
+
+def engine_counts(url: str) -> tuple[float, ...]:
+    """(prefill calls, decode steps, side networks copied to the device) so far, from the server's /metrics."""
+    values = server_metrics(url)
+    return tuple(values[name] for name in COUNTED)
 
 
 def measured(url: str, name: str, run, reference: dict | None) -> tuple[dict, list[dict]]:
@@ -141,7 +156,8 @@ def measured(url: str, name: str, run, reference: dict | None) -> tuple[dict, li
     results, wall = run()
     after = engine_counts(url)
     record = summary(name, results, wall, reference)
-    record["prefill_calls"], record["decode_steps"] = (int(a - b) for a, b in zip(after, before))
+    record["prefill_calls"], record["decode_steps"], record["side_device_loads"] = (
+        int(a - b) for a, b in zip(after, before))
     return record, results
 
 
@@ -172,18 +188,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--skew", action="store_true", help="side networks drawn Zipf-like, not uniformly")
+    parser.add_argument("--registered", type=int, default=0,
+                        help="side networks loaded on the host (0: the largest of --sides); above it, two rows draw "
+                             "from all of them, Zipf-like and uniformly")
+    parser.add_argument("--side-capacity", type=int, default=64, help="qst-serve's device stack per side shape")
     parser.add_argument("--no-static", action="store_true", help="leave out the static qst-generate row")
     parser.add_argument("--serve-args", default="", help="more qst-serve arguments, e.g. '--admit-wait-ms 0'")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args(argv)
     counts = [int(k) for k in args.sides.split(",")]
     work = pathlib.Path(tempfile.mkdtemp(prefix="qst-serve-bench-"))
-    paths = export_sides(work, max(counts))
+    registered = max(args.registered, max(counts))
+    paths = export_sides(work, registered)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "qst_jax.cli.serve", "--port", str(port), "--slots",
-                               str(args.slots), "--max-len", "256", *args.serve_args.split(),
+                               str(args.slots), "--max-len", "256", "--side-capacity", str(args.side_capacity),
+                               *args.serve_args.split(),
                                *[f"--side={n}={p}" for n, p in paths.items()]],
                               cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                               stderr=subprocess.STDOUT)
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         deadline = time.time() + 600
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:  # compiled: /health answers before
                     break
             except httpx.HTTPError:
                 pass
@@ -206,6 +228,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             names = [f"s{i}" for i in range(k)]
             weights = [1 / (i + 1) for i in range(k)] if args.skew else None
             mixes[k] = [(rng.choices(names, weights)[0], p) for p in texts]
+        if registered > max(counts):
+            names = [f"s{i}" for i in range(registered)]
+            zipf = rng.sample(names, len(names))  # which side networks are popular: not the first loaded
+            mixes[f"{registered} registered, Zipf"] = [(rng.choices(zipf, [1 / (i + 1) for i in range(registered)])[0],
+                                                        p) for p in texts]
+            mixes[f"{registered} registered, uniform"] = [(rng.choice(names), p) for p in texts]
         reference_jobs = sorted({job for jobs in mixes.values() for job in jobs})
         seq_jobs = reference_jobs[: args.sequential_requests]
         alone_run = lambda: asyncio.run(load(url, seq_jobs, args.max_tokens, 1, 0.0))  # noqa: E731
@@ -216,12 +244,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                    args.concurrency, 0.0))
         reference.update({(r["model"], r["prompt"]): r["text"] for r in rest})  # checked against the alone runs
         alone = {(r["model"], r["prompt"]): r["text"] for r in results}
-        for k in counts:
-            record, results = measured(url, f"{k} side networks", lambda: asyncio.run(
+        for k in mixes:
+            name = k if isinstance(k, str) else f"{k} side networks"
+            record, results = measured(url, name, lambda: asyncio.run(
                 load(url, mixes[k], args.max_tokens, args.concurrency, args.request_rate)), reference)
             record["mixed_vs_alone"] = sum(1 for r in results if (r["model"], r["prompt"]) in alone and
                                            alone[(r["model"], r["prompt"])] != r["text"])
             records.append(record)
+        values = server_metrics(url)
+        records[-1]["host_bytes_per_side"] = values["qst_side_networks_host_bytes"] / registered
         if not args.no_static:
             records.append(static_batch(paths, mixes[counts[0]], args))
     finally:
@@ -258,14 +289,15 @@ def static_batch(paths: dict[str, str], jobs: list[tuple[str, str]], args) -> di
 
 def print_table(records: list[dict]) -> None:
     print(f"\n{'row':<52} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>8} {'p99':>6} {'TPOT p50':>8} {'ITL p50':>7} "
-          f"{'E2E p50':>7} {'mixed':>5} {'prefills':>8}")
+          f"{'E2E p50':>7} {'mixed':>5} {'prefills':>8} {'side loads':>10}")
     for r in records:
         if "ttft" not in r:
             print(f"{r['row']:<52} {r['req_per_s']:>6.2f}  (wall {r['wall_s']:.1f} s{', failed' if not r['ok'] else ''})")
             continue
         print(f"{r['row']:<52} {r['req_per_s']:>6.2f} {r['out_tok_per_s']:>9.1f} {r['ttft']['p50']:>8.3f} "
               f"{r['ttft']['p99']:>6.3f} {r['tpot']['p50']:>8.3f} {(r['itl']['p50'] or 0):>7.3f} "
-              f"{r['e2e']['p50']:>7.3f} {r['mixed']:>5} {r.get('prefill_calls', ''):>8}")
+              f"{r['e2e']['p50']:>7.3f} {r['mixed']:>5} {r.get('prefill_calls', ''):>8} "
+              f"{r.get('side_device_loads', ''):>10}")
 
 
 if __name__ == "__main__":

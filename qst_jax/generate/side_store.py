@@ -63,6 +63,7 @@ class SideStore:
         self.pins: collections.Counter = collections.Counter()  # (shape, index) -> running requests
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # resident names, LRU first
         self._method: IndexedSides | None = None
+        self.device_loads = 0  # side networks copied from the host into a device stack so far
         for name, (model, params) in (sides or {}).items():
             self.add(name, model, params)
 
@@ -71,6 +72,10 @@ class SideStore:
 
     def names(self) -> list[str]:
         return list(self.host)
+
+    def host_bytes(self) -> int:
+        """Bytes of the loaded side networks' host copies (float32)."""
+        return sum(x.nbytes for _, params in self.host.values() for x in jax.tree.leaves(params))
 
     @staticmethod
     def prepare(name: str, model: Any, params: Params) -> Params:
@@ -131,6 +136,7 @@ class SideStore:
         else:
             index = self._free_index(shape)
             self.stacks[shape] = _put(self.stacks[shape], params, np.int32(index))
+            self.device_loads += 1
             old = slots[index]
             if old is not None:
                 self.recent.pop(old, None)

@@ -26,6 +26,10 @@ class ServeMetrics:
         self.slots_busy = Gauge("qst_slots_busy", "decode slots holding a request", registry=r)
         self.slots = Gauge("qst_slots", "decode slots", registry=r)
         self.sides_loaded = Gauge("qst_side_networks_loaded", "side networks loaded (host)", registry=r)
+        self.sides_host_bytes = Gauge("qst_side_networks_host_bytes", "bytes of the side networks' host copies",
+                                      registry=r)
+        self.side_device_loads = Gauge("qst_side_device_loads", "side networks copied from the host into a device "
+                                       "stack so far (an LRU miss each)", registry=r)
         self.prefill_calls = Counter("qst_prefill_calls", "prefill calls (each --prefill-rows rows of one length "
                                      "bucket)", registry=r)
         self.decode_steps = Counter("qst_decode_steps", "decode steps (one backbone pass for every slot)", registry=r)
@@ -59,4 +63,6 @@ class ServeMetrics:
     def text(self, engine: Any) -> bytes:
         self.observe_engine(engine)
         self.sides_loaded.set(len(engine.sides.names()) if engine.sides is not None else 0)
+        self.sides_host_bytes.set(engine.sides.host_bytes() if engine.sides is not None else 0)
+        self.side_device_loads.set(engine.sides.device_loads if engine.sides is not None else 0)
         return generate_latest(self.registry)

@@ -50,3 +50,7 @@ def test_load_side_takes_the_engine_lock_only_to_file_it(testdata, tmp_path, mon
     assert server.load_side("c", "c") == {"status": "loaded", "name": "c"}
     assert seen == {"steps could run while reading": True, "filed under the lock": True, "already host arrays": True}
     assert engine.generate([Request([5, 6, 7], side="c", max_tokens=2, eos_ids=[])])[0].finish_reason == "length"
+    engine.generate([Request([5, 6, 7], side="c", max_tokens=2, eos_ids=[])])  # resident now: no second copy
+    side_bytes = sum(x.size * 4 for x in jax.tree.leaves(model.init(jax.random.PRNGKey(0))))
+    metrics = server.metrics.text(engine).decode()
+    assert "qst_side_device_loads 1.0" in metrics and f"qst_side_networks_host_bytes {float(side_bytes)}" in metrics
