@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except (QSTError, OSError, ValueError) as err:  # ValueError, OSError: what a tokenizer or a file read raises
         print(f"qst-serve: error: {err}", file=sys.stderr)
         return 1
-    names = ", ".join([server.base_name, *server.engine.sides.names()])
+    sides = server.engine.sides.names() if server.engine.sides is not None else []
+    names = ", ".join([server.base_name, *sides]) if len(sides) <= 8 else (
+        f"{server.base_name} and {len(sides):,} side networks ({', '.join(sides[:4])}, ...)")
     log(f"qst-serve: {names} on http://{args.host}:{args.port} ({args.slots} slots, {server.engine.max_len} tokens "
         f"each{', API key required' if args.api_key else ''})")
     http = uvicorn.Server(uvicorn.Config(server.app(), host=args.host, port=args.port, log_level="warning",
