@@ -169,6 +169,9 @@ def test_seeds_are_integers_not_rounded_floats(backbone):
     engine.generate(requests)
     tokens = [r.tokens for r in requests]
     assert tokens[0] != tokens[1] and tokens[0] == tokens[3]  # one seed apart: other draws; the same seed: the same
+    alone = Engine(backbone, IdTokenizer(), slots=4, max_len=64).generate(
+        [Request(prompt, max_tokens=8, temperature=1.0, seed=123456790, eos_ids=[])])[0]
+    assert alone.tokens == tokens[1]  # a seed under load draws what it draws alone
     assert engine.state.seed.dtype == jnp.uint32  # held exactly, on the device
     assert sorted(np.asarray(engine.state.seed).tolist()) == sorted([123456789, 123456790, 2**31 - 1, 123456789])
 

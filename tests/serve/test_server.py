@@ -154,6 +154,8 @@ def test_streams_chat_with_usage_and_done(setup):
     assert len({c.text for c in n.choices}) > 1  # choice i draws with seed 3 + i: not one draw three times
     again = client.completions.create(model="b", prompt="To be", max_tokens=4, temperature=0.9, seed=3, n=3)
     assert [c.text for c in again.choices] == [c.text for c in n.choices]  # the same seed: the same choices
+    free = client.completions.create(model="b", prompt="To be", max_tokens=6, temperature=1.0, n=4)  # no seed
+    assert len({c.text for c in free.choices}) > 1  # independent draws, not one draw four times
 
 
 def test_a_side_loaded_while_streams_run_disturbs_nothing(setup):
