@@ -1,6 +1,6 @@
 """The decoding engine's device programs: prefill, insert, generate over a `DecodeState` kept on the device.
 
-    core = DecodeCore(model, bind, slots=8, max_len=512, prefill_rows=4)
+    core = DecodeCore(model, bind, slots=8, max_len=512)
     state = core.init_state()
     prefix, first = core.prefill(backbone_params, model_params, ids, rows)   # rows: the admitted requests
     state = core.insert(state, prefix, first, rows)                          # one donated call for all of them
@@ -110,12 +110,11 @@ class DecodeCore:
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
         self.generate = jax.jit(self._generate, donate_argnums=(2,))
 
-    def init_state(self, caches: Params | None = None) -> DecodeState:
-        """Every slot free (length 0, greedy, the base model); `caches` to keep (default fresh ones)."""
+    def init_state(self) -> DecodeState:
+        """Every slot free (length 0, greedy, the base model), with fresh caches."""
         s = self.slots
         zeros = lambda dtype=jnp.int32: jnp.zeros(s, dtype)  # noqa: E731 - one buffer each (all are donated)
-        caches = self.model.init_caches(s, self.max_len) if caches is None else caches
-        return DecodeState(caches, zeros(), zeros(), zeros(), jnp.tile(jnp.int32([-1, 0]), (s, 1)),
+        return DecodeState(self.model.init_caches(s, self.max_len), zeros(), zeros(), zeros(), jnp.tile(jnp.int32([-1, 0]), (s, 1)),
                            zeros(jnp.uint32), zeros(jnp.float32), zeros(), jnp.ones(s, jnp.float32))
 
     def _prefill(self, backbone_params: Params, model_params: Any, ids: jax.Array,

@@ -3,7 +3,7 @@
     store = SideStore(backbone.cfg, {"a": (model_a, params_a)}, capacity=64)
     store.add("b", model_b, params_b)          # while the engine runs (under its lock)
     stack, index = store.route("b", pin=True)  # resident on the device, kept there while pinned
-    params = store.params(routes)              # what `methods.IndexedSides` takes
+    core.bind_sides(tuple(store.stacks), routes)  # what `methods.IndexedSides` takes, inside the engine's programs
 
 Every loaded side network's float32 params stay on the host. Each side
 shape (`side_set.shape_of`) has a device stack of `capacity` members, filled
@@ -170,8 +170,3 @@ class SideStore:
         held = self.slots[shape][index]
         if not self.pins[(shape, index)] and held is not None and held.startswith("\0"):
             self.slots[shape][index] = None  # an unloaded side's entry, free now its last request is done
-
-    def params(self, routes: np.ndarray) -> Params:
-        """IndexedSides' params for rows routed `routes` `[R, 2]` (stack, index)."""
-        routes = np.asarray(routes, np.int32)
-        return {"stacks": tuple(self.stacks), "group": routes[:, 0].copy(), "index": routes[:, 1].copy()}

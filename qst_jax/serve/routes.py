@@ -46,15 +46,17 @@ def build_app(server: Any) -> FastAPI:
 
     async def body_of(request: Request) -> Any:
         """The JSON body, parsed on a worker thread (a large one never holds up the event loop)."""
-        limit = server.max_body_bytes
+
+        def too_large(size: int) -> api.APIError:
+            return api.APIError(413, f"the body is {size:,} bytes; this server takes at most "
+                                     f"{server.max_body_bytes:,} (--max-body-mb)")
+
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise api.APIError(413, f"the body is {int(declared):,} bytes; this server takes at most {limit:,} "
-                                    "(--max-body-mb)")
+        if declared.isdigit() and int(declared) > server.max_body_bytes:  # refused before it is read
+            raise too_large(int(declared))
         raw = await request.body()
-        if len(raw) > limit:
-            raise api.APIError(413, f"the body is {len(raw):,} bytes; this server takes at most {limit:,} "
-                                    "(--max-body-mb)")
+        if len(raw) > server.max_body_bytes:
+            raise too_large(len(raw))
         try:
             return await run_in_threadpool(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
