@@ -22,7 +22,8 @@ length bucket, padded to that many rows); each slot's side network is
 gathered by index from its shape's stack (`methods.IndexedSides`, via
 `SideStore`), so the compiled programs are a prefill and an insert per
 bucket plus one generate step, and a step costs the same whatever number of
-side networks is loaded.
+side networks is loaded. `load_side` compiles a new side shape's programs
+on the caller's thread before the swap, so no step waits for a compile.
 
 A request's tokens depend only on itself (its prompt, side network, settings
 and seed): its prefill has one shape (its bucket, `prefill_rows` rows), the
@@ -49,6 +50,7 @@ from qst_jax.generate.core import DecodeCore, Rows, bind_fixed, bind_sides
 from qst_jax.generate.detokenize import TextStream
 from qst_jax.generate.request import FINISH_REASONS, EngineError, Request
 from qst_jax.generate.side_store import SideStore
+from qst_jax.methods.side_set import shape_of
 from qst_jax.models.backbone import Backbone
 from qst_jax.models.layers import Params
 
@@ -122,19 +124,68 @@ class Engine:
         """The core of the current method; rebuilt (and recompiled) when a side shape appears, the running
         slots keeping their caches."""
         model = self.fixed[0] if self.fixed is not None else self.sides.method()
-        if self.core is not None and self.core.model is model:
-            return self.core
-        core = DecodeCore(model, bind_fixed if self.fixed is not None else bind_sides, slots=self.slots,
-                          max_len=self.max_len)
+        if self.core is None or self.core.model is not model:
+            self._adopt(DecodeCore(model, bind_fixed if self.fixed is not None else bind_sides, slots=self.slots,
+                                   max_len=self.max_len), set())
+        return self.core
+
+    def _adopt(self, core: DecodeCore, compiled: set[tuple[str, Any]]) -> None:
+        """Serves through `core` from now on; a new side shape gets caches beside the running slots' ones."""
         if self.state is None:
             self.state = core.init_state()
-        else:  # a new side shape: caches for it beside the running ones
-            fresh = model.init_caches(self.slots, self.max_len)
+        else:
             old = self.state.caches
-            caches = {"backbone": old["backbone"], "side": tuple(old["side"]) + tuple(fresh["side"][len(old["side"]):])}
-            self.state = dataclasses.replace(self.state, caches=caches)
-        self.core, self.compiled = core, set()
-        return core
+            fresh = core.model.init_caches(self.slots, self.max_len)["side"][len(old["side"]):]
+            self.state = dataclasses.replace(self.state, caches={"backbone": old["backbone"],
+                                                                 "side": tuple(old["side"]) + tuple(fresh)})
+        self.core, self.compiled = core, compiled
+
+    def load_side(self, name: str, model: Any, params: Params) -> None:
+        """Loads (or replaces) QST side network `name` while requests run; a decode step waits only for the filing.
+
+        Reading and converting `params` (`SideStore.prepare`) happen on the
+        caller's thread, and so, for a side shape not served yet, does
+        compiling the programs of the method with it: every prefill bucket
+        with its insert, the generate step and the new stack's update. Under
+        the lock the store then files the side and the engine switches to
+        those programs, so no running stream waits for a compile. (Two new
+        shapes loaded at once: the second compiles at its first step.)
+
+        Raises:
+          SideStoreError: `model` is not a QST language-model side network.
+        """
+        params = self.sides.prepare(name, model, params)
+        ahead = None
+        if self.fixed is None and shape_of(model.side) not in self.sides.shapes:
+            ahead = self._compile_ahead(self.sides.method_with(model), params)
+        with self.lock:
+            self.sides.add(name, model, params, method=None if ahead is None else ahead[0].model)
+            if ahead is not None and self.sides.method() is ahead[0].model:
+                self._adopt(*ahead)
+
+    def _compile_ahead(self, method: Any, params: Params) -> tuple[DecodeCore, set[tuple[str, Any]]]:
+        """A core for `method` (the served one with `params`' shape added), its programs compiled for the
+        arguments serving will give them; reads only shapes and placements of what runs."""
+        core = DecodeCore(method, bind_sides, slots=self.slots, max_len=self.max_len)
+        with self.lock:  # a consistent picture of the stacks and the state (waits for at most one step)
+            self._core()
+            shape = lambda tree: jax.tree.map(  # noqa: E731 - placed as a call would place them
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None), tree)
+            stacks = (*shape(tuple(self.sides.stacks)), self.sides.stack_shape(params))
+            old = shape(self.state)
+        fresh = jax.eval_shape(lambda: method.init_caches(self.slots, self.max_len))["side"][len(old.caches["side"]):]
+        state = dataclasses.replace(old, caches={"backbone": old.caches["backbone"],
+                                                 "side": tuple(old.caches["side"]) + tuple(fresh)})
+        rows, compiled = Rows.padding(self.prefill_rows, self.slots), set()
+        for bucket in self.buckets():
+            ids = np.zeros((self.prefill_rows, bucket), np.int32)
+            core.prefill.lower(self.backbone.params, stacks, ids, rows).compile()
+            prefix, first = jax.eval_shape(core.prefill, self.backbone.params, stacks, ids, rows)
+            core.insert.lower(state, prefix, first, rows).compile()
+            compiled |= {("prefill", (self.prefill_rows, bucket)), ("insert", (self.prefill_rows, bucket))}
+        core.generate.lower(self.backbone.params, stacks, state).compile()
+        self.sides.compile_put(params)
+        return core, compiled | {("decode", self.slots)}
 
     def model_params(self) -> Any:
         """What the core's programs take as the method's params: the side stacks, or the fixed method's params."""

@@ -90,18 +90,31 @@ class SideStore:
                                  f"{getattr(model, 'task', '?')})")
         return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
-    def add(self, name: str, model: Any, params: Params) -> None:
+    def stack_shape(self, params: Params) -> Params:
+        """The device stack a side network with `params` goes into: `jax.ShapeDtypeStruct` leaves `[capacity, ...]`."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.capacity, *np.shape(x)), jnp.float32), params)
+
+    def method_with(self, model: Any) -> IndexedSides:
+        """The served method once `model`'s side shape is among the stacks (built, not adopted: see `add`)."""
+        shapes = tuple(self.shapes)
+        if shape_of(model.side) not in shapes:
+            shapes += (shape_of(model.side),)
+        return IndexedSides(self.cfg, shapes, dtype=self.dtype)
+
+    def add(self, name: str, model: Any, params: Params, method: IndexedSides | None = None) -> None:
         """Loads (or replaces) side network `name` on the host; it reaches the device when a request asks.
 
-        `params` from `prepare` are filed as they are (no copy)."""
+        `params` from `prepare` are filed as they are (no copy). `method`: the
+        `method_with(model)` whose programs the caller compiled ahead; it
+        becomes `method()` when the stacks are then what it was built for.
+        """
         params = self.prepare(name, model, params)
         shape = shape_of(model.side)
         if shape not in self.shapes:
             self.shapes.append(shape)
-            template = jax.tree.map(lambda x: jnp.zeros((self.capacity, *x.shape), jnp.float32), params)
-            self.stacks.append(template)
+            self.stacks.append(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.stack_shape(params)))
             self.slots.append([None] * self.capacity)
-            self._method = None
+            self._method = method if method is not None and method.shapes == tuple(self.shapes) else None
         if name in self.host:
             self.remove(name)
         self.host[name] = (self.shapes.index(shape), params)
@@ -156,6 +169,10 @@ class SideStore:
                 return slots.index(name)
         raise SideStoreError(f"all {self.capacity} device entries of this side shape are in use by running "
                              "requests; raise --side-capacity or wait")
+
+    def compile_put(self, params: Params) -> None:
+        """Compiles the update of the stack that side network `params` (from `prepare`) go into, without one."""
+        _put.lower(self.stack_shape(params), params, np.int32(0)).compile()
 
     def warmup(self) -> None:
         """Compiles each stack's update (`_put`) by writing its member 0 back unchanged."""

@@ -162,9 +162,7 @@ class Server:
         if model.name != "qst" or model.task != "lm":
             raise api.APIError(400, f"path: {path!r} holds a {model.name} {model.task} model; only QST language-model "
                                     "side networks are served", "path")
-        params = self.engine.sides.prepare(name, model, params)  # reading, checking, converting: off the decode path
-        with self.engine.lock:  # only the filing waits for the step in progress; the device copy comes with a request
-            self.engine.sides.add(name, model, params)
+        self.engine.load_side(name, model, params)  # converting and compiling off the decode path
         self.side_paths[name] = full
         return {"status": "loaded", "name": name}
 
