@@ -134,6 +134,8 @@ class TpuTarget:
       bf16_tflops: peak bfloat16 matrix-unit rate per chip.
       host_link_bytes_s: host-to-HBM bandwidth; 0: not published, so the
         planner gives no host-link bound for a streamed backbone.
+      chip_config: libtpu's chip configuration ("megacore": a v4 chip's two
+        TensorCores as one device, as JAX runs a v4; "": the default).
     """
 
     platform: ClassVar[str] = "tpu"
@@ -145,6 +147,7 @@ class TpuTarget:
     bandwidth_bytes_s: float
     bf16_tflops: float
     host_link_bytes_s: float = 0.0
+    chip_config: str = ""
 
     has_bf16: ClassVar[bool] = True
 
@@ -184,10 +187,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     GpuTarget("h200", "NVIDIA H200 141GB HBM3e", (9, 0), 132, 128, 151_397_597_184, 4.8e12, 50 * 2**20, 1.98,
               233472, 232448, 989.0, 989.0, 63e9),
     # Google Cloud's published per-chip figures: HBM, its bandwidth, peak bf16 (Colab's and Kaggle's TPU runtimes
-    # are v5e and v6e; v3 and v4, whose chips libtpu compiles as two devices, are not targets yet).
+    # are v5e and v6e; a v4 chip is one device in megacore mode, as JAX runs it; v3, whose chip is two devices of
+    # 16 GiB each, is not a target yet).
     TpuTarget("v5e", "TPU v5 lite", "v5e", _LINE_2D, 16 * 2**30, 819e9, 197.0),
     TpuTarget("v6e", "TPU v6 lite", "v6e", _LINE_2D, 32 * 2**30, 1640e9, 918.0),
     TpuTarget("v5p", "TPU v5", "v5p", {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4"}, 95 * 2**30, 2765e9, 459.0),
+    TpuTarget("v4", "TPU v4", "v4", {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4"}, 32 * 2**30, 1200e9, 275.0,
+              chip_config="megacore"),
 )}
 
 
@@ -228,7 +234,9 @@ def topology(name: str, devices: int = 1) -> Any:
         # process: neither matters to a deviceless compile (several test workers compile at once).
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        return topologies.get_topology_desc(platform="tpu", topology_name=f"{t.generation}:{t.slices[devices]}")
+        options = {"chip_config_name": t.chip_config} if t.chip_config else {}
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{t.generation}:{t.slices[devices]}",
+                                            **options)
     if not plugin_installed():
         raise AotUnavailable("compiling for a GPU needs the CUDA plugin: bash scripts/setup.sh aot "
                              "(jax[cuda13-local], about 150 MB, no CUDA libraries)")

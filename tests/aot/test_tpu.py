@@ -20,7 +20,8 @@ needs_libtpu = pytest.mark.skipif(not libtpu_installed(), reason="needs libtpu (
 def test_tpu_targets_carry_their_published_figures():
     tpus = {k: (t.memory_gib, t.bf16_tflops, t.bandwidth_bytes_s / 1e9) for k, t in TARGETS.items()
             if isinstance(t, TpuTarget)}
-    assert tpus == {"v5e": (16, 197.0, 819.0), "v6e": (32, 918.0, 1640.0), "v5p": (95, 459.0, 2765.0)}
+    assert tpus == {"v5e": (16, 197.0, 819.0), "v6e": (32, 918.0, 1640.0), "v5p": (95, 459.0, 2765.0),
+                    "v4": (32, 275.0, 1200.0)}
     v5e = target("V5E")
     assert v5e.platform == "tpu" and v5e.has_bf16 and v5e.peak_flops("bfloat16") == 197e12
     assert target("h100").platform == "gpu"
@@ -72,6 +73,26 @@ def test_a_qst_step_compiles_for_a_v5e_chip():
     assert "compiled for v5e (TPU v5 lite, 16.0 GiB), not measured" in report.lines()
     with targeting("tpu"):
         assert resolve_store("auto") == "compute"
+
+
+@needs_libtpu
+def test_a_v4_chip_is_one_device_as_jax_runs_it():
+    """libtpu's default v4 topology has a device per TensorCore; JAX runs a v4 in megacore mode (one device a
+    chip, 32 GiB), so the target asks for that chip configuration, and a program compiles over it."""
+    from qst_jax.aot.compile import compile_report, replicated_on
+    from qst_jax.aot.targets import abstract_mesh, topology
+
+    assert [len(topology("v4", n).devices) for n in (1, 4)] == [1, 4]
+    mesh = abstract_mesh("v4", (4,))
+    assert {d.device_kind for d in mesh.devices.flat} == {"TPU v4"}
+
+    def make(layers: int, for_cost: bool):
+        x = replicated_on(abstract_mesh("v4"), jax.ShapeDtypeStruct((1024, 1024 * layers), jnp.bfloat16))
+        return jax.jit(lambda a: a @ a.T), (x,)
+
+    report = compile_report("v4", make, layers=1, cost=False)
+    assert report.fits and 2 * 2**20 <= report.peak_bytes < 2**26
+    assert "compiled for v4 (TPU v4, 32.0 GiB), not measured" in report.lines()
 
 
 def test_libtpu_without_a_tpu_device(monkeypatch):
