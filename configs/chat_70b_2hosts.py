@@ -19,5 +19,9 @@ from qst_jax.train.config import load_preset, on_mesh
 
 def get_config():
     # The mesh's rows are hosts (jax.devices() is ordered by process): data=2 spans them.
-    return on_mesh(load_preset(__file__, "chat_70b"), data=2, fsdp=8, sequences_per_step=16,
-                   output_dir="runs/chat_70b_2hosts")
+    c = on_mesh(load_preset(__file__, "chat_70b"), data=2, fsdp=8, sequences_per_step=16,
+                output_dir="runs/chat_70b_2hosts")
+    # The 70B side network is 1.2 GiB of float32 params and twice that of AdamW state: split over fsdp, not copied
+    # to every device (docs/performance.md: the v5e-8 figures).
+    c.parallel.side = "fsdp"
+    return c

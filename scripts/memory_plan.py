@@ -1,10 +1,11 @@
 """Bytes per device of a sharded QST setup, from shapes alone (`jax.eval_shape`).
 
     python scripts/memory_plan.py --shape 70b --fsdp 2      # 2 x 40 GB
-    python scripts/memory_plan.py --shape 70b --fsdp 8      # 8 x 24 GB
+    python scripts/memory_plan.py --shape 70b --fsdp 8 --side fsdp     # 8 x 24 GB, as configs/chat_70b_fsdp8.py
 
 Counts the NF4 backbone as the partition rules shard it (qst_jax.parallel),
-the side params and AdamW state (replicated), and the backbone hidden states
+the side params, gradients and AdamW state (replicated, or split over fsdp
+with `--side fsdp`: `parallel.side`), and the backbone hidden states
 the backward pass keeps (L x B_local x T x d in bf16, or fp8). It allocates
 nothing; activations of one layer and XLA's workspace are not counted.
 """
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="global sequences per micro-batch")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--hidden-store", default="compute", choices=["compute", "fp8"])
+    parser.add_argument("--side", default="replicated", choices=["replicated", "fsdp"],
+                        help="parallel.side: the side params and optimizer state copied or split over fsdp")
     args = parser.parse_args()
 
     cfg = llama2_config(args.shape)
@@ -65,14 +68,15 @@ def main() -> None:
     params = jax.eval_shape(lambda k: random_params(cfg, k), jax.random.PRNGKey(0))
     side = jax.eval_shape(lambda k: init_side_params(cfg, SideConfig(), k), jax.random.PRNGKey(0))
     side_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(side))
+    split = args.fsdp if args.side == "fsdp" else 1  # about: leaves too small or too odd to split stay whole
     backbone = backbone_bytes_per_device(params, sizes)
     local_batch = math.ceil(args.batch / (args.data * args.fsdp))
     hidden = cfg.num_layers * local_batch * args.seq * cfg.hidden_size * (1 if args.hidden_store == "fp8" else 2)
     rows = [
         ("NF4 backbone (sharded)", backbone),
-        ("side params, float32", side_bytes),
-        ("AdamW state (2 x side params)", 2 * side_bytes),
-        ("gradients (float32)", side_bytes),
+        (f"side params, float32 ({args.side})", side_bytes // split),
+        ("AdamW state (2 x side params)", 2 * side_bytes // split),
+        ("gradients (float32)", side_bytes // split),
         (f"kept backbone states ({args.hidden_store}, {local_batch} x {args.seq} per device)", hidden),
     ]
     gib = 1024**3

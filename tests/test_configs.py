@@ -48,6 +48,7 @@ def test_70b_presets_keep_16_sequences_a_step(name, mesh):
     assert c.train.batch_size == mesh[0] * mesh[1]  # one sequence per batch shard
     assert c.train.batch_size * c.train.micro_batches == 16
     assert (c.optim.lr, c.train.steps, c.data.seq_len) == (1e-4, 1875, 512)  # the rest is the recipe's
+    assert c.parallel.side == "fsdp"  # 1.2 GiB of side params and 2.4 of AdamW state split, not copied 8 ways
 
 
 def test_on_mesh_refuses_an_uneven_split():

@@ -121,21 +121,24 @@ device_description_str: "{self.description}"
 
 @dataclasses.dataclass(frozen=True)
 class TpuTarget:
-    """One TPU chip (one JAX device: v5e, v6e and v5p chips are one device each).
+    """One TPU device: a chip (v5e, v6e, v5p; v4 in megacore mode), or a TensorCore where JAX runs each core
+    of a chip as a device (v3: a v3-8 is 8 devices of 16 GiB).
 
     Attributes:
       name: the key (`--plan NAME`).
       description: the device kind libtpu reports.
       generation: libtpu's name of the generation ("v5e").
-      slices: chips -> libtpu topology ("1x1", "2x4"): the slices a mesh can
-        be compiled over.
-      memory_bytes: HBM per chip.
-      bandwidth_bytes_s: HBM bandwidth per chip.
-      bf16_tflops: peak bfloat16 matrix-unit rate per chip.
+      slices: devices -> libtpu topology ("1x1", "2x4"): the slices a mesh can
+        be compiled over (a mesh of fewer devices than the topology has
+        takes its first ones: one core of a v3 chip).
+      memory_bytes: HBM per device.
+      bandwidth_bytes_s: HBM bandwidth per device.
+      bf16_tflops: peak bfloat16 matrix-unit rate per device.
       host_link_bytes_s: host-to-HBM bandwidth; 0: not published, so the
         planner gives no host-link bound for a streamed backbone.
       chip_config: libtpu's chip configuration ("megacore": a v4 chip's two
         TensorCores as one device, as JAX runs a v4; "": the default).
+      core_devices: each TensorCore is a device (v3), so slices count cores.
     """
 
     platform: ClassVar[str] = "tpu"
@@ -148,6 +151,7 @@ class TpuTarget:
     bf16_tflops: float
     host_link_bytes_s: float = 0.0
     chip_config: str = ""
+    core_devices: bool = False
 
     has_bf16: ClassVar[bool] = True
 
@@ -187,13 +191,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     GpuTarget("h200", "NVIDIA H200 141GB HBM3e", (9, 0), 132, 128, 151_397_597_184, 4.8e12, 50 * 2**20, 1.98,
               233472, 232448, 989.0, 989.0, 63e9),
     # Google Cloud's published per-chip figures: HBM, its bandwidth, peak bf16 (Colab's and Kaggle's TPU runtimes
-    # are v5e and v6e; a v4 chip is one device in megacore mode, as JAX runs it; v3, whose chip is two devices of
-    # 16 GiB each, is not a target yet).
+    # are v5e, v6e and Kaggle's v3-8; a v4 chip is one device in megacore mode, as JAX runs it; a v3 chip is two
+    # devices, each half the chip: 16 GiB, 450 GB/s, 61.5 TFLOP/s).
     TpuTarget("v5e", "TPU v5 lite", "v5e", _LINE_2D, 16 * 2**30, 819e9, 197.0),
     TpuTarget("v6e", "TPU v6 lite", "v6e", _LINE_2D, 32 * 2**30, 1640e9, 918.0),
     TpuTarget("v5p", "TPU v5", "v5p", {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4"}, 95 * 2**30, 2765e9, 459.0),
     TpuTarget("v4", "TPU v4", "v4", {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4"}, 32 * 2**30, 1200e9, 275.0,
               chip_config="megacore"),
+    TpuTarget("v3", "TPU v3", "v3", {1: "1x1", 2: "1x1", 8: "2x2", 32: "4x4"}, 16 * 2**30, 450e9, 61.5,
+              core_devices=True),
 )}
 
 
@@ -229,7 +235,8 @@ def topology(name: str, devices: int = 1) -> Any:
             raise AotUnavailable("compiling for a TPU needs libtpu: bash scripts/setup.sh tpu (jax[tpu], a 214 MB "
                                  "wheel; no TPU needed)")
         if devices not in t.slices:
-            raise InputError(f"{name}: no slice of {devices} chips; one of {sorted(t.slices)}")
+            unit = "devices (TensorCores)" if t.core_devices else "chips"
+            raise InputError(f"{name}: no slice of {devices} {unit}; one of {sorted(t.slices)}")
         # libtpu asks the cloud's metadata server which TPU it is on unless told not to, and locks itself to one
         # process: neither matters to a deviceless compile (several test workers compile at once).
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -247,6 +254,11 @@ def abstract_mesh(name: str, shape: tuple[int, ...] = (1,), axes: tuple[str, ...
     """A `jax.sharding.Mesh` over abstract devices of target `name` (product of `shape` devices)."""
     import math
 
+    import jax
+    import numpy as np
     from jax.experimental import topologies
 
-    return topologies.make_mesh(topology(name, math.prod(shape)), shape, axes)
+    topo = topology(name, math.prod(shape))
+    if len(topo.devices) > math.prod(shape):  # one core of a v3 chip: its first device
+        return jax.sharding.Mesh(np.asarray(topo.devices[: math.prod(shape)]).reshape(shape), axes)
+    return topologies.make_mesh(topo, shape, axes)

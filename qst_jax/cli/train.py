@@ -16,7 +16,7 @@ from qst_jax.errors import QSTError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in train.output_dir from its newest intact checkpoint")
 _PLAN = flags.DEFINE_string("plan", None, "compile the run's train step for this GPU or TPU chip (t4, l4, rtx4090, "
-                             "rtx3090, rtx4060ti-16, a100-40, a100-80, h100, h200, v5e, v6e, v5p, v4) without one, print "
+                             "rtx3090, rtx4060ti-16, a100-40, a100-80, h100, h200, v5e, v6e, v5p, v4, v3) without one, print "
                              "its memory, flops and a roofline estimate, and exit")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete the run in train.output_dir first, then start over")
 

@@ -76,7 +76,10 @@ def scan_over_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[A
     pass): QST's joint pass, forward-only passes.
     """
     if not any(_host_leaves(layers)):
-        return scan(lambda carry, lx: body(carry, *lx), init, (layers, xs))
+        # The barrier makes each iteration slice its layer as the stack is laid out. Without it XLA fuses the slice
+        # into the NF4 unpacking, lays the codes out as the matmul prefers, and for that copies the whole stack
+        # once (a TPU, sharded: 4 GiB a chip of a v5e-8 at 70B; docs/performance.md).
+        return scan(lambda carry, lx: body(carry, jax.lax.optimization_barrier(lx[0]), lx[1]), init, (layers, xs))
     count = jax.tree.leaves(layers)[0].shape[0]
 
     def fetch(i: jax.Array) -> Any:

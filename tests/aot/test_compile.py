@@ -140,7 +140,7 @@ def test_bf16_falls_back_to_float16_on_a_t4_and_the_step_compiles():
 def test_every_target_has_its_published_memory():
     assert {k: round(t.memory_gib) for k, t in TARGETS.items()} == {
         "t4": 15, "l4": 22, "rtx4090": 24, "rtx3090": 24, "rtx4060ti-16": 16, "a100-40": 39, "a100-80": 79,
-        "h100": 79, "h200": 141, "v5e": 16, "v6e": 32, "v5p": 95, "v4": 32}
+        "h100": 79, "h200": 141, "v5e": 16, "v6e": 32, "v5p": 95, "v4": 32, "v3": 16}
     assert {k: t.host_link_bytes_s / 1e9 for k, t in TARGETS.items() if k.startswith("rtx")} == {
         "rtx4090": 31.5, "rtx3090": 31.5, "rtx4060ti-16": 15.75}  # PCIe Gen4 x16, x16, x8
     with pytest.raises(ValueError, match="--plan 'v100': not a known GPU or TPU; one of t4, l4, rtx4090, rtx3090"):

@@ -21,7 +21,7 @@ def test_tpu_targets_carry_their_published_figures():
     tpus = {k: (t.memory_gib, t.bf16_tflops, t.bandwidth_bytes_s / 1e9) for k, t in TARGETS.items()
             if isinstance(t, TpuTarget)}
     assert tpus == {"v5e": (16, 197.0, 819.0), "v6e": (32, 918.0, 1640.0), "v5p": (95, 459.0, 2765.0),
-                    "v4": (32, 275.0, 1200.0)}
+                    "v4": (32, 275.0, 1200.0), "v3": (16, 61.5, 450.0)}
     v5e = target("V5E")
     assert v5e.platform == "tpu" and v5e.has_bf16 and v5e.peak_flops("bfloat16") == 197e12
     assert target("h100").platform == "gpu"
@@ -95,6 +95,27 @@ def test_a_v4_chip_is_one_device_as_jax_runs_it():
     assert "compiled for v4 (TPU v4, 32.0 GiB), not measured" in report.lines()
 
 
+@needs_libtpu
+def test_a_v3_device_is_one_core_of_a_chip():
+    """JAX runs each TensorCore of a v3 chip as a device of 16 GiB (Kaggle's v3-8 is 8 of them): one device is the
+    first core of a chip, a v3-8 slice is 8."""
+    from qst_jax.aot.compile import compile_report, replicated_on
+    from qst_jax.aot.targets import abstract_mesh
+    from qst_jax.errors import InputError
+
+    assert [abstract_mesh("v3", (n,)).size for n in (1, 8)] == [1, 8]
+    assert {d.device_kind for d in abstract_mesh("v3", (8,)).devices.flat} == {"TPU v3"}
+
+    def make(layers: int, for_cost: bool):
+        x = replicated_on(abstract_mesh("v3"), jax.ShapeDtypeStruct((1024, 1024 * layers), jnp.bfloat16))
+        return jax.jit(lambda a: a @ a.T), (x,)
+
+    report = compile_report("v3", make, layers=1, cost=False)
+    assert report.fits and "compiled for v3 (TPU v3, 16.0 GiB), not measured" in report.lines()
+    with pytest.raises(InputError, match=r"^v3: no slice of 4 devices \(TensorCores\); one of \[1, 2, 8, 32\]$"):
+        abstract_mesh("v3", (4,))
+
+
 def test_libtpu_without_a_tpu_device(monkeypatch):
     """What the package root reads to keep jax off a TPU that is not there (JAX_PLATFORMS=cpu)."""
     from qst_jax import environment
@@ -131,3 +152,17 @@ def test_a_sharded_plan_compiles_over_a_v5e_slice():
     with pytest.raises(ValueError, match=r"^--plan over a mesh of 4 devices: a single-device run only for "
                                          r"model.offload, as qst-train runs it$"):
         plan_run(c, "v5e", cost=False)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_70b_recipe_fits_8_gib_a_chip_of_a_v5e_8():
+    """configs/chat_70b_fsdp8.py --plan v5e: the side state split over the chips and each layer's NF4 codes relaid
+    in the loop (not a copy of every stack at once) keep a chip at most 8 GiB (it was 15.63)."""
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import plan_run
+
+    c = load_preset(str(pathlib.Path(__file__).parents[2] / "configs" / "chat_70b_fsdp8.py"), "chat_70b_fsdp8")
+    report, _ = plan_run(c, "v5e", cost=False)
+    assert report.devices == 8 and report.argument_bytes < 5 * 2**30  # 4.25 GiB of the backbone's codes a chip
+    assert report.peak_bytes <= 8 * 2**30, report.lines()
