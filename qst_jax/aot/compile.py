@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 
-from qst_jax.aot.targets import GIB, Target, abstract_mesh, target as get_target
+from qst_jax.aot.targets import GIB, DoesNotFit, Target, abstract_mesh, target as get_target
 from qst_jax.models.loops import unrolled_loops
 from qst_jax.models.platform import targeting
 
@@ -223,8 +223,25 @@ def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> 
     mesh = mesh if mesh is not None else abstract_mesh(name)
     start = time.perf_counter()
     with jax.set_mesh(mesh), targeting(get_target(name).platform):  # its choices (models.platform), on this CPU
-        compiled = fn.lower(*args).compile()
+        try:
+            compiled = fn.lower(*args).compile()
+        except jax.errors.JaxRuntimeError as err:
+            raise _refusal(name, str(err)) or err from None
     return compiled, time.perf_counter() - start
+
+
+_HBM_OOM = re.compile(r"CompileTimeHbmOom.*?required for HLO (\w+) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _refusal(name: str, message: str) -> DoesNotFit | None:
+    """libtpu's compile-time out-of-memory refusal as one line (None for any other compiler error)."""
+    found = _HBM_OOM.search(message)
+    if found is None:
+        return None
+    what, need, have = found.groups()
+    return DoesNotFit(f"compiled for {name}, not measured: does NOT fit: XLA refuses the program for the chip's "
+                      f"memory, its {what} alone need {need} GiB of the {have} GiB of HBM it can use "
+                      f"(CompileTimeHbmOom)")
 
 
 def replicated_on(mesh: Any, tree: Any) -> Any:

@@ -219,6 +219,11 @@ class AotUnavailable(QSTError, RuntimeError):
     """The compiler for a target is not installed (`bash scripts/setup.sh aot` for GPUs, `tpu` for TPUs)."""
 
 
+class DoesNotFit(QSTError, RuntimeError):
+    """The target's compiler refuses a program for its memory (libtpu's CompileTimeHbmOom; a GPU compile reports
+    its peak instead)."""
+
+
 @functools.lru_cache(maxsize=None)
 def topology(name: str, devices: int = 1) -> Any:
     """`jax.experimental.topologies` description of `devices` devices of target `name` (GPUs: one host).

@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
 
 def _plan(config, name: str) -> int:
     """`--plan NAME`: the compiled step's figures for one GPU or TPU chip; nothing is loaded, nothing written."""
-    from qst_jax.aot.targets import target
+    from qst_jax.aot.targets import DoesNotFit, target
     from qst_jax.train.config import validate
 
     try:
@@ -116,6 +116,9 @@ def _plan(config, name: str) -> int:
         from qst_jax.train.plan import plan_run
 
         report, notes = plan_run(config, name)
+    except DoesNotFit as err:  # an answer, as a GPU plan's "does NOT fit" is
+        print(err)
+        return 0
     except (QSTError, ValueError) as err:
         print(f"qst-train: error: {err}", file=sys.stderr)
         return 1

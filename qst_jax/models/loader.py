@@ -25,6 +25,7 @@ import numpy as np
 from qst_jax.models.backbone import Backbone
 from qst_jax.models.weight_sources import CheckpointError, GGUFSource, SafetensorsSource, read_json
 from qst_jax.models.config import ConfigError, ModelConfig, from_hf_config
+from qst_jax.models.host_layers import host_placement
 from qst_jax.models.hub import is_hub_id, resolve_model
 from qst_jax.models.params import Spec, global_specs, layer_specs
 from qst_jax.quant.bnb_io import quantized_prefixes, read_nf4
@@ -164,11 +165,17 @@ def layers_in_host_memory() -> Any:
     return SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
 
 
+def _layer_leaf_to(x: Any, host: Any) -> Any:
+    """One stacked layer leaf placed as `host_layers.host_placement` says for the default device (host or device)."""
+    return jax.device_put(x, host_placement(np.shape(x), x.dtype, host, jax.devices()[0].platform))
+
+
 def offload_layers(params: dict[str, Any]) -> dict[str, Any]:
     """`params` with the stacked `layers` moved to pinned host memory, streamed to the device a layer at a time
-    by every layer loop (`models.loops.layer_to_device`); embeddings, norms and the LM head stay on the device."""
+    by every layer loop (`models.loops.layer_to_device`); embeddings, the LM head and (on a TPU) the layers'
+    1-D and 2-D leaves stay on the device (`models.host_layers`)."""
     host = layers_in_host_memory()
-    layers = jax.tree.map(lambda x: jax.device_put(x, host), params["layers"])
+    layers = jax.tree.map(lambda x: _layer_leaf_to(x, host), params["layers"])
     return {**params, "layers": layers}
 
 
@@ -185,7 +192,8 @@ def _to_device(params: dict[str, Any], offload: str = "none") -> dict[str, Any]:
     leaves = [leaf for _, leaf in flat]
     for i, (path, _) in enumerate(flat):
         in_layers = host is not None and getattr(path[0], "key", None) == "layers"
-        leaves[i] = jax.device_put(leaves[i], host if in_layers else None).block_until_ready()
+        placed = _layer_leaf_to(leaves[i], host) if in_layers else jax.device_put(leaves[i])
+        leaves[i] = placed.block_until_ready()
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -30,6 +30,7 @@ from qst_jax.models import ConfigError, ModelConfig, load_config
 from qst_jax.models.random_init import LLAMA2_SHAPES, llama2_config, random_params
 from qst_jax.train.config import check_context
 from qst_jax.train.optim import make_optimizer
+from qst_jax.models.host_layers import host_placement
 from qst_jax.models.loops import streaming_options
 from qst_jax.train.step import init_train_state, make_train_step
 from qst_jax.train.sweep import init_sweep_state, is_sweep, make_sweep_step, plan_members
@@ -102,10 +103,15 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any, mesh: Any
         shapes = jax.eval_shape(lambda k: random_params(layer_cfg, k, quantized=config.model.quantize, dtype=dtype),
                                 jax.random.PRNGKey(0))
         backbone = replicated_on(mesh, shapes)
-        if config.model.offload != "none":  # the layers in pinned host memory (kept over the abstract mesh)
-            host = NamedSharding(mesh.abstract_mesh, PartitionSpec(), memory_kind="pinned_host")
-            backbone["layers"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
-                                              shapes["layers"])
+        if config.model.offload != "none":  # the layers in pinned host memory, as the loader places them
+            platform = get_target(name).platform
+            # A TPU Format needs concrete devices; elsewhere the sharding is kept over the abstract mesh.
+            host = NamedSharding(mesh if platform == "tpu" else mesh.abstract_mesh, PartitionSpec(),
+                                 memory_kind="pinned_host")
+            backbone["layers"] = jax.tree.map(
+                lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                  sharding=host_placement(s.shape, s.dtype, host, platform) or d.sharding),
+                shapes["layers"], backbone["layers"])
         key = jax.random.PRNGKey(0)
         if is_sweep(config):
             members = plan_members(config, total_steps=total)

@@ -155,6 +155,38 @@ def test_a_sharded_plan_compiles_over_a_v5e_slice():
 
 
 @needs_libtpu
+def test_a_program_too_big_for_the_chip_is_one_line():
+    """libtpu refuses a program whose temporaries exceed the chip's HBM at compile time (CompileTimeHbmOom, a
+    JaxRuntimeError of many lines); the planner says it in one line, as a GPU plan's "does NOT fit"."""
+    from qst_jax.aot.compile import compile_for, replicated_on
+    from qst_jax.aot.targets import DoesNotFit, abstract_mesh
+
+    x = replicated_on(abstract_mesh("v5e"), jax.ShapeDtypeStruct((80_000,), jnp.float32))
+    outer = jax.jit(lambda v: jnp.outer(v, v) + jnp.outer(v, v).T)  # two 23.8 GiB temporaries
+    with pytest.raises(DoesNotFit, match=r"^compiled for v5e, not measured: does NOT fit: XLA refuses the program "
+                                         r"for the chip's memory, its temporaries alone need [\d.]+ GiB of the "
+                                         r"15.75 GiB of HBM it can use \(CompileTimeHbmOom\)$"):
+        compile_for("v5e", outer, (x,))
+
+
+@needs_libtpu
+def test_a_streamed_backbone_compiles_for_a_v5e_chip():
+    """model.offload="weights" --plan v5e: libtpu copies one layer of a host stack only when the stack is row-major
+    and (8, 128)-tiled, and refuses its default host layout for NF4 codes (a RET_CHECK naming u8[1, ...]); the
+    layers' 3-D leaves go to the host in that layout (`models.host_layers`), the rest stays on the device."""
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import plan_run
+
+    c = load_preset(str(pathlib.Path(__file__).parents[2] / "configs" / "default.py"), "default")
+    resident, _ = plan_run(c, "v5e", cost=False)
+    c.model.offload = "weights"
+    streamed, _ = plan_run(c, "v5e", cost=False)
+    assert streamed.fits and streamed.host_bytes > 0
+    assert streamed.argument_bytes + streamed.host_bytes >= resident.argument_bytes
+    assert streamed.argument_bytes < resident.argument_bytes - streamed.host_bytes / 2
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_the_70b_recipe_fits_8_gib_a_chip_of_a_v5e_8():
     """configs/chat_70b_fsdp8.py --plan v5e: the side state split over the chips and each layer's NF4 codes relaid
