@@ -177,13 +177,16 @@ def test_a_streamed_backbone_compiles_for_a_v5e_chip():
     from qst_jax.train.config import load_preset
     from qst_jax.train.plan import plan_run
 
+    from qst_jax.models.random_init import random_params
+    from qst_jax.train.plan import model_config
+
     c = load_preset(str(pathlib.Path(__file__).parents[2] / "configs" / "default.py"), "default")
-    resident, _ = plan_run(c, "v5e", cost=False)
     c.model.offload = "weights"
     streamed, _ = plan_run(c, "v5e", cost=False)
-    assert streamed.fits and streamed.host_bytes > 0
-    assert streamed.argument_bytes + streamed.host_bytes >= resident.argument_bytes
-    assert streamed.argument_bytes < resident.argument_bytes - streamed.host_bytes / 2
+    layers = jax.eval_shape(lambda k: random_params(model_config(c), k), jax.random.PRNGKey(0))["layers"]
+    stacks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layers) if x.ndim >= 3)
+    # the 3-D leaves, and only they (a tiled layout pads a small minor dimension, e.g. absmax [30, 576, 9], to 128)
+    assert streamed.fits and stacks <= streamed.host_bytes < 2 * stacks
 
 
 @needs_libtpu
