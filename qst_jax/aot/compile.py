@@ -226,7 +226,10 @@ def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> 
         try:
             compiled = fn.lower(*args).compile()
         except jax.errors.JaxRuntimeError as err:
-            raise _refusal(name, str(err)) or err from None
+            refusal = _refusal(name, str(err))
+            if refusal is None:
+                raise
+            raise refusal from None
     return compiled, time.perf_counter() - start
 
 

@@ -174,11 +174,9 @@ def test_a_streamed_backbone_compiles_for_a_v5e_chip():
     """model.offload="weights" --plan v5e: libtpu copies one layer of a host stack only when the stack is row-major
     and (8, 128)-tiled, and refuses its default host layout for NF4 codes (a RET_CHECK naming u8[1, ...]); the
     layers' 3-D leaves go to the host in that layout (`models.host_layers`), the rest stays on the device."""
-    from qst_jax.train.config import load_preset
-    from qst_jax.train.plan import plan_run
-
     from qst_jax.models.random_init import random_params
-    from qst_jax.train.plan import model_config
+    from qst_jax.train.config import load_preset
+    from qst_jax.train.plan import model_config, plan_run
 
     c = load_preset(str(pathlib.Path(__file__).parents[2] / "configs" / "default.py"), "default")
     c.model.offload = "weights"
