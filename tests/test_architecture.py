@@ -10,11 +10,12 @@ import pytest
 PACKAGE = pathlib.Path(__file__).parents[1] / "qst_jax"
 
 # Which rooms each room may import (besides itself and the package root). Downward only:
-# {tree, files} <- quant <- models <- methods <- {eval, generate} <- train <- cli; data, parallel and aot beside them.
-BOTTOM = {"errors", "environment", "hub", "tree", "files", "checkpoints", "run_dir"}
+# {tree, files, platform} <- quant <- models <- methods <- {eval, generate} <- train <- cli; data, parallel and aot beside them.
+BOTTOM = {"errors", "environment", "platform", "hub", "tree", "files", "checkpoints", "run_dir"}
 ALLOWED = {
     "errors": set(),
     "environment": set(),
+    "platform": set(),
     "hub": {"errors"},
     "tree": set(),
     "files": set(),

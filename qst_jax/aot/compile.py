@@ -35,7 +35,7 @@ import jax
 
 from qst_jax.aot.targets import GIB, DoesNotFit, Target, abstract_mesh, target as get_target
 from qst_jax.models.loops import unrolled_loops
-from qst_jax.models.platform import targeting
+from qst_jax.platform import targeting
 
 Make = Callable[[int, bool], tuple[Any, tuple[Any, ...]]]
 
@@ -222,7 +222,7 @@ def compile_for(name: str, fn: Any, args: tuple[Any, ...], mesh: Any = None) -> 
     """(`fn.lower(*args).compile()` for target `name`, seconds); `mesh`: an abstract mesh (default: one device)."""
     mesh = mesh if mesh is not None else abstract_mesh(name)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), targeting(get_target(name).platform):  # its choices (models.platform), on this CPU
+    with jax.set_mesh(mesh), targeting(get_target(name).platform):  # its choices (qst_jax.platform), on this CPU
         try:
             compiled = fn.lower(*args).compile()
         except jax.errors.JaxRuntimeError as err:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from qst_jax.errors import InputError
 from qst_jax.methods.side_config import HIDDEN_STORES, SideConfig
 from qst_jax.models.layers import Params, norm
-from qst_jax.models.platform import target_platform
+from qst_jax.platform import target_platform
 from qst_jax.quant.matmul import linear
 
 

@@ -18,7 +18,7 @@ from qst_jax.errors import InputError
 from qst_jax.models.config import ModelConfig
 from qst_jax.quant.matmul import linear
 from qst_jax.models import loops
-from qst_jax.models.platform import target_platform
+from qst_jax.platform import target_platform
 
 Params = dict[str, Any]
 

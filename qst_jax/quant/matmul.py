@@ -3,7 +3,11 @@
 Every linear layer of the backbone and of the side network calls `matmul`.
 The reference path dequantizes the NF4 weight (float32 math, one rounding to
 the compute dtype) and calls `lax.dot_general`; inside a `lax.scan` over
-stacked layers only one layer's dequantized weight is alive at a time.
+stacked layers only one layer's dequantized weight is alive at a time. On a
+TPU (`qst_jax.platform.target_platform()`) it dequantizes the weight's even
+columns, then its odd ones, and contracts them with `even_odd(x)`: the same
+sum without interleaving each byte's two nibbles, which a TPU does in float32
+copies of the whole weight.
 
 For few tokens (decoding, batch-1 training) on a GPU or a TPU, an NF4
 weight goes through a fused dequantize-matmul kernel instead
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qst_jax.errors import InputError
+from qst_jax.platform import target_platform
 from qst_jax.quant import nf4_kernel, nf4_kernel_tpu
 from qst_jax.quant.nf4 import NF4Weight
 
@@ -97,8 +102,14 @@ def _fused_fwd(x: jax.Array, w: NF4Weight, choice: str):
 
 def _fused_bwd(choice: str, w: NF4Weight, g: jax.Array):
     del choice
-    dx = jax.lax.dot_general(g, w.dequantize(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=g.dtype)
+    if target_platform() == "tpu":  # dx in the even-odd order, then interleaved: [tokens, in], not the weight
+        dx = jax.lax.dot_general(g, w.dequantize_even_odd(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=g.dtype)
+        half = dx.shape[-1] // 2
+        dx = jnp.stack([dx[..., :half], dx[..., half:]], axis=-1).reshape(dx.shape)
+    else:
+        dx = jax.lax.dot_general(g, w.dequantize(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=g.dtype)
 
     def zero(a: jax.Array) -> Any:  # the frozen weight gets no gradient
         if jnp.issubdtype(a.dtype, jnp.integer):
@@ -169,10 +180,27 @@ def matmul(x: jax.Array, w: Weight, *, precision: Any = None) -> jax.Array:
         raise InputError(f"matmul: x has {x.shape[-1]} features, weight expects {in_dim} (shape {(out_dim, in_dim)})")
     if isinstance(w, LoRAWeight):
         low_rank = _dot(_dot(x, w.a.astype(x.dtype), precision), w.b.astype(x.dtype), precision)
-        return _dot(x, materialize(w.base, x.dtype), precision) + (w.scale * low_rank).astype(x.dtype)
+        return _reference(x, w.base, precision) + (w.scale * low_rank).astype(x.dtype)
     choice = _fused_choice(x, w) if precision is None else None
     if choice is not None:
         return _fused(x, w, choice)
+    return _reference(x, w, precision)
+
+
+def even_odd(x: jax.Array) -> jax.Array:
+    """`x`'s even features, then its odd ones (`[..., in]`): the column order of `NF4Weight.dequantize_even_odd`."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def _reference(x: jax.Array, w: jax.Array | NF4Weight, precision: Any) -> jax.Array:
+    """`x @ w.T` with `w` dequantized in XLA.
+
+    On a TPU an NF4 weight is dequantized in its even-odd column order and
+    contracted with `even_odd(x)` (the same sum, in another order): the
+    interleaved order costs a TPU several float32 copies of the weight.
+    """
+    if isinstance(w, NF4Weight) and target_platform() == "tpu":
+        return _dot(even_odd(x), w.dequantize_even_odd(x.dtype), precision)
     return _dot(x, materialize(w, x.dtype), precision)
 
 
@@ -195,4 +223,4 @@ def linear(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
     return y
 
 
-__all__ = ["LoRAWeight", "Weight", "linear", "materialize", "matmul", "set_kernel_mode", "weight_shape"]
+__all__ = ["LoRAWeight", "Weight", "even_odd", "linear", "materialize", "matmul", "set_kernel_mode", "weight_shape"]

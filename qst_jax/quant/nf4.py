@@ -148,6 +148,26 @@ class NF4Weight:
         w = values * self.scales()[..., None]
         return w.reshape(*w.shape[:-2], in_dim).astype(dtype)
 
+    def dequantize_even_odd(self, dtype: Any = jnp.bfloat16) -> jax.Array:
+        """The weight's even columns, then its odd ones: `[..., out, in]`, `dequantize(dtype)[..., EVEN_ODD]`.
+
+        Column `j < in / 2` is the weight's column `2j` (the high nibbles),
+        column `in / 2 + j` its column `2j + 1` (the low nibbles), each value
+        bitwise as `dequantize` gives it. Made without interleaving the two
+        nibbles of a byte, which a TPU cannot do in place: XLA materializes the
+        interleaved weight in float32, several times its bf16 size
+        (`quant.matmul` contracts it with `even_odd(x)` there).
+        """
+        out_dim, in_dim = self.shape
+        scales = self.scales()[..., None]  # [..., out, in // blocksize, 1]: a block is blocksize // 2 bytes of a half
+        table = jnp.asarray(NF4_TABLE)
+
+        def half(codes: jax.Array) -> jax.Array:
+            values = table[codes].reshape(*codes.shape[:-1], in_dim // self.blocksize, self.blocksize // 2)
+            return (values * scales).reshape(*codes.shape[:-1], in_dim // 2).astype(dtype)
+
+        return jnp.concatenate([half(self.packed >> 4), half(self.packed & 0x0F)], axis=-1)
+
 
 def _check_shape(shape: tuple[int, ...], blocksize: int, name: str) -> None:
     if len(shape) != 2:

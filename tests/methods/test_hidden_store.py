@@ -69,7 +69,7 @@ def test_fp8_store_keeps_fp8_residuals(backbone):
 
 def test_auto_is_fp8_on_a_gpu_and_compute_elsewhere():
     from qst_jax.methods.downsamplers import resolve_store
-    from qst_jax.models.platform import targeting
+    from qst_jax.platform import targeting
 
     assert jax.default_backend() == "cpu" and resolve_store("auto") == "compute"  # XLA emulates fp8 on a CPU
     with targeting("gpu"):  # what qst_jax.aot traces under when it compiles for a GPU

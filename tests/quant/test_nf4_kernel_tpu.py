@@ -52,21 +52,30 @@ def test_column_tiles_agree_and_shapes_are_checked():
         nf4_matmul_tpu(x, w, interpret=True, block_n=384)
 
 
-def test_matmul_takes_it_in_interpret_tpu_mode_with_the_reference_gradient(kernel_mode):
+@pytest.mark.parametrize("traced_for", [None, "tpu"])
+def test_matmul_takes_it_in_interpret_tpu_mode_with_the_reference_gradient(kernel_mode, traced_for):
+    """The kernel's backward dequantizes in the even-odd order when traced for a TPU (dx interleaved after the
+    product): the same gradient."""
+    import contextlib
+
+    from qst_jax.platform import targeting
+
     w = quantize(jax.random.normal(jax.random.PRNGKey(0), (128, 256)) * 0.05)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 256), jnp.float32)
     weights = jax.random.normal(jax.random.PRNGKey(2), (4, 128))
 
-    def loss(x):
-        return jnp.sum(weights * matmul(x.astype(jnp.bfloat16), w).astype(jnp.float32))
+    def loss_fn():  # a function per trace: jax caches a trace by function, not by the platform traced for
+        return lambda x: jnp.sum(weights * matmul(x.astype(jnp.bfloat16), w).astype(jnp.float32))
 
     kernel_mode("off")
-    reference, reference_grad = loss(x), jax.grad(loss)(x)
+    reference, reference_grad = loss_fn()(x), jax.grad(loss_fn())(x)
     kernel_mode("interpret-tpu")
-    jaxpr = str(jax.make_jaxpr(loss)(x))
-    assert "nf4_matmul_tpu" in jaxpr
-    assert abs(float(loss(x)) - float(reference)) < 2e-2 * abs(float(reference)) + 1e-2
-    assert _rel(jax.grad(loss)(x), reference_grad) < 2e-2
+    with targeting(traced_for) if traced_for else contextlib.nullcontext():
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn()))(x))
+        assert "nf4_matmul_tpu" in jaxpr
+        assert ("concatenate" in jaxpr) == (traced_for == "tpu")
+        assert abs(float(loss_fn()(x)) - float(reference)) < 2e-2 * abs(float(reference)) + 1e-2
+        assert _rel(jax.grad(loss_fn())(x), reference_grad) < 2e-2
 
 
 @pytest.mark.skipif(not __import__("qst_jax.environment").environment.libtpu_installed(),

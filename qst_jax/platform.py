@@ -1,9 +1,10 @@
-"""Which platform a program is traced for: the default backend, or the GPU `qst_jax.aot` compiles for.
+"""Which platform a program is traced for: the default backend, or the GPU or TPU `qst_jax.aot` compiles for.
 
 A choice that depends on the hardware (the backward's float8 store is cheap
-on a GPU and emulated, slowly, on a CPU) asks `target_platform()` while the
-program is traced; `qst_jax.aot` traces inside `targeting("gpu")`, so a
-deviceless compile for a GPU makes the GPU's choices on a CPU machine.
+on a GPU and emulated, slowly, on a CPU; a TPU dequantizes NF4 without
+interleaving its nibbles) asks `target_platform()` while the program is
+traced; `qst_jax.aot` traces inside `targeting("gpu")` or `targeting("tpu")`,
+so a deviceless compile makes the target's choices on a CPU machine.
 """
 
 from __future__ import annotations
