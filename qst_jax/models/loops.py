@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qst_jax.platform import target_platform
+
 _UNROLL = contextvars.ContextVar("qst_jax_unroll_loops", default=False)
 
 
@@ -63,6 +65,27 @@ def layer_to_device(layer: Any) -> Any:
     return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(moved))
 
 
+def _as_stacked(layer: Any) -> Any:
+    """On a TPU, a resident layer's integer leaves (NF4 codes and scales) pinned to the row-major layout of their stack.
+
+    The fused NF4 dequantization wants the codes with `out` minor (as the
+    matmul wants the weight). Where the stack is a loop's operand (the layer
+    scan inside the micro-batch loop) XLA's layout assignment then gives the
+    whole stack that layout, a copy of every layer's codes at once (28 GiB at
+    70B). Pinned, each iteration relays out its own layer's codes instead.
+    """
+    if target_platform() != "tpu":
+        return layer
+    from jax.experimental.layout import Layout, with_layout_constraint
+
+    def pin(x: jax.Array) -> jax.Array:
+        if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+            return x
+        return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+    return jax.tree.map(pin, layer)
+
+
 def scan_over_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[Any, Any]:
     """`scan` over stacked layers `[L, ...]` and `xs`: `body(carry, layer, x) -> (carry, y)`, `layer` on the device.
 
@@ -79,7 +102,8 @@ def scan_over_layers(body: Callable, init: Any, layers: Any, xs: Any) -> tuple[A
         # The barrier makes each iteration slice its layer as the stack is laid out. Without it XLA fuses the slice
         # into the NF4 unpacking, lays the codes out as the matmul prefers, and for that copies the whole stack
         # once (a TPU, sharded: 4 GiB a chip of a v5e-8 at 70B; docs/performance.md).
-        return scan(lambda carry, lx: body(carry, jax.lax.optimization_barrier(lx[0]), lx[1]), init, (layers, xs))
+        return scan(lambda carry, lx: body(carry, _as_stacked(jax.lax.optimization_barrier(lx[0])), lx[1]), init,
+                    (layers, xs))
     count = jax.tree.leaves(layers)[0].shape[0]
 
     def fetch(i: jax.Array) -> Any:
