@@ -118,6 +118,7 @@ def _plan(config, name: str) -> int:
         report, notes = plan_run(config, name)
     except DoesNotFit as err:  # an answer, as a GPU plan's "does NOT fit" is
         print(err)
+        _print_next_step(config)
         return 0
     except (QSTError, ValueError) as err:
         print(f"qst-train: error: {err}", file=sys.stderr)
@@ -125,7 +126,22 @@ def _plan(config, name: str) -> int:
     for note in notes:
         print(note)
     print(report.lines())
+    if not report.fits:
+        _print_next_step(config)
     return 0
+
+
+def _print_next_step(config) -> None:
+    """After a plan that does not fit: the offload that keeps more in host memory, where there is one."""
+    one_device = config.parallel.data * config.parallel.fsdp * config.parallel.tensor == 1
+    if not one_device:
+        return
+    if config.model.offload == "none":
+        print("to fit: --config.model.offload=weights keeps the frozen layers in pinned host memory and streams "
+              "them one layer ahead")
+    elif config.model.offload == "weights" and config.method == "qst":
+        print("to fit: --config.model.offload=weights+states also keeps the backbone states QST's backward reads "
+              "in host memory (configs/chat_70b_16gb.py at 70B)")
 
 
 def run() -> None:

@@ -225,3 +225,31 @@ def test_the_decode_step_compiles_for_a_t4():
         report = compile_report("t4", module.program(f"decode:{rows}", "tiny", 1, 64, "t4"), layers=4, cost=False,
                                 dtype="float16")
         assert 0 < report.peak_bytes < 2**27
+
+
+@pytest.mark.parametrize("offload, method, hint", [
+    ("none", "qst", "to fit: --config.model.offload=weights keeps the frozen layers in pinned host memory"),
+    ("weights", "qst", "to fit: --config.model.offload=weights+states also keeps the backbone states"),
+    ("weights", "qlora", None),
+    ("weights+states", "qst", None),
+])
+def test_a_plan_that_does_not_fit_names_the_offload_that_keeps_more_on_the_host(monkeypatch, capsys, offload,
+                                                                                 method, hint):
+    """`qst-train --plan` refused for memory (libtpu's one line) prints the next model.offload, exit 0."""
+    from qst_jax.aot.targets import DoesNotFit
+    from qst_jax.cli import train as cli
+    from qst_jax.train import plan
+    from qst_jax.train.config import load_preset
+
+    refusal = "compiled for v5e, not measured: does NOT fit: XLA refuses the program for the chip's memory"
+
+    def refuse(config, name, cost=True):
+        raise DoesNotFit(refusal)
+
+    monkeypatch.setattr(plan, "plan_run", refuse)
+    c = load_preset(str(REPO / "configs" / "default.py"), "default")
+    c.model.offload, c.method = offload, method
+    assert cli._plan(c, "v5e") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == refusal
+    assert (lines[1:] == []) if hint is None else lines[1].startswith(hint)
