@@ -71,7 +71,7 @@ def _as_stacked(layer: Any) -> Any:
     The fused NF4 dequantization wants the codes with `out` minor (as the
     matmul wants the weight). Where the stack is a loop's operand (the layer
     scan inside the micro-batch loop) XLA's layout assignment then gives the
-    whole stack that layout, a copy of every layer's codes at once (28 GiB at
+    whole stack that layout, a copy of every layer's codes at once (31 GiB at
     70B). Pinned, each iteration relays out its own layer's codes instead.
     """
     if target_platform() != "tpu":

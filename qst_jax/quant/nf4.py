@@ -149,7 +149,7 @@ class NF4Weight:
         return w.reshape(*w.shape[:-2], in_dim).astype(dtype)
 
     def dequantize_even_odd(self, dtype: Any = jnp.bfloat16) -> jax.Array:
-        """The weight's even columns, then its odd ones: `[..., out, in]`, `dequantize(dtype)[..., EVEN_ODD]`.
+        """`dequantize(dtype)` `[..., out, in]` with its columns in the order 0, 2, 4, ..., 1, 3, 5, ....
 
         Column `j < in / 2` is the weight's column `2j` (the high nibbles),
         column `in / 2 + j` its column `2j + 1` (the low nibbles), each value
