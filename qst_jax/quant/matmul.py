@@ -102,14 +102,11 @@ def _fused_fwd(x: jax.Array, w: NF4Weight, choice: str):
 
 def _fused_bwd(choice: str, w: NF4Weight, g: jax.Array):
     del choice
-    if target_platform() == "tpu":  # dx in the even-odd order, then interleaved: [tokens, in], not the weight
-        dx = jax.lax.dot_general(g, w.dequantize_even_odd(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
-                                 preferred_element_type=g.dtype)
-        half = dx.shape[-1] // 2
-        dx = jnp.stack([dx[..., :half], dx[..., half:]], axis=-1).reshape(dx.shape)
-    else:
-        dx = jax.lax.dot_general(g, w.dequantize(g.dtype), (((g.ndim - 1,), (0,)), ((), ())),
-                                 preferred_element_type=g.dtype)
+    tpu = target_platform() == "tpu"  # dx in the even-odd order, then interleaved: [tokens, in], not the weight
+    weight = w.dequantize_even_odd(g.dtype) if tpu else w.dequantize(g.dtype)
+    dx = jax.lax.dot_general(g, weight, (((g.ndim - 1,), (0,)), ((), ())), preferred_element_type=g.dtype)
+    if tpu:
+        dx = from_even_odd(dx)
 
     def zero(a: jax.Array) -> Any:  # the frozen weight gets no gradient
         if jnp.issubdtype(a.dtype, jnp.integer):
@@ -190,6 +187,12 @@ def matmul(x: jax.Array, w: Weight, *, precision: Any = None) -> jax.Array:
 def even_odd(x: jax.Array) -> jax.Array:
     """`x`'s even features, then its odd ones (`[..., in]`): the column order of `NF4Weight.dequantize_even_odd`."""
     return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def from_even_odd(y: jax.Array) -> jax.Array:
+    """The inverse of `even_odd`: features `[..., in]` in the even-odd order back in their own order."""
+    half = y.shape[-1] // 2
+    return jnp.stack([y[..., :half], y[..., half:]], axis=-1).reshape(y.shape)
 
 
 def _reference(x: jax.Array, w: jax.Array | NF4Weight, precision: Any) -> jax.Array:

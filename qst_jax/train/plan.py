@@ -108,10 +108,11 @@ def step_program(config: Any, cfg: ModelConfig, name: str, dtype: Any, mesh: Any
             # A TPU Format needs concrete devices; elsewhere the sharding is kept over the abstract mesh.
             host = NamedSharding(mesh if platform == "tpu" else mesh.abstract_mesh, PartitionSpec(),
                                  memory_kind="pinned_host")
-            backbone["layers"] = jax.tree.map(
-                lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                  sharding=host_placement(s.shape, s.dtype, host, platform) or d.sharding),
-                shapes["layers"], backbone["layers"])
+            def placed(s, d):  # a leaf kept on the device (host_placement: None) keeps its device sharding
+                return jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                            sharding=host_placement(s.shape, s.dtype, host, platform) or d.sharding)
+
+            backbone["layers"] = jax.tree.map(placed, shapes["layers"], backbone["layers"])
         key = jax.random.PRNGKey(0)
         if is_sweep(config):
             members = plan_members(config, total_steps=total)

@@ -89,3 +89,11 @@ def test_compiled_for_a_v5e_the_reference_matmul_holds_no_interleaved_weight():
     bf16_weight = 4096 * 4096 * 2
     assert even_odd.memory_analysis().temp_size_in_bytes < bf16_weight
     assert interleaved.memory_analysis().temp_size_in_bytes > 4 * bf16_weight
+
+
+def test_from_even_odd_undoes_even_odd():
+    from qst_jax.quant.matmul import even_odd, from_even_odd
+
+    x = jnp.arange(24.0).reshape(2, 12)
+    np.testing.assert_array_equal(np.asarray(even_odd(x)[0]), [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11])
+    np.testing.assert_array_equal(np.asarray(from_even_odd(even_odd(x))), np.asarray(x))
